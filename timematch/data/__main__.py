@@ -1,0 +1,136 @@
+"""``python -m timematch.data``: inspect a dataset (``info``) or write the synthetic one (``synth``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from timematch.data.classes import CropCodes, normalize_code
+from timematch.data.format import TileReader
+from timematch.data.tiles import TILES
+from timematch.errors import TimeMatchError
+
+
+def find_tiles(root: Path) -> list[str]:
+    """Tiles under ``root``: every ``country/tile/year`` folder holding ``meta/metadata.pkl``."""
+    return sorted(str(p.parent.parent.relative_to(root)) for p in root.glob("*/*/*/meta/metadata.pkl"))
+
+
+def tile_info(root: Path, tile: str, merge_seasons: bool = False) -> dict:
+    """Summary of one tile read in place (metadata only; parcel arrays are not opened)."""
+    reader = TileReader(root, tile)
+    codes = CropCodes(reader.country, merge_seasons)
+    labels = [p["label"] for p in reader.parcels]
+    n_pixels = np.array([int(p["n_pixels"]) for p in reader.parcels])
+    class_counts = Counter(codes.class_of(code) for code in labels)
+    unmapped = Counter(normalize_code(code) for code in labels if not codes.is_known(code))
+    missing = sum(1 for i in range(len(reader)) if not reader.parcel_path(i).exists())
+    return {
+        "path": str(reader.path),
+        "parcels": len(reader),
+        "dates": len(reader.dates),
+        "first_date": reader.dates[0],
+        "last_date": reader.dates[-1],
+        "pixels_per_parcel": {
+            "min": int(n_pixels.min()), "median": float(np.median(n_pixels)), "max": int(n_pixels.max())
+        },
+        "class_counts": dict(sorted(class_counts.items(), key=lambda kv: -kv[1])),
+        "unknown_codes": dict(unmapped.most_common()),
+        "missing_parcel_arrays": missing,
+    }
+
+
+def print_info(name: str, info: dict) -> None:
+    px = info["pixels_per_parcel"]
+    print(f"{name}  ({info['path']})")
+    print(f"  parcels {info['parcels']}, dates {info['dates']} ({info['first_date']} .. {info['last_date']}), "
+          f"pixels per parcel min {px['min']} / median {px['median']:g} / max {px['max']}")
+    if info["missing_parcel_arrays"]:
+        print(f"  WARNING: {info['missing_parcel_arrays']} parcel arrays listed in the metadata are missing")
+    print("  classes: " + ", ".join(f"{k} {v}" for k, v in info["class_counts"].items()))
+    if info["unknown_codes"]:
+        shown = list(info["unknown_codes"].items())[:15]
+        more = len(info["unknown_codes"]) - len(shown)
+        print("  codes in no table (-> unknown): " + ", ".join(f"{k} x{v}" for k, v in shown)
+              + (f", ... {more} more" if more > 0 else ""))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    root = Path(args.root).expanduser()
+    if not root.is_dir():
+        raise TimeMatchError(f"{root}: dataset root does not exist")
+    tiles = [TILES.get(t, t) for t in args.tile] if args.tile else find_tiles(root)
+    if not tiles:
+        raise TimeMatchError(f"{root}: no tile found (expected <country>/<tile>/<year>/meta/metadata.pkl)")
+    result = {tile: tile_info(root, tile, args.merge_seasons) for tile in tiles}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for tile, info in result.items():
+            print_info(tile, info)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from timematch.data import synthetic
+
+    shifts = {}
+    for item in args.shift or []:
+        name, _, days = item.partition("=")
+        if name not in TILES or not days.lstrip("-").isdigit():
+            raise TimeMatchError(f"--shift {item!r}: expected TILE=DAYS with TILE in {list(TILES)}, e.g. FR1=25")
+        shifts[name] = int(days)
+    root = Path(args.root).expanduser()
+    summary = synthetic.generate_dataset(
+        root,
+        parcels_per_tile=args.parcels_per_tile,
+        seed=args.seed,
+        shifts=shifts or None,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    if args.plot:
+        png = synthetic.plot_class_ndvi(root, Path(args.plot))
+        print(f"NDVI plot: {png}")
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from timematch.data import synthetic
+
+    parser = argparse.ArgumentParser(prog="python -m timematch.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="summarise the tiles of a dataset (first check of a download)")
+    info.add_argument("root", help="dataset root (holds denmark/, france/, austria/)")
+    info.add_argument("--tile", action="append", help="only this tile (short name or country/tile/year); repeatable")
+    info.add_argument("--json", action="store_true", help="print one JSON object keyed by tile")
+    info.add_argument("--merge-seasons", action="store_true", help="merge spring/winter variants of a crop")
+    info.set_defaults(func=cmd_info)
+    synth = sub.add_parser("synth", help="write the synthetic benchmark dataset in the published format")
+    synth.add_argument("--root", required=True, help="folder to write the four tiles into")
+    synth.add_argument("--parcels-per-tile", type=int, default=synthetic.DEFAULT_PARCELS_PER_TILE)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shift", action="append", metavar="TILE=DAYS",
+                       help="planted phenology shift of a tile in days (default: "
+                            + ", ".join(f"{k}={v}" for k, v in synthetic.DEFAULT_SHIFTS.items()) + ")")
+    synth.add_argument("--plot", metavar="PNG", help="also write a plot of mean NDVI per class per tile")
+    synth.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TimeMatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

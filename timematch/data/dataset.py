@@ -1,0 +1,325 @@
+"""Tiles as experiment data: class labels, folds, normalisation and vectorised batches.
+
+A :class:`Domain` is one tile seen by one experiment: its packed cache, every parcel's
+class index in the experiment's class list, and the fold's split. Batches are numpy
+dicts with the keys of :data:`BATCH_KEYS` (layout in :func:`_gather`), built with
+vectorised indexing into the memory-mapped pixels:
+
+- :meth:`Domain.strong_batch`: training view, 64 pixels per parcel (padded and masked
+  when fewer), 30 dates sampled in time order, optional temporal shift augmentation;
+- :meth:`Domain.weak_batch`: pixel sampling only, all dates;
+- :meth:`Domain.eval_batches`: all pixels and all dates, parcels grouped by size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from timematch.data.classes import PUBLISHED_MIN_PARCELS, UNKNOWN, CropCodes, label_indices, select_classes
+from timematch.data.packed import PackedTile
+from timematch.data.splits import Split, make_split
+from timematch.errors import ConfigError, DatasetError
+
+BATCH_KEYS = ("pixels", "mask", "positions", "geom", "label", "index")
+#: Published scaling of the geometric features (perimeter, area, perimeter/area, cover ratio).
+GEOM_SCALE = np.array([40000.0, 1e8, 40000.0, 1.0], dtype=np.float32)
+NORMALIZATIONS = ("source_stats", "published")
+MAX_SHIFT_AUG = 100  # the positional table allows positions down to -100
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How tiles become experiment data. Defaults are the published ones, except
+    ``normalization`` (see :class:`Normalizer`)."""
+
+    min_parcels: int = PUBLISHED_MIN_PARCELS
+    merge_seasons: bool = False
+    n_folds: int = 3
+    split_seed: int = 0
+    pixels_per_parcel: int = 64
+    timesteps: int = 30
+    normalization: str = "source_stats"
+    shift_aug: bool = False
+    shift_aug_max: int = 60
+    shift_aug_p: float = 0.5
+    eval_pixel_budget: int = 128 * 512  # pixel slots per evaluation batch
+
+    def __post_init__(self) -> None:
+        checks = {
+            "min_parcels": self.min_parcels >= 1,
+            "n_folds": self.n_folds >= 1,
+            "pixels_per_parcel": self.pixels_per_parcel >= 2,
+            "timesteps": self.timesteps >= 1,
+            "shift_aug_max": 0 <= self.shift_aug_max <= MAX_SHIFT_AUG,
+            "shift_aug_p": 0.0 <= self.shift_aug_p <= 1.0,
+            "eval_pixel_budget": self.eval_pixel_budget >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"data config {key}={getattr(self, key)!r} is out of range")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"data config normalization={self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ConfigError(f"unknown data config key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Reflectance (uint16) -> model input (float32).
+
+    ``published``: clip to [0, 65535] and divide by 65535, as the paper's code does. With
+    Sentinel-2 values around 0.01-0.5 of that range, BatchNorm's running variance starts
+    far too large and early evaluation collapses to one class for about 100 steps.
+    ``source_stats`` (default): standardise each band with the mean and standard deviation
+    of the source training split, which trains stably from the first step.
+    """
+
+    mean: np.ndarray  # float32 (C,)
+    std: np.ndarray  # float32 (C,)
+    kind: str = "source_stats"
+
+    @classmethod
+    def published(cls, n_bands: int = 10) -> "Normalizer":
+        return cls(np.zeros(n_bands, np.float32), np.full(n_bands, 65535.0, np.float32), "published")
+
+    @classmethod
+    def fit(cls, packed: PackedTile, parcels: np.ndarray, max_pixels: int = 200_000, seed: int = 0) -> "Normalizer":
+        """Per-band statistics over (a seeded sample of) the pixels of ``parcels``."""
+        rng = np.random.default_rng(seed)
+        starts, counts = packed.offsets[parcels], packed.n_pixels[parcels]
+        pixel_index = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
+        if len(pixel_index) > max_pixels:
+            pixel_index = np.sort(rng.choice(pixel_index, max_pixels, replace=False))
+        values = packed.pixels[pixel_index].astype(np.float64)  # (P, T, C)
+        mean = values.mean(axis=(0, 1))
+        std = values.std(axis=(0, 1))
+        return cls(mean.astype(np.float32), np.maximum(std, 1.0).astype(np.float32), "source_stats")
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.astype(np.float32)
+        x -= self.mean
+        x *= 1.0 / self.std
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Normalizer":
+        return cls(np.asarray(values["mean"], np.float32), np.asarray(values["std"], np.float32), values["kind"])
+
+
+@dataclass
+class Domain:
+    """One tile of one experiment: packed pixels, class indices, fold split, normaliser."""
+
+    packed: PackedTile
+    class_names: np.ndarray  # str (N,), class of every parcel after mapping
+    classes: list[str]
+    labels: np.ndarray  # int64 (N,), index in ``classes``; -1 = outside the class list
+    split: Split
+    config: DataConfig
+    normalizer: Normalizer = field(default_factory=Normalizer.published)
+
+    @property
+    def tile(self) -> str:
+        return self.packed.tile
+
+    def labelled(self, part: str) -> np.ndarray:
+        """Parcel indices of a split part whose class is in the class list."""
+        parcels = self.split.part(part)
+        return parcels[self.labels[parcels] >= 0]
+
+    # -- batch views -------------------------------------------------------------------
+
+    def strong_batch(self, parcels: np.ndarray, rng: np.random.Generator, shift_aug: bool | None = None) -> dict:
+        """Training view: sampled pixels and dates (in time order), optional shift augmentation."""
+        cfg = self.config
+        pixel_index, mask = sample_pixels(self.packed, parcels, cfg.pixels_per_parcel, rng)
+        n_dates = self.packed.n_dates
+        if cfg.timesteps < n_dates:
+            keys = rng.random((len(parcels), n_dates))
+            dates = np.sort(np.argpartition(keys, cfg.timesteps - 1, axis=1)[:, : cfg.timesteps], axis=1)
+        else:
+            dates = np.broadcast_to(np.arange(n_dates), (len(parcels), n_dates))
+        batch = self._gather(parcels, pixel_index, mask, dates)
+        if cfg.shift_aug if shift_aug is None else shift_aug:
+            shift = rng.integers(-cfg.shift_aug_max, cfg.shift_aug_max + 1, size=len(parcels))
+            shift *= rng.random(len(parcels)) < cfg.shift_aug_p
+            batch["positions"] = batch["positions"] + shift[:, None]
+        return batch
+
+    def weak_batch(self, parcels: np.ndarray, rng: np.random.Generator) -> dict:
+        """Weak view: sampled pixels, all dates."""
+        pixel_index, mask = sample_pixels(self.packed, parcels, self.config.pixels_per_parcel, rng)
+        dates = np.broadcast_to(np.arange(self.packed.n_dates), (len(parcels), self.packed.n_dates))
+        return self._gather(parcels, pixel_index, mask, dates)
+
+    def eval_batches(self, parcels: np.ndarray, max_parcels: int = 256) -> Iterator[dict]:
+        """Evaluation view: every pixel and every date, parcels of similar size batched together."""
+        parcels = np.asarray(parcels)
+        order = parcels[np.argsort(self.packed.n_pixels[parcels], kind="stable")]
+        n_dates = self.packed.n_dates
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and stop - start < max_parcels:
+                width = self.packed.n_pixels[order[stop]]
+                if (stop - start + 1) * width > self.config.eval_pixel_budget:
+                    break
+                stop += 1
+            chunk = order[start:stop]
+            width = int(self.packed.n_pixels[chunk].max())
+            steps = np.arange(width)
+            counts = self.packed.n_pixels[chunk]
+            mask = steps[None, :] < counts[:, None]
+            pixel_index = self.packed.offsets[chunk][:, None] + np.where(mask, steps[None, :], 0)
+            dates = np.broadcast_to(np.arange(n_dates), (len(chunk), n_dates))
+            yield self._gather(chunk, pixel_index, mask, dates)
+            start = stop
+
+    def _gather(self, parcels: np.ndarray, pixel_index: np.ndarray, mask: np.ndarray, dates: np.ndarray) -> dict:
+        """Assemble a batch.
+
+        Returns a dict: ``pixels`` float32 (B, T, S, C), ``mask`` bool (B, S) (True = real
+        pixel), ``positions`` int64 (B, T) (days after the start date), ``geom`` float32
+        (B, 4), ``label`` int64 (B,) (-1 = outside the class list), ``index`` int64 (B,).
+        """
+        raw = self.packed.pixels[pixel_index[:, None, :], dates[:, :, None]]  # (B, T, S, C)
+        return {
+            "pixels": self.normalizer(raw),
+            "mask": mask,
+            "positions": self.packed.positions[dates],
+            "geom": self.packed.geom[parcels] / GEOM_SCALE,
+            "label": self.labels[parcels],
+            "index": np.asarray(parcels, dtype=np.int64),
+        }
+
+
+def sample_pixels(
+    packed: PackedTile, parcels: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``size`` distinct pixels of each parcel.
+
+    Returns global pixel indices int64 (B, size) and a mask bool (B, size). A parcel with
+    fewer pixels keeps all of them and is padded by repeating its first pixel, masked False.
+    """
+    counts = packed.n_pixels[parcels]
+    starts = packed.offsets[parcels]
+    local = np.empty((len(parcels), size), dtype=np.int64)
+    mask = np.ones((len(parcels), size), dtype=bool)
+
+    small = counts <= size
+    if small.any():
+        steps = np.arange(size)
+        valid = steps[None, :] < counts[small, None]
+        local[small] = np.where(valid, steps[None, :], 0)
+        mask[small] = valid
+    medium = (~small) & (counts <= 2048)
+    if medium.any():
+        # Random keys, padded past each parcel's length: the `size` smallest are a uniform draw.
+        rows = np.flatnonzero(medium)
+        width = int(counts[rows].max())
+        keys = rng.random((len(rows), width))
+        keys[np.arange(width)[None, :] >= counts[rows, None]] = 2.0
+        local[rows] = np.argpartition(keys, size - 1, axis=1)[:, :size]
+    for row in np.flatnonzero(counts > 2048):  # rare huge parcels
+        local[row] = rng.choice(counts[row], size, replace=False)
+    return starts[:, None] + local, mask
+
+
+class ClassBalancedSampler:
+    """Draws parcels with probability proportional to 1 / (count of their class)."""
+
+    def __init__(self, labels: np.ndarray, parcels: np.ndarray, balanced: bool = True) -> None:
+        self.parcels = np.asarray(parcels)
+        if len(self.parcels) == 0:
+            raise DatasetError("no labelled parcels to sample from")
+        if balanced:
+            classes, inverse, counts = np.unique(labels[self.parcels], return_inverse=True, return_counts=True)
+            weights = 1.0 / counts[inverse]
+        else:
+            weights = np.ones(len(self.parcels))
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.cumulative[-1] = 1.0
+
+    def __call__(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        return self.parcels[np.searchsorted(self.cumulative, rng.random(size), side="right")]
+
+
+def uniform_sampler(parcels: np.ndarray):
+    """Draws parcels uniformly with replacement."""
+    parcels = np.asarray(parcels)
+
+    def draw(size: int, rng: np.random.Generator) -> np.ndarray:
+        return parcels[rng.integers(0, len(parcels), size)]
+
+    return draw
+
+
+def tile_class_names(packed: PackedTile, merge_seasons: bool = False) -> np.ndarray:
+    """Class name of every parcel of a tile (``unknown`` for codes in no table)."""
+    codes = CropCodes(packed.country, merge_seasons)
+    lookup = {code: codes.class_of(code) for code in np.unique(packed.codes)}
+    return np.array([lookup[c] for c in packed.codes], dtype=object)
+
+
+def open_domains(
+    data_root: Path,
+    source: str,
+    target: str,
+    fold: int,
+    config: DataConfig = DataConfig(),
+    cache_dir: Path | None = None,
+    progress=None,
+) -> tuple[Domain, Domain]:
+    """The source and target domains of an experiment, with the class list of the source.
+
+    Raises :class:`DatasetError` when fewer than 2 source classes pass the class rule or
+    when the target has no parcel of any source class.
+    """
+    source_tile = PackedTile.open(data_root, source, cache_dir, progress)
+    target_tile = source_tile if target == source else PackedTile.open(data_root, target, cache_dir, progress)
+    source_names = tile_class_names(source_tile, config.merge_seasons)
+    classes = select_classes(source_names, config.min_parcels)
+    if len(classes) < 2:
+        counts = dict(zip(*np.unique(source_names, return_counts=True)))
+        raise DatasetError(
+            f"{source_tile.tile}: only {len(classes)} class(es) have >= {config.min_parcels} parcels "
+            f"(class counts: {counts}); a classifier needs at least 2. Lower min_parcels or use a larger tile."
+        )
+    domains = []
+    for packed, names in ((source_tile, source_names), (target_tile, None)):
+        names = tile_class_names(packed, config.merge_seasons) if names is None else names
+        labels = np.array(label_indices(list(names), classes), dtype=np.int64)
+        split = make_split(len(packed), fold, config.split_seed, packed.tile, config.n_folds)
+        domains.append(Domain(packed, names, classes, labels, split, config))
+    source_domain, target_domain = domains
+    known = [c for c in classes if c != UNKNOWN]
+    if not np.isin(target_domain.class_names, known).any():
+        raise DatasetError(
+            f"{target_domain.tile}: no parcel belongs to any class of the source {source_tile.tile} ({known})"
+        )
+    if config.normalization == "source_stats":
+        normalizer = Normalizer.fit(source_domain.packed, source_domain.split.train, seed=config.split_seed)
+    else:
+        normalizer = Normalizer.published(source_domain.packed.pixels.shape[-1])
+    source_domain.normalizer = target_domain.normalizer = normalizer
+    return source_domain, target_domain
+
+
+def class_counts(names: Sequence[str]) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}

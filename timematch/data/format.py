@@ -1,0 +1,182 @@
+"""Reader of the published TimeMatch dataset format, exactly as it is on disk.
+
+Layout (see the README): ``<root>/<country>/<tile>/<year>/data/<i>.zarr`` is one zarr
+format-2 array per parcel, uint16 of shape (T, C, S), and ``meta/metadata.pkl`` a pickled
+dict with ``start_date``, ``end_date``, ``dates``, ``cloudy_pct`` and ``parcels``.
+
+The pickle comes from the internet, so it is read with :class:`RestrictedUnpickler`, which
+admits only builtins, containers, numpy scalars and arrays.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import pickle
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from timematch.data.tiles import COUNTRIES, resolve_tile
+from timematch.errors import DatasetError
+
+N_BANDS = 10
+BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+METADATA_KEYS = ("start_date", "dates", "parcels")
+PARCEL_KEYS = ("label", "n_pixels", "geometric_features")
+
+# What a metadata pickle may reference: plain builtins and numpy's array/scalar machinery.
+_ALLOWED_GLOBALS: dict[str, frozenset[str]] = {
+    "builtins": frozenset(
+        {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
+         "bytearray", "bool", "complex", "slice", "range"}
+    ),
+    "collections": frozenset({"OrderedDict", "defaultdict"}),
+    "datetime": frozenset({"date", "datetime", "timedelta"}),
+    "numpy": frozenset({"ndarray", "dtype", "float64", "float32", "int64", "int32",
+                        "int16", "uint16", "uint8", "int8", "bool_", "str_"}),
+    "numpy.core.multiarray": frozenset({"_reconstruct", "scalar"}),
+    "numpy._core.multiarray": frozenset({"_reconstruct", "scalar"}),
+    "numpy.core.numeric": frozenset({"_frombuffer"}),
+    "numpy._core.numeric": frozenset({"_frombuffer"}),
+}
+
+
+class ForbiddenGlobalError(pickle.UnpicklingError):
+    """A pickle asked for a global that plain data never needs."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global outside builtins, containers and numpy data."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            return super().find_class(module, name)
+        raise ForbiddenGlobalError(
+            f"refusing to load global '{module}.{name}': a dataset metadata file may only "
+            "contain builtins, containers and numpy arrays/scalars"
+        )
+
+
+def safe_load_pickle(data: bytes) -> Any:
+    """Unpickle ``data`` admitting only plain data (see :class:`RestrictedUnpickler`)."""
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Load and check a tile's ``meta/metadata.pkl``; errors name the path and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: metadata file is missing (expected meta/metadata.pkl in the tile folder)")
+    try:
+        meta = safe_load_pickle(path.read_bytes())
+    except ForbiddenGlobalError as err:
+        raise DatasetError(f"{path}: {err}") from None
+    except Exception as err:  # truncated or not a pickle at all
+        raise DatasetError(f"{path}: not a readable metadata pickle ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: metadata must be a dict, found {type(meta).__name__}")
+    missing = [key for key in METADATA_KEYS if key not in meta]
+    if missing:
+        raise DatasetError(f"{path}: metadata lacks key(s) {missing}; found {sorted(meta)}")
+    if not isinstance(meta["parcels"], (list, tuple)) or not meta["parcels"]:
+        raise DatasetError(f"{path}: metadata 'parcels' must be a non-empty list")
+    for i, parcel in enumerate(meta["parcels"]):
+        if not isinstance(parcel, dict) or any(k not in parcel for k in PARCEL_KEYS):
+            raise DatasetError(f"{path}: parcel {i} must be a dict with keys {list(PARCEL_KEYS)}, found {parcel!r:.200}")
+    dates = list(meta["dates"])
+    if not dates or any(b <= a for a, b in zip(dates, dates[1:])):
+        raise DatasetError(f"{path}: 'dates' must be a non-empty, strictly increasing list of yyyymmdd dates")
+    return meta
+
+
+def parse_date(value: Any) -> dt.date:
+    """A yyyymmdd int or string as a date."""
+    text = str(int(value)) if not isinstance(value, str) else value.strip()
+    try:
+        return dt.datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        raise DatasetError(f"date {value!r} is not in yyyymmdd form") from None
+
+
+def date_positions(dates: list[Any], start_date: Any) -> np.ndarray:
+    """Days after ``start_date`` of each acquisition date, int64 (T,)."""
+    start = parse_date(start_date)
+    return np.array([(parse_date(d) - start).days for d in dates], dtype=np.int64)
+
+
+class TileReader:
+    """One tile of the dataset, read in place: ``<root>/<country>/<tile>/<year>``.
+
+    Checks the folder and metadata on construction and raises :class:`DatasetError`
+    naming the path and the problem. Parcels are read one at a time with
+    :meth:`read_parcel`; training code uses the packed cache instead (see
+    :mod:`timematch.data.packed`), which is built from this reader.
+    """
+
+    def __init__(self, root: Path | str, tile: str) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"{self.root}: dataset root does not exist; pass --data-root (or set TIMEMATCH_DATA) "
+                "to the folder that holds denmark/, france/ and austria/"
+            )
+        self.tile = resolve_tile(tile)
+        self.country = self.tile.split("/")[0]
+        if self.country not in COUNTRIES:
+            raise DatasetError(f"{self.tile}: unknown country {self.country!r}; known: {COUNTRIES}")
+        self.path = self.root / self.tile
+        if not self.path.is_dir():
+            found = sorted(str(p.relative_to(self.root)) for p in self.root.glob("*/*/*") if p.is_dir())
+            raise DatasetError(
+                f"{self.path}: tile folder is missing; tiles found under {self.root}: {found or 'none'}"
+            )
+        self.metadata_path = self.path / "meta" / "metadata.pkl"
+        self.data_path = self.path / "data"
+        self.metadata = read_metadata(self.metadata_path)
+        if not self.data_path.is_dir():
+            raise DatasetError(f"{self.data_path}: parcel data folder is missing")
+
+    def __len__(self) -> int:
+        return len(self.metadata["parcels"])
+
+    def __repr__(self) -> str:
+        return f"TileReader({str(self.path)!r}, parcels={len(self)}, dates={len(self.dates)})"
+
+    @property
+    def parcels(self) -> list[dict[str, Any]]:
+        return self.metadata["parcels"]
+
+    @property
+    def dates(self) -> list[int]:
+        return [int(d) for d in self.metadata["dates"]]
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        """Days after ``start_date`` of every date, int64 (T,)."""
+        return date_positions(self.metadata["dates"], self.metadata["start_date"])
+
+    def parcel_path(self, index: int) -> Path:
+        return self.data_path / f"{index}.zarr"
+
+    def read_parcel(self, index: int) -> np.ndarray:
+        """Pixels of parcel ``index``: uint16 (T, C, S), checked against the metadata."""
+        import zarr
+
+        path = self.parcel_path(index)
+        if not path.exists():
+            raise DatasetError(f"{path}: parcel array is missing (metadata lists {len(self)} parcels)")
+        try:
+            array = np.asarray(zarr.open_array(str(path), mode="r")[...])
+        except Exception as err:
+            raise DatasetError(f"{path}: corrupt or unreadable zarr array ({type(err).__name__}: {err})") from None
+        expected = (len(self.dates), N_BANDS, int(self.parcels[index]["n_pixels"]))
+        if array.shape != expected:
+            raise DatasetError(
+                f"{path}: shape {array.shape} disagrees with the metadata, expected (T, C, S) = {expected}"
+            )
+        return array

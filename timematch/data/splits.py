@@ -1,0 +1,56 @@
+"""Seeded train/validation/test folds of a tile's parcels (70 / 10 / 20 %)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from timematch.errors import ConfigError
+
+TRAIN_FRACTION = 0.7
+VAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Split:
+    """Parcel indices of one fold: disjoint, together every parcel of the tile."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def part(self, name: str) -> np.ndarray:
+        if name not in ("train", "val", "test"):
+            raise ConfigError(f"unknown split {name!r}; valid: train, val, test")
+        return getattr(self, name)
+
+
+def make_split(n_parcels: int, fold: int, seed: int = 0, tile: str = "", n_folds: int = 3) -> Split:
+    """Fold ``fold`` of a tile with ``n_parcels`` parcels.
+
+    Each fold is its own seeded random permutation, cut 70 / 10 / 20 %. The tile name
+    enters the seed, so source and target tiles are split independently; the same
+    (seed, tile, fold) always gives the same split.
+    """
+    if n_folds < 1:
+        raise ConfigError(f"n_folds must be >= 1, got {n_folds}")
+    if not 0 <= fold < n_folds:
+        raise ConfigError(f"fold must be in [0, {n_folds - 1}] (n_folds={n_folds}), got {fold}")
+    if n_parcels < 3:
+        raise ConfigError(f"a tile needs at least 3 parcels to split, found {n_parcels}")
+    rng = np.random.default_rng([seed, fold, zlib.crc32(tile.encode())])
+    order = rng.permutation(n_parcels)
+    n_train = int(round(TRAIN_FRACTION * n_parcels))
+    n_val = max(1, int(round(VAL_FRACTION * n_parcels)))
+    return Split(
+        train=np.sort(order[:n_train]),
+        val=np.sort(order[n_train : n_train + n_val]),
+        test=np.sort(order[n_train + n_val :]),
+    )
+
+
+def make_folds(n_parcels: int, n_folds: int = 3, seed: int = 0, tile: str = "") -> list[Split]:
+    """All ``n_folds`` folds of a tile (see :func:`make_split`)."""
+    return [make_split(n_parcels, k, seed, tile, n_folds) for k in range(n_folds)]

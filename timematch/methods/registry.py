@@ -1,0 +1,74 @@
+"""The method registry: one registered name per method module, one contract.
+
+Every method module under :mod:`timematch.methods` defines a frozen config dataclass with
+the published defaults and a :class:`~timematch.methods.base.Method` subclass, and registers
+it with :func:`register`. Unknown names and unknown config keys are errors that list the
+valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from timematch.errors import ConfigError
+
+_REGISTRY: dict[str, type] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register(name: str):
+    """Class decorator that registers a method class under ``name`` (duplicates raise)."""
+
+    def decorate(cls: T) -> T:
+        if name in _REGISTRY:
+            raise ConfigError(f"method {name!r} is registered twice ({_REGISTRY[name]} and {cls})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    """All registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type:
+    """The method class registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; valid methods: {', '.join(method_names())}"
+        ) from None
+
+
+def config_class(name: str) -> type:
+    """The frozen config dataclass of method ``name``."""
+    return get_method(name).config_class
+
+
+def config_fields(name: str) -> dict[str, Any]:
+    """Config key -> default value of method ``name``."""
+    return {f.name: getattr(config_class(name)(), f.name) for f in dataclasses.fields(config_class(name))}
+
+
+def build_config(name: str, overrides: Mapping[str, Any] | None = None):
+    """The method's config with ``overrides`` applied and validated.
+
+    Raises :class:`ConfigError` on an unknown key (listing the valid ones) or on a value
+    outside its allowed range (the config's ``__post_init__`` checks ranges).
+    """
+    cls = config_class(name)
+    overrides = dict(overrides or {})
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown} for method {name!r}; valid keys: {', '.join(sorted(valid))}"
+        )
+    return cls(**overrides)
