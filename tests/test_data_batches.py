@@ -109,14 +109,14 @@ def test_eval_view_holds_exact_normalised_pixels(dataset, cache_dir):
 
 
 def test_shift_augmentation(dataset, cache_dir):
-    config = DataConfig(min_parcels=5, shift_aug=True, shift_aug_p=1.0, shift_aug_max=60, timesteps=20)
+    config = DataConfig(min_parcels=5, timesteps=20)
     source, _ = open_domains(dataset, "DK", "FR1", fold=0, config=config)
     rng = np.random.default_rng(1)
     parcels = np.repeat(source.split.train[:1], 200)
-    shifted = source.strong_batch(parcels, rng)["positions"] - source.packed.positions[None, :]
+    shifted = source.strong_batch(parcels, rng, 60, 1.0)["positions"] - source.packed.positions[None, :]
     assert (shifted == shifted[:, :1]).all()  # one shift per sample, all dates alike
     assert shifted.min() >= -60 and shifted.max() <= 60 and shifted.std() > 20
-    plain = source.strong_batch(parcels, rng, shift_aug=False)["positions"]
+    plain = source.strong_batch(parcels, rng)["positions"]
     assert (plain == source.packed.positions[None, :]).all()
 
 

@@ -17,12 +17,27 @@ Ray Tune trials; tests and notebooks call them directly::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timematch.data.dataset import DataConfig
+import numpy as np
+import torch
+
+from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
+from timematch.data.tiles import resolve_tile
+from timematch.errors import ConfigError, DatasetError
+from timematch.methods import build_config, get_method
+from timematch.models import build_model
+from timematch.training import evaluate, fit, pick_device, selection_metrics
+
+logger = logging.getLogger("timematch")
 
 #: Metrics every epoch report may carry (a method reports the ones that apply to it).
 EPOCH_METRICS = (
@@ -100,40 +115,109 @@ class PretrainedSource:
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
-        """Write to ``path`` (a ``.pt`` file loadable with ``torch.load(weights_only=True)``)."""
-        raise NotImplementedError
+        """Write to ``path`` atomically (a ``.pt`` file loadable with ``torch.load(weights_only=True)``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": 1,
+            "key": self.key,
+            "classes": list(self.classes),
+            "state_dict": self.state_dict,
+            "normalizer": self.normalizer,
+            "history": [{"epoch": h.epoch, "metrics": h.metrics, "logs": h.logs} for h in self.history],
+            "best_epoch": self.best_epoch,
+            "source_val_f1": self.source_val_f1,
+            "info": json.loads(json.dumps(self.info, default=str)),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
 
     @classmethod
     def load(cls, path: Path) -> "PretrainedSource":
-        """Read a file written by :meth:`save`, safely (no arbitrary unpickling)."""
-        raise NotImplementedError
+        """Read a file written by :meth:`save`, safely (``weights_only``: no arbitrary unpickling)."""
+        try:
+            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise DatasetError(f"{path}: not a readable source-model file ({type(err).__name__}: {err})") from None
+        if not isinstance(payload, dict) or payload.get("format") != 1:
+            raise DatasetError(f"{path}: not a source-model file written by this version")
+        return cls(
+            key=payload["key"],
+            classes=list(payload["classes"]),
+            state_dict=payload["state_dict"],
+            normalizer=payload["normalizer"],
+            history=[EpochReport(**h) for h in payload["history"]],
+            best_epoch=int(payload["best_epoch"]),
+            source_val_f1=float(payload["source_val_f1"]),
+            info=payload["info"],
+        )
 
 
 @dataclass
 class ExperimentResult:
     """The outcome of one experiment.
 
-    ``metrics`` holds the final target-test metrics (:data:`TEST_METRICS`) and the last
-    epoch's selection metrics; ``report`` the per-class precision/recall/F1/support;
-    ``confusion`` the confusion matrix (rows true, columns predicted, in ``classes`` order);
-    ``shift_scores`` for shift-estimating methods: one entry per estimation with
-    ``shifts``, ``scores``, ``estimator`` and ``estimate``.
+    ``metrics`` holds the final target-test metrics (:data:`TEST_METRICS`) and the final
+    model's selection metrics (``target_val_f1``, ``source_val_f1``, ``target_im_score``);
+    ``report`` the per-class precision/recall/F1/support; ``confusion`` the confusion
+    matrix (rows true, columns predicted, in ``classes`` order); ``shift_scores`` for
+    shift-estimating methods: one entry per estimation with ``shifts``, ``scores``,
+    ``estimator`` and ``estimate``.
     """
 
     spec: ExperimentSpec
     classes: list[str]
     metrics: dict[str, float]
     report: dict[str, dict[str, float]]
-    confusion: Any  # np.ndarray (K, K)
+    confusion: np.ndarray
     history: list[EpochReport]
-    model: Any  # torch.nn.Module, on CPU, eval mode
+    model: torch.nn.Module
     config: dict[str, Any]
     shift_scores: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _pretrain_spec(spec: ExperimentSpec) -> ExperimentSpec:
+    """The spec of the source model ``spec`` starts from (source_only's own config for source_only)."""
+    overrides = dict(spec.pretrain_config)
+    if spec.method == "source_only":
+        overrides.update(spec.method_config)
+    return spec.replace(method="source_only", method_config=overrides, pretrain_config=overrides, target=spec.source)
 
 
 def pretrain_key(spec: ExperimentSpec) -> str:
     """A stable hash of every input that determines the source model of ``spec``."""
-    raise NotImplementedError
+    p = _pretrain_spec(spec)
+    inputs = {
+        "version": 1,
+        "data_root": str(Path(p.data_root).expanduser().resolve()),
+        "source": resolve_tile(p.source),
+        "fold": p.fold,
+        "seed": p.seed,
+        "model": p.model,
+        "data": dataclasses.asdict(p.data),
+        "config": dataclasses.asdict(build_config("source_only", p.method_config)),
+    }
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return f"{resolve_tile(p.source).replace('/', '_')}-fold{p.fold}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _seed(spec: ExperimentSpec) -> int:
+    return int(spec.seed) * 1000 + int(spec.fold)
+
+
+def _open(spec: ExperimentSpec, target: str | None = None) -> tuple[Domain, Domain]:
+    return open_domains(
+        Path(spec.data_root), spec.source, target or spec.target, spec.fold, spec.data, spec.cache_dir,
+        progress=logger.info,
+    )
 
 
 def pretrain_source(
@@ -141,8 +225,27 @@ def pretrain_source(
     on_epoch: EpochCallback | None = None,
     resume_state: dict | None = None,
 ) -> PretrainedSource:
-    """Train the source model of ``spec`` (source-only training on ``spec.source``, fold ``spec.fold``)."""
-    raise NotImplementedError
+    """Train the source model of ``spec``: source-only training on ``spec.source``, fold
+    ``spec.fold``, keeping the epoch with the best source validation macro F1."""
+    p = _pretrain_spec(spec)
+    config = build_config("source_only", p.method_config)
+    device = pick_device(p.device)
+    source, _ = _open(p, target=p.source)
+    torch.manual_seed(_seed(p))
+    model = build_model(p.model, num_classes=len(source.classes)).to(device)
+    method = get_method("source_only")(config, model, source, source, device)
+    logger.info("pretraining on %s (fold %d, %d classes) on %s", source.tile, p.fold, len(source.classes), device)
+    outcome = fit(method, _seed(p), on_epoch, resume_state, log=logger.info)
+    return PretrainedSource(
+        key=pretrain_key(spec),
+        classes=list(source.classes),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        normalizer=source.normalizer.to_dict(),
+        history=outcome["history"],
+        best_epoch=int(outcome["best_epoch"]),
+        source_val_f1=float(outcome["best_value"]),
+        info={"timings": outcome["timings"], "config": dataclasses.asdict(config)},
+    )
 
 
 def run_experiment(
@@ -151,5 +254,70 @@ def run_experiment(
     on_epoch: EpochCallback | None = None,
     resume_state: dict | None = None,
 ) -> ExperimentResult:
-    """Run ``spec.method`` from ``pretrained`` (trained here when None and the method needs it)."""
-    raise NotImplementedError
+    """Run ``spec.method`` from ``pretrained`` (trained here when None and the method needs it),
+    then evaluate once on the target test split.
+
+    ``source_only`` reuses ``pretrained`` when its key matches and only evaluates it (one
+    epoch report carries its selection metrics); otherwise it trains.
+    """
+    method_cls = get_method(spec.method)
+    config = build_config(spec.method, spec.method_config)  # rejects bad keys and ranges before any work
+    device = pick_device(spec.device)
+    source, target = _open(spec)
+    timings: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    if spec.method == "source_only":
+        if pretrained is None or pretrained.key != pretrain_key(spec):
+            pretrained = pretrain_source(spec, on_epoch, resume_state)
+            history = pretrained.history
+        else:
+            history = []
+        model = _from_pretrained(spec, pretrained, source, target, device)
+        if not history:
+            report = EpochReport(epoch=1, metrics=selection_metrics(model, source, target, device),
+                                 logs=[f"reused source model {pretrained.key}"])
+            history = [report]
+            if on_epoch:
+                on_epoch(report, lambda: {})
+        timings = pretrained.info.get("timings", {})
+    else:
+        if method_cls.starts_from_source:
+            if pretrained is None:
+                pretrained = pretrain_source(spec)
+            model = _from_pretrained(spec, pretrained, source, target, device)
+        else:
+            torch.manual_seed(_seed(spec))
+            model = build_model(spec.model, num_classes=len(source.classes)).to(device)
+        method = method_cls(config, model, source, target, device)
+        logger.info("%s: %s -> %s, fold %d, on %s", spec.method, source.tile, target.tile, spec.fold, device)
+        outcome = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info)
+        history, timings, info = outcome["history"], outcome["timings"], method.info()
+        model = method.eval_model()
+    test = evaluate(model, target, "test", device)
+    metrics = {f"test_{k}": test[k] for k in ("macro_f1", "accuracy", "weighted_f1", "kappa")}
+    for key in ("target_val_f1", "source_val_f1", "target_im_score"):
+        if history and key in history[-1].metrics:
+            metrics[key] = history[-1].metrics[key]
+    if "estimated_shift" in info:
+        metrics["estimated_shift"] = float(info["estimated_shift"])
+    model = model.to("cpu").eval()
+    return ExperimentResult(
+        spec=spec, classes=list(source.classes), metrics=metrics, report=test["report"],
+        confusion=test["confusion"], history=history, model=model, config=dataclasses.asdict(config),
+        shift_scores=info.get("shift_scores", []), timings=timings,
+    )
+
+
+def _from_pretrained(
+    spec: ExperimentSpec, pretrained: PretrainedSource, source: Domain, target: Domain, device: torch.device
+) -> torch.nn.Module:
+    if list(pretrained.classes) != list(source.classes):
+        raise ConfigError(
+            f"source model {pretrained.key} was trained on classes {pretrained.classes}, but this experiment's "
+            f"class list is {source.classes}; retrain it (delete the cached file) or use the same data settings"
+        )
+    normalizer = Normalizer.from_dict(pretrained.normalizer)
+    source.normalizer = target.normalizer = normalizer
+    model = build_model(spec.model, num_classes=len(source.classes))
+    model.load_state_dict(pretrained.state_dict)
+    return model.to(device)

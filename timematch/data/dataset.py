@@ -45,9 +45,6 @@ class DataConfig:
     pixels_per_parcel: int = 64
     timesteps: int = 30
     normalization: str = "source_stats"
-    shift_aug: bool = False
-    shift_aug_max: int = 60
-    shift_aug_p: float = 0.5
     eval_pixel_budget: int = 128 * 512  # pixel slots per evaluation batch
 
     def __post_init__(self) -> None:
@@ -56,8 +53,6 @@ class DataConfig:
             "n_folds": self.n_folds >= 1,
             "pixels_per_parcel": self.pixels_per_parcel >= 2,
             "timesteps": self.timesteps >= 1,
-            "shift_aug_max": 0 <= self.shift_aug_max <= MAX_SHIFT_AUG,
-            "shift_aug_p": 0.0 <= self.shift_aug_p <= 1.0,
             "eval_pixel_budget": self.eval_pixel_budget >= 1,
         }
         for key, ok in checks.items():
@@ -144,8 +139,14 @@ class Domain:
 
     # -- batch views -------------------------------------------------------------------
 
-    def strong_batch(self, parcels: np.ndarray, rng: np.random.Generator, shift_aug: bool | None = None) -> dict:
-        """Training view: sampled pixels and dates (in time order), optional shift augmentation."""
+    def strong_batch(
+        self, parcels: np.ndarray, rng: np.random.Generator, shift_max: int = 0, shift_p: float = 0.0
+    ) -> dict:
+        """Training view: sampled pixels and dates (in time order).
+
+        Temporal shift augmentation: with probability ``shift_p`` a sample's positions
+        all move by one random integer in [-shift_max, shift_max] days (off by default).
+        """
         cfg = self.config
         pixel_index, mask = sample_pixels(self.packed, parcels, cfg.pixels_per_parcel, rng)
         n_dates = self.packed.n_dates
@@ -155,9 +156,11 @@ class Domain:
         else:
             dates = np.broadcast_to(np.arange(n_dates), (len(parcels), n_dates))
         batch = self._gather(parcels, pixel_index, mask, dates)
-        if cfg.shift_aug if shift_aug is None else shift_aug:
-            shift = rng.integers(-cfg.shift_aug_max, cfg.shift_aug_max + 1, size=len(parcels))
-            shift *= rng.random(len(parcels)) < cfg.shift_aug_p
+        if shift_max > 0 and shift_p > 0:
+            if shift_max > MAX_SHIFT_AUG:
+                raise ConfigError(f"shift augmentation of {shift_max} days exceeds the positional table's {MAX_SHIFT_AUG}")
+            shift = rng.integers(-shift_max, shift_max + 1, size=len(parcels))
+            shift *= rng.random(len(parcels)) < shift_p
             batch["positions"] = batch["positions"] + shift[:, None]
         return batch
 
