@@ -226,7 +226,7 @@ def fit(
                 optimizer.step()
                 schedule.step()
                 method.after_step()
-                sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss)
+                sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
                 for key, value in step_logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
         finally:

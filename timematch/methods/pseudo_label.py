@@ -95,7 +95,7 @@ def supervised_and_pseudo_loss(
         source_loss = focal_loss(logits[:n_source], source["label"], gamma)
         target_loss = focal_loss(logits[n_source:], pseudo, gamma)
     loss = source_loss + trade_off * target_loss
-    return loss, {"source_loss": float(source_loss), "target_loss": float(target_loss)}
+    return loss, {"source_loss": float(source_loss.detach()), "target_loss": float(target_loss.detach())}
 
 
 def histogram(labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -1,0 +1,220 @@
+"""Method parts (EMA, pseudo labels, domain-specific BN), configs, registry, and short
+end-to-end runs of every method on CPU."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from timematch.data.dataset import DataConfig
+from timematch.errors import ConfigError, DatasetError, TrainingError
+from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_key, pretrain_source, run_experiment
+from timematch.methods import build_config, config_fields, method_names
+from timematch.methods.pseudo_label import ema_update, pseudo_labels, supervised_and_pseudo_loss
+from timematch.methods.registry import register
+from timematch.models import build_model
+
+TINY = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16}
+
+
+def test_registry_lists_methods_and_rejects_unknown():
+    assert {"source_only", "upper_bound", "fixmatch", "timematch"} <= set(method_names())
+    with pytest.raises(ConfigError, match="unknown method 'nope'; valid methods: .*timematch"):
+        build_config("nope")
+    with pytest.raises(ConfigError, match="unknown config key.*'max_temporal_shift'.*valid keys"):
+        build_config("fixmatch", {"max_temporal_shift": 10})
+    with pytest.raises(ConfigError, match="registered twice"):
+        register("timematch")(type("Dup", (), {}))
+
+
+def test_published_defaults():
+    tm = build_config("timematch")
+    assert (tm.pseudo_threshold, tm.trade_off, tm.ema_decay, tm.lr, tm.epochs, tm.steps_per_epoch) == (
+        0.9, 2.0, 0.9999, 1e-4, 20, 500)
+    assert (tm.max_temporal_shift, tm.estimator, tm.sample_size) == (60, "am", 100)
+    so = build_config("source_only")
+    assert (so.lr, so.epochs, so.shift_aug, so.focal_gamma) == (1e-3, 100, False, 1.0)
+    assert "max_temporal_shift" not in config_fields("fixmatch")
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        ({"pseudo_threshold": 0.0}, r"pseudo_threshold=0.0 is out of range; allowed: \(0.0, 1.0\]"),
+        ({"pseudo_threshold": 1.5}, "pseudo_threshold"),
+        ({"epochs": -1}, r"epochs=-1 is out of range"),
+        ({"max_temporal_shift": 101}, r"max_temporal_shift=101 is out of range; allowed: \[0, 100\]"),
+        ({"estimator": "xx"}, "valid: am, is, ent, acc"),
+    ],
+)
+def test_config_ranges(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config("timematch", overrides)
+
+
+def test_ema_update_arithmetic():
+    student, teacher = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        student.weight.fill_(2.0)
+        teacher.weight.fill_(1.0)
+        student.running_mean.fill_(4.0)
+    student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, decay=0.9)
+    assert torch.allclose(teacher.weight, torch.full((3,), 1.1))
+    assert torch.allclose(teacher.running_mean, torch.full((3,), 0.4))
+    assert int(teacher.num_batches_tracked) == 7
+    ema_update(teacher, student, decay=0.0)
+    assert torch.allclose(teacher.weight, student.weight)
+
+
+class FixedTeacher(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.seen_positions = None
+
+    def forward(self, pixels, mask, positions, geom=None):
+        self.seen_positions = positions
+        return self.logits, None
+
+
+def test_pseudo_label_masking_and_shift():
+    logits = torch.log(torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.02, 0.98]]))
+    teacher = FixedTeacher(logits)
+    weak = {"pixels": torch.zeros(3, 2, 1, 10), "mask": torch.ones(3, 1, dtype=torch.bool),
+            "positions": torch.tensor([[0, 10]] * 3), "geom": torch.zeros(3, 4)}
+    labels, keep = pseudo_labels(teacher, weak, shift=7, threshold=0.9)
+    assert labels.tolist() == [0, 0, 1] and keep.tolist() == [True, False, True]
+    assert teacher.seen_positions.tolist() == [[7, 17]] * 3
+
+
+def random_batch(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"pixels": torch.randn(n, 6, 8, 10, generator=g) + shift, "mask": torch.ones(n, 8, dtype=torch.bool),
+            "positions": torch.arange(0, 60, 10).repeat(n, 1), "geom": torch.zeros(n, 4),
+            "label": torch.randint(0, 3, (n,), generator=g)}
+
+
+def test_domain_specific_bn_keeps_statistics_apart():
+    torch.manual_seed(0)
+    model = build_model(num_classes=3)
+    model.train()
+    torch.manual_seed(1)
+    source = random_batch(8, 0)
+    a, b = random_batch(8, 1, shift=0.0), random_batch(8, 2, shift=5.0)
+    pseudo = torch.zeros(8, dtype=torch.long)
+
+    def source_loss(target, dsbn):
+        torch.manual_seed(3)  # same dropout masks
+        return supervised_and_pseudo_loss(model, source, target, pseudo, 1.0, 1.0, dsbn)[1]["source_loss"]
+
+    assert source_loss(a, True) == pytest.approx(source_loss(b, True), abs=1e-6)
+    assert source_loss(a, False) != pytest.approx(source_loss(b, False), abs=1e-4)
+
+
+# -- end to end on the small synthetic dataset -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from timematch.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, parcels_per_tile=240, seed=3, tiles=["DK", "FR1"])
+    return root
+
+
+def tiny_spec(root, cache, method, **changes):
+    spec = ExperimentSpec(
+        data_root=root, source="DK", target="FR1", method=method, method_config=dict(TINY),
+        pretrain_config=dict(TINY), data=DataConfig(min_parcels=10), cache_dir=cache,
+    )
+    return spec.replace(**changes)
+
+
+@pytest.mark.parametrize("method", ["source_only", "upper_bound", "fixmatch", "timematch"])
+def test_each_method_runs_two_steps(synthetic_root, tmp_path, method):
+    config = dict(TINY, sample_size=2) if method == "timematch" else dict(TINY)
+    spec = tiny_spec(synthetic_root, tmp_path, method, method_config=config)
+    reports = []
+    result = run_experiment(spec, on_epoch=lambda report, state: reports.append((report, state())))
+    assert 0.0 <= result.metrics["test_macro_f1"] <= 1.0
+    assert set(result.metrics) >= {"test_macro_f1", "test_accuracy", "test_weighted_f1", "test_kappa", "target_val_f1"}
+    assert result.confusion.shape == (len(result.classes),) * 2
+    assert len(reports) >= 1
+    if method == "timematch":
+        assert -60 <= result.metrics["estimated_shift"] <= 60 and result.shift_scores
+        assert "estimated_shift" in reports[-1][0].metrics
+
+
+def test_same_seed_same_result_and_resume(synthetic_root, tmp_path):
+    spec = tiny_spec(synthetic_root, tmp_path, "fixmatch", method_config=dict(TINY, epochs=2))
+    pretrained = pretrain_source(spec)
+    states = []
+    first = run_experiment(spec, pretrained, on_epoch=lambda r, s: states.append(s()))
+    second = run_experiment(spec, pretrained)
+    assert first.metrics == second.metrics
+    for (k, v), w in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    # resuming after epoch 1 gives the same final model as running straight through
+    saved = tmp_path / "state.pt"
+    torch.save(states[0], saved)
+    resumed = run_experiment(spec, pretrained, resume_state=torch.load(saved, weights_only=True))
+    assert resumed.metrics == first.metrics
+
+
+def test_pretrained_save_load_and_reuse(synthetic_root, tmp_path):
+    spec = tiny_spec(synthetic_root, tmp_path, "source_only")
+    pretrained = pretrain_source(spec)
+    path = pretrained.save(tmp_path / "model.pt")
+    loaded = PretrainedSource.load(path)
+    assert loaded.key == pretrain_key(spec) == pretrained.key
+    assert loaded.classes == pretrained.classes
+    reports = []
+    result = run_experiment(spec, loaded, on_epoch=lambda r, s: reports.append(r))
+    assert len(reports) == 1 and "reused" in reports[0].logs[0]
+    assert pretrain_key(spec.replace(method="timematch")) == pretrain_key(spec)
+    assert pretrain_key(spec.replace(fold=1)) != pretrain_key(spec)
+    bad = tmp_path / "evil.pt"
+    import pickle, os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DatasetError, match="not a readable source-model file"):
+        PretrainedSource.load(bad)
+
+
+def test_no_confident_pseudo_label_epoch_is_logged(synthetic_root, tmp_path):
+    spec = tiny_spec(synthetic_root, tmp_path, "fixmatch", method_config=dict(TINY, pseudo_threshold=1.0))
+    reports = []
+    result = run_experiment(spec, on_epoch=lambda r, s: reports.append(r))
+    assert reports[0].metrics["pseudo_label_count"] == 0
+    assert any("no target sample passed" in line for line in reports[0].logs)
+    assert math.isfinite(result.metrics["test_macro_f1"])
+
+
+def test_sample_size_larger_than_target(synthetic_root, tmp_path):
+    spec = tiny_spec(synthetic_root, tmp_path, "timematch", method_config=dict(TINY, sample_size=10_000))
+    reports = []
+    run_experiment(spec, on_epoch=lambda r, s: reports.append(r))
+    assert any("uses all" in line for line in reports[0].logs)
+
+
+def test_nan_loss_stops_with_epoch_and_step(synthetic_root, tmp_path, monkeypatch):
+    import timematch.methods.source_only as so
+
+    monkeypatch.setattr(so, "focal_loss", lambda logits, y, gamma: logits.sum() * float("nan"))
+    spec = tiny_spec(synthetic_root, tmp_path, "source_only")
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 1; nothing was saved"):
+        pretrain_source(spec)
+
+
+def test_too_few_source_classes(synthetic_root, tmp_path):
+    spec = tiny_spec(synthetic_root, tmp_path, "source_only", data=DataConfig(min_parcels=100_000))
+    with pytest.raises(DatasetError, match="only 0 class"):
+        pretrain_source(spec)
