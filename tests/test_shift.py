@@ -76,3 +76,19 @@ def test_bad_estimator_and_missing_prior():
         estimate_shift(BumpClassifier(), toy_batches(0), range(3), "xyz")
     with pytest.raises(ConfigError, match="class_prior"):
         estimate_shift(BumpClassifier(), toy_batches(0), range(3), "am")
+
+
+def test_batched_equals_loop_with_pse_ltae():
+    from timematch.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(num_classes=5).eval()
+    batches = []
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        batches.append({"pixels": torch.randn(12, 20, 16, 10, generator=g), "mask": torch.ones(12, 16, dtype=torch.bool),
+                        "positions": torch.sort(torch.randint(0, 360, (12, 20), generator=g), 1).values,
+                        "geom": torch.zeros(12, 4)})
+    batched = estimate_shift(model, batches, range(-60, 61, 5), "is", max_rows=100)
+    loop = estimate_shift_loop(model, batches, range(-60, 61, 5), "is")
+    np.testing.assert_allclose(batched.scores, loop.scores, rtol=1e-4, atol=1e-5)

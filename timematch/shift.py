@@ -124,9 +124,13 @@ def estimate_shift(
         chunk = max(1, max_rows // size)
         for start in range(0, len(shifts), chunk):
             ds = torch.as_tensor(shifts[start : start + chunk], device=emb.device)
-            rep = emb.repeat(len(ds), 1, 1)
-            pos = batch["positions"].repeat(len(ds), 1) + ds.repeat_interleave(size)[:, None]
-            logits = model.classify(model.encode_time(rep, pos))
+            if hasattr(model, "encode_time_shifted"):  # LTAE: shift-independent work done once
+                features = model.encode_time_shifted(emb, batch["positions"], ds)
+            else:
+                rep = emb.repeat(len(ds), 1, 1)
+                pos = batch["positions"].repeat(len(ds), 1) + ds.repeat_interleave(size)[:, None]
+                features = model.encode_time(rep, pos)
+            logits = model.classify(features)
             probs = logits.float().softmax(-1).view(len(ds), size, -1)
             if acc is None:
                 acc = _Accumulator(len(shifts), probs.shape[-1])

@@ -199,9 +199,10 @@ def fit(
         return {
             "epoch": epoch,
             "model": snapshot(method.model),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "method": method.extra_state(),
+            # deep copies: state_dict() holds live references the next steps would change
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "schedule": copy.deepcopy(schedule.state_dict()),
+            "method": copy.deepcopy(method.extra_state()),
             "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "history": [{"epoch": h.epoch, "metrics": h.metrics, "logs": h.logs} for h in history],

@@ -1,0 +1,84 @@
+"""Does adaptation work? Source-only, FixMatch, TimeMatch and the upper bound on one scenario.
+
+Prints target-test macro F1 and the estimated shift against the planted one (read from the
+synthetic data's ground-truth file), then the normalisation comparison: source-only
+training with the published scaling (x / 65535) against per-band source statistics (the
+default), epoch by epoch on the source validation split.
+
+    python benchmarks/quality.py [--scenario DK:FR1] [--fold 0] [--budget small|paper]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from timematch.data.dataset import DataConfig
+from timematch.data.embedded import ensure_embedded_dataset
+from timematch.data.synthetic import GROUND_TRUTH_FILE
+from timematch.data.tiles import short_name, resolve_tile
+from timematch.experiment import ExperimentSpec, pretrain_source, run_experiment
+
+BUDGETS = {
+    # a few minutes on 2 CPU cores
+    "small": {
+        "pretrain": {"epochs": 10, "steps_per_epoch": 25},
+        "timematch": {"epochs": 5, "steps_per_epoch": 25, "sample_size": 8},
+        "fixmatch": {"epochs": 5, "steps_per_epoch": 25},
+        "upper_bound": {"epochs": 10, "steps_per_epoch": 25},
+    },
+    "paper": {"pretrain": {}, "timematch": {}, "fixmatch": {}, "upper_bound": {}},
+}
+
+
+def planted_shift(root: Path, source: str, target: str) -> int | None:
+    path = root / GROUND_TRUTH_FILE
+    if not path.is_file():
+        return None
+    truth = json.loads(path.read_text())
+    return truth["expected_shifts"].get(f"{short_name(source)}->{short_name(target)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--scenario", default="DK:FR1")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    parser.add_argument("--min-parcels", type=int, default=50)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    root = args.data_root or Path(os.environ.get("TIMEMATCH_DATA") or ensure_embedded_dataset(progress=print))
+    source, target = (resolve_tile(t) for t in args.scenario.split(":"))
+    budget = BUDGETS[args.budget]
+    spec = ExperimentSpec(data_root=root, source=source, target=target, method="source_only", fold=args.fold,
+                          pretrain_config=budget["pretrain"], data=DataConfig(min_parcels=args.min_parcels))
+    started = time.perf_counter()
+    pretrained = pretrain_source(spec)
+    rows = []
+    for method in ("source_only", "fixmatch", "timematch", "upper_bound"):
+        result = run_experiment(spec.replace(method=method, method_config=budget.get(method, {})), pretrained)
+        rows.append((method, result.metrics["test_macro_f1"], result.metrics.get("estimated_shift")))
+    truth = planted_shift(root, source, target)
+    print(f"{short_name(source)} -> {short_name(target)}, fold {args.fold}, budget {args.budget!r}, "
+          f"{len(pretrained.classes)} classes; planted target-to-source shift: {truth} days "
+          f"({time.perf_counter() - started:.0f} s)")
+    print(f"{'method':14s} {'test macro F1':>14s} {'estimated shift':>16s}")
+    for method, f1, shift in rows:
+        print(f"{method:14s} {100 * f1:14.1f} {'' if shift is None else f'{shift:+.0f}':>16s}")
+
+    print("\nnormalisation (source-only training, source validation macro F1 per epoch):")
+    for normalization in ("published", "source_stats"):
+        curve = pretrain_source(spec.replace(data=DataConfig(min_parcels=args.min_parcels,
+                                                             normalization=normalization)))
+        values = " ".join(f"{100 * h.metrics['source_val_f1']:5.1f}" for h in curve.history)
+        print(f"  {normalization:13s} {values}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Parcel classifiers: shapes, padding, date positions, batched shifts, the fused pixel MLP."""
+
+import copy
+
+import pytest
+import torch
+
+from timematch.errors import ConfigError
+from timematch.models import MODEL_NAMES, TimeSeriesClassifier, build_model
+from timematch.models import pixel_mlp
+
+B, T, S, C = 5, 7, 6, 10
+
+
+def make_batch(seed: int = 0, batch: int = B, dates: int = T, pixels: int = S, padded: bool = True):
+    """A small random batch; with ``padded`` some parcels have fewer valid pixels, one has exactly one."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, pixels, dtype=torch.bool)
+    if padded:
+        mask[1, 3:] = False
+        mask[2, 1:] = False  # a single valid pixel
+    return {
+        "pixels": torch.rand(batch, dates, pixels, C, generator=g),
+        "mask": mask,
+        "positions": torch.sort(torch.randint(0, 365, (batch, dates), generator=g), dim=1).values,
+        "geom": torch.rand(batch, 4, generator=g),
+    }
+
+
+def with_garbage_pixels(batch, extra: int = 3, seed: int = 1):
+    """The same parcels with ``extra`` padded pixels of garbage (NaN, inf, huge) appended."""
+    g = torch.Generator().manual_seed(seed)
+    n, dates = batch["mask"].shape[0], batch["pixels"].shape[1]
+    garbage = 1e6 * torch.randn(n, dates, extra, C, generator=g)
+    garbage[0, 0, 0, 0], garbage[1, 2, 1, 3] = float("nan"), float("inf")
+    return {
+        **batch,
+        "pixels": torch.cat([batch["pixels"], garbage], dim=2),
+        "mask": torch.cat([batch["mask"], torch.zeros(n, extra, dtype=torch.bool)], dim=1),
+    }
+
+
+def run(model, batch):
+    return model(batch["pixels"], batch["mask"], batch["positions"], batch["geom"])
+
+
+def reference_pixel_set_encoder(pse, pixels, mask, geom):
+    """The Pixel-Set Encoder written plainly with the encoder's own modules (the public code's maths)."""
+    valid = pixels.transpose(1, 2)[mask]  # (N, T, C), parcel by parcel
+    hidden = pse.mlp1(valid)  # LinearBlock: Linear -> BatchNorm1d over every row -> ReLU
+    means, stds, start = [], [], 0
+    for n in mask.sum(1).tolist():
+        h = hidden[start : start + n]
+        start += n
+        means.append(h.mean(0))
+        stds.append(torch.sqrt(((h - h.mean(0)) ** 2).sum(0) / max(n - 1, 1) + 1e-31))
+    stats = torch.cat([torch.stack(means), torch.stack(stds)], dim=-1)
+    if pse.geom_dim:
+        stats = torch.cat([stats, geom[:, None].expand(-1, pixels.shape[1], -1)], dim=-1)
+    return pse.mlp2(stats)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("with_geom", [False, True])
+def test_output_shapes_and_split_calls(name, with_geom):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, with_geom=with_geom).eval()
+    batch = make_batch()
+    logits, features = run(model, batch)
+    assert isinstance(model, TimeSeriesClassifier) and model.name == name
+    assert logits.shape == (B, 3) and features.shape == (B, model.feature_dim) and model.feature_dim == 128
+    emb = model.encode_pixels(batch["pixels"], batch["mask"], batch["geom"])
+    assert emb.shape == (B, T, 128)
+    split = model.classify(model.encode_time(emb, batch["positions"]))
+    torch.testing.assert_close(split, logits)
+    assert torch.isfinite(logits).all()
+
+
+def test_geom_is_required_only_when_built_with_it():
+    batch = make_batch()
+    with pytest.raises(ValueError, match="geom"):
+        build_model(num_classes=3, with_geom=True).eval()(batch["pixels"], batch["mask"], batch["positions"])
+    model = build_model(num_classes=3).eval()  # geometric features are ignored
+    torch.testing.assert_close(run(model, batch)[0], model(batch["pixels"], batch["mask"], batch["positions"])[0])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_padded_pixels_change_nothing(train):
+    torch.manual_seed(0)
+    model = build_model(num_classes=4, with_geom=True)
+    model.train()
+    run(model, make_batch(seed=5))  # running statistics away from their initial values
+    model.train(train)
+    twin = copy.deepcopy(model)
+    batch = make_batch()
+    torch.manual_seed(1)  # same dropout masks
+    clean = run(model, batch)
+    torch.manual_seed(1)
+    padded = run(twin, with_garbage_pixels(batch))
+    torch.testing.assert_close(padded, clean)
+    torch.testing.assert_close(twin.state_dict(), model.state_dict())  # batch-norm statistics too
+
+
+@pytest.mark.parametrize("chunk_rows", [16384, 20])  # one chunk; many, the last one partial
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_pixel_encoder_matches_plain_modules(monkeypatch, chunk_rows, train):
+    monkeypatch.setattr(pixel_mlp, "CPU_CHUNK_ROWS", chunk_rows)
+    torch.manual_seed(0)
+    fused = build_model(num_classes=4, with_geom=True).spatial_encoder
+    fused.train()
+    for seed in (7, 8):  # non-trivial running statistics
+        batch = make_batch(seed=seed)
+        fused(batch["pixels"], batch["mask"], batch["geom"])
+    fused.train(train)
+    plain = copy.deepcopy(fused)
+    batch = make_batch()
+    out = fused(batch["pixels"], batch["mask"], batch["geom"])
+    expected = reference_pixel_set_encoder(plain, batch["pixels"], batch["mask"], batch["geom"])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.state_dict(), plain.state_dict(), rtol=1e-4, atol=1e-6)
+
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(fused.parameters()))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(plain.parameters()))
+    for (name, _), got, want in zip(fused.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_single_valid_pixel_gives_finite_output_and_gradients():
+    torch.manual_seed(0)
+    model = build_model(num_classes=3).train()
+    batch = make_batch()
+    batch["mask"][:] = False
+    batch["mask"][:, 0] = True  # every parcel has one valid pixel
+    logits, _ = run(model, batch)
+    logits.sum().backward()
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_parcel_without_valid_pixel_is_an_error():
+    batch = make_batch()
+    batch["mask"][3] = False
+    with pytest.raises(ValueError, match="at least one valid pixel"):
+        run(build_model(num_classes=3), batch)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_shifted_positions_accepted_inside_table_and_rejected_outside(name):
+    model = build_model(name, num_classes=3).eval()
+    batch = make_batch()
+    emb = model.encode_pixels(batch["pixels"], batch["mask"])
+    edges = torch.full((B, T), -100)
+    edges[:, -1] = 464
+    assert torch.isfinite(model.encode_time(emb, edges)).all()
+    for bad in (-101, 465):
+        positions = edges.clone()
+        positions[2, 3] = bad
+        with pytest.raises(ValueError, match=r"\[-100, 465\)"):
+            model.encode_time(emb, positions)
+    with pytest.raises(ValueError, match="integer"):
+        model.encode_time(emb, edges.float())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_encode_time_on_stacked_shifted_copies_equals_one_call_per_shift(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3).eval()
+    batch = make_batch()
+    shifts = [-60, -7, 0, 13, 60]
+    with torch.inference_mode():
+        emb = model.encode_pixels(batch["pixels"], batch["mask"])
+        stacked = model.encode_time(
+            emb.repeat(len(shifts), 1, 1),
+            batch["positions"].repeat(len(shifts), 1) + torch.tensor(shifts).repeat_interleave(B)[:, None],
+        )
+        one_by_one = torch.cat([model.encode_time(emb, batch["positions"] + d) for d in shifts])
+        full = torch.cat([run(model, {**batch, "positions": batch["positions"] + d})[1] for d in shifts])
+    torch.testing.assert_close(stacked, one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(stacked[:B], stacked[2 * B : 3 * B])  # the shift matters
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_encode_time_shifted_equals_stacked_copies(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3).eval()
+    batch = make_batch()
+    shifts = torch.tensor([-100, -31, 0, 4, 100])
+    positions = batch["positions"].clamp(0, 364)
+    positions[:, 0] = 0
+    with torch.inference_mode():
+        emb = model.encode_pixels(batch["pixels"], batch["mask"])
+        fast = model.encode_time_shifted(emb, positions, shifts)
+        stacked = model.encode_time(emb.repeat(5, 1, 1), positions.repeat(5, 1) + shifts.repeat_interleave(B)[:, None])
+        with pytest.raises(ValueError, match=r"\[-100, 465\)"):
+            model.encode_time_shifted(emb, positions, torch.tensor([0, -101]))
+    torch.testing.assert_close(fast, stacked, rtol=1e-5, atol=1e-5)
+
+
+def test_pse_ltae_parameter_count():
+    # PSE 2,560 + 16,640 | LTAE 33,280 + 32,896 + 128 + 33,024 | decoder 8,320 + 2,112 + 330
+    count = sum(p.numel() for p in build_model("pse_ltae", num_classes=10).parameters())
+    assert count == 129_290
+    geom = sum(p.numel() for p in build_model("pse_ltae", num_classes=10, with_geom=True).parameters())
+    assert geom == count + 4 * 128  # MLP2 takes 132 inputs
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_same_seed_same_model_and_outputs(name):
+    batch = make_batch()
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(42)
+        model = build_model(name, num_classes=3).train()
+        outputs.append((model.state_dict(), run(model, batch)[0]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, with_geom=True).train()
+    logits, _ = run(model, make_batch(batch=8))
+    torch.nn.functional.cross_entropy(logits, torch.arange(8) % 3).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+def test_unknown_names_and_options_are_config_errors():
+    with pytest.raises(ConfigError, match="pse_ltae, pse_tae, pse_tempcnn, pse_gru"):
+        build_model("transformer", num_classes=3)
+    with pytest.raises(ConfigError, match="n_heads.*valid options.*n_head"):
+        build_model("pse_ltae", num_classes=3, n_heads=4)
+    with pytest.raises(ConfigError, match="d_model"):
+        build_model("pse_ltae", num_classes=3, d_model=250)  # not divisible by 16 heads
+    model = build_model("pse_ltae", num_classes=3, n_head=8, d_k=4, mlp1=[10, 16, 32], mlp2=[64, 128])
+    assert model.temporal_encoder.query.shape == (8, 4)

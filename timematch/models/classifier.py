@@ -1,0 +1,97 @@
+"""The parcel classifier: spatial encoder -> temporal encoder -> decoder.
+
+Split in three calls so that shift estimation can run the (shift independent) pixel-set
+encoder once per batch and only the temporal encoder and decoder once per candidate shift.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from timematch.models.layers import linear_blocks
+from timematch.models.pse import PixelSetEncoder
+
+
+class TimeSeriesClassifier(nn.Module):
+    """Classifies parcels from their pixel time series; returns ``(logits, features)``.
+
+    Shapes: ``pixels (B, T, S, C)`` float, ``mask (B, S)`` bool (True = real pixel),
+    ``positions (B, T)`` int64 days (shift included, valid in ``[-100, 465)`` by default),
+    ``geom (B, 4)`` or None (ignored unless built with geometric features).
+    ``forward(...) == classify(encode_time(encode_pixels(pixels, mask, geom), positions))``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spatial_encoder: PixelSetEncoder,
+        temporal_encoder: nn.Module,
+        num_classes: int,
+        decoder: tuple[int, ...] = (128, 64, 32),
+    ) -> None:
+        super().__init__()
+        if decoder[0] != temporal_encoder.out_dim:
+            raise ValueError(
+                f"decoder must start at the temporal encoder's width {temporal_encoder.out_dim}, got {decoder}"
+            )
+        self.name = name
+        self.num_classes = num_classes
+        self.feature_dim = temporal_encoder.out_dim
+        self.spatial_encoder = spatial_encoder
+        self.temporal_encoder = temporal_encoder
+        # Linear blocks, then a plain linear layer to the logits
+        self.decoder = nn.Sequential(*linear_blocks(decoder), nn.Linear(decoder[-1], num_classes))
+
+    def encode_pixels(self, pixels: torch.Tensor, mask: torch.Tensor, geom: torch.Tensor | None = None) -> torch.Tensor:
+        """Date embeddings ``(B, T, 128)``; independent of the date positions."""
+        return self.spatial_encoder(pixels, mask, geom)
+
+    def encode_time(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Parcel features ``(B, feature_dim)`` from date embeddings ``(B, T, 128)`` at ``positions (B, T)``.
+
+        Rows are independent in eval mode, so a batch of D shifted copies stacked along the
+        batch axis (``B * D`` rows) gives the same features as D separate calls.
+        """
+        _check_positions_shape(embeddings, positions)
+        return self.temporal_encoder(embeddings, positions)
+
+    def encode_time_shifted(
+        self, embeddings: torch.Tensor, positions: torch.Tensor, shifts: torch.Tensor
+    ) -> torch.Tensor:
+        """Features ``(D * B, feature_dim)`` at ``positions + d`` for each of the D ``shifts``, shift-major.
+
+        In eval mode the same as ``encode_time`` on the stacked copies
+        ``embeddings.repeat(D, 1, 1)`` at ``positions.repeat(D, 1) + shifts.repeat_interleave(B)[:, None]``;
+        encoders that can (LTAE) skip the work that does not depend on the shift.
+        """
+        _check_positions_shape(embeddings, positions)
+        shifts = torch.as_tensor(shifts, dtype=positions.dtype, device=positions.device).reshape(-1)
+        if hasattr(self.temporal_encoder, "forward_shifted"):
+            return self.temporal_encoder.forward_shifted(embeddings, positions, shifts)
+        B, D = embeddings.shape[0], shifts.shape[0]
+        stacked = positions.repeat(D, 1) + shifts.repeat_interleave(B)[:, None]
+        return self.temporal_encoder(embeddings.repeat(D, 1, 1), stacked)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` from parcel features ``(B, feature_dim)``."""
+        return self.decoder(features)
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        geom: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (B, num_classes), features (B, feature_dim))`` for a batch of parcels."""
+        features = self.encode_time(self.encode_pixels(pixels, mask, geom), positions)
+        return self.classify(features), features
+
+
+def _check_positions_shape(embeddings: torch.Tensor, positions: torch.Tensor) -> None:
+    if embeddings.shape[:2] != positions.shape:
+        raise ValueError(
+            f"positions must have shape (B, T) = {tuple(embeddings.shape[:2])} to match the embeddings, "
+            f"got {tuple(positions.shape)}"
+        )
