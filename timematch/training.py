@@ -137,9 +137,10 @@ def selection_metrics(
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int, saved: str) -> None:
     """Stop on a NaN or infinite loss, saying where and what was kept."""
-    if not math.isfinite(float(loss)):
+    value = float(loss.detach())
+    if not math.isfinite(value):
         raise TrainingError(
-            f"loss became {float(loss)} at epoch {epoch}, step {step}; {saved}. "
+            f"loss became {value} at epoch {epoch}, step {step}; {saved}. "
             "Lower the learning rate or check the input normalisation."
         )
 
