@@ -1,0 +1,124 @@
+"""The paper-style table: best trial per fold by the objective, mean ± std over folds; plots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from timematch.report import (
+    best_trials, cell, method_order, per_class_csv, plot_confusion, plot_methods, plot_shift_scores, summarize,
+)
+
+
+def row(scenario, method, fold, trial, objective, test, **extra):
+    return {"scenario": scenario, "method": method, "fold": fold, "trial": trial,
+            "target_val_f1": objective, "test_macro_f1": test, **extra}
+
+
+ROWS = [
+    # DK-FR1, timematch: fold 0 best by objective is t2 (test 0.50, not the higher test 0.90 of t1)
+    row("DK-FR1", "timematch", 0, "t1", 0.40, 0.90),
+    row("DK-FR1", "timematch", 0, "t2", 0.60, 0.50),
+    row("DK-FR1", "timematch", 1, "t3", 0.70, 0.70),
+    row("DK-FR1", "timematch", 1, "t4", float("nan"), 0.99),  # no objective: never chosen
+    row("DK-FR1", "source_only", 0, "b0", 0.30, 0.20),
+    row("DK-FR1", "source_only", 1, "b1", 0.30, 0.40),
+    row("FR1-DK", "timematch", 0, "t5", 0.50, 0.30),
+    row("FR1-DK", "timematch", 1, "t6", 0.50, 0.10),
+    row("FR1-DK", "source_only", 0, "b2", 0.10, 0.10),
+    row("FR1-DK", "source_only", 1, "b3", 0.10, 0.30),
+    row("FR1-DK", "upper_bound", 0, "u0", 0.90, 0.95),
+]
+
+
+def test_best_trial_per_fold_uses_the_objective_not_the_test_score():
+    best = {(r["scenario"], r["method"], r["fold"]): r["trial"] for r in best_trials(ROWS, "target_val_f1")}
+    assert best[("DK-FR1", "timematch", 0)] == "t2"
+    assert best[("DK-FR1", "timematch", 1)] == "t3"
+
+
+def test_ties_go_to_the_smallest_trial_whatever_the_order():
+    rows = [row("A-B", "m", 0, "z", 0.5, 0.1), row("A-B", "m", 0, "a", 0.5, 0.9)]
+    assert best_trials(rows, "target_val_f1")[0]["trial"] == "a"
+    assert best_trials(rows[::-1], "target_val_f1")[0]["trial"] == "a"
+
+
+def test_other_objectives_select_other_trials():
+    rows = [row("A-B", "m", 0, "t1", 0.9, 0.1, source_val_f1=0.1),
+            row("A-B", "m", 0, "t2", 0.1, 0.8, source_val_f1=0.5)]
+    assert best_trials(rows, "source_val_f1")[0]["trial"] == "t2"
+    assert best_trials(rows, "target_val_f1")[0]["trial"] == "t1"
+
+
+def test_mean_and_std_over_folds():
+    table = summarize(ROWS, "target_val_f1")
+    tm = table.value("timematch", "DK-FR1")
+    assert tm.values == (0.50, 0.70)
+    assert tm.mean == pytest.approx(0.60) and tm.std == pytest.approx(0.10)  # population std over folds
+    so = table.value("source_only", "FR1-DK")
+    assert so.mean == pytest.approx(0.20) and so.std == pytest.approx(0.10)
+
+
+def test_average_column():
+    table = summarize(ROWS, "target_val_f1")
+    avg = table.value("timematch", "Avg")
+    assert avg.mean == pytest.approx((0.60 + 0.20) / 2)
+    # spread over folds of the per-fold averages: fold 0 (0.5 + 0.3) / 2, fold 1 (0.7 + 0.1) / 2
+    assert avg.std == pytest.approx(np.std([0.4, 0.4]))
+    # the upper bound lacks DK-FR1: no average rather than a misleading one
+    assert math.isnan(table.value("upper_bound", "Avg").mean)
+
+
+def test_rows_columns_and_order():
+    table = summarize(ROWS, "target_val_f1", scenarios=["FR1-DK", "DK-FR1"])
+    assert table.columns == ["FR1-DK", "DK-FR1", "Avg"]
+    assert table.methods == ["source_only", "timematch", "upper_bound"]
+    assert method_order(["upper_bound", "zzz", "timematch", "source_only"]) == [
+        "source_only", "timematch", "zzz", "upper_bound"]
+    assert table.folds == [0, 1]
+
+
+def test_markdown_and_html():
+    table = summarize(ROWS, "target_val_f1", notes=["Target validation labels were used."])
+    markdown = table.to_markdown()
+    lines = markdown.splitlines()
+    assert lines[0] == "| Method | DK → FR1 | FR1 → DK | Avg |"
+    assert "| timematch | **60.0 ± 10.0** | **20.0 ± 10.0** | **40.0 ± 0.0** |" in lines
+    # the upper bound is a reference and is never marked best, even when highest
+    assert "| upper_bound | - | 95.0 | - |" in lines
+    assert "best trial per fold by target_val_f1" in markdown
+    assert "Target validation labels were used." in markdown
+    page = table.to_html()
+    assert page.startswith("<!DOCTYPE html>") and "<b>60.0 ± 10.0</b>" in page and "FR1 → DK" in page
+
+
+def test_ties_are_all_marked_best():
+    rows = [row("A-B", "x", 0, "1", 0.5, 0.3), row("A-B", "y", 0, "2", 0.5, 0.3)]
+    assert summarize(rows, "target_val_f1").to_markdown().count("**30.0**") == 2 * 2  # scenario and Avg
+
+
+def test_cell_formatting():
+    assert cell([0.5]).format() == "50.0"
+    assert cell([0.5, 0.7]).format() == "60.0 ± 10.0"
+    assert cell([]).format() == "-"
+
+
+def test_plots_and_per_class_csv(tmp_path):
+    import matplotlib.pyplot as plt
+
+    figure = plot_methods(summarize(ROWS, "target_val_f1"))
+    figure.savefig(tmp_path / "methods.png")
+    plt.close(figure)
+    figure = plot_confusion(np.array([[3, 1], [0, 2]]), ["meadow", "winter_wheat"])
+    figure.savefig(tmp_path / "confusion.png")
+    plt.close(figure)
+    scores = [{"shifts": np.arange(-3, 4), "scores": np.linspace(0, 1, 7), "estimator": "am", "estimate": 3}]
+    figure = plot_shift_scores(scores)
+    figure.savefig(tmp_path / "shift.png")
+    plt.close(figure)
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("methods.png", "confusion.png", "shift.png"))
+    text = per_class_csv({"meadow": {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 3},
+                          "a,b": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}})
+    assert text.splitlines() == ["class,precision,recall,f1,support", "meadow,0.5,1,0.6667,3", '"a,b",0,0,0,1']

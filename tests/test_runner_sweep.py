@@ -1,0 +1,225 @@
+"""End to end on real Ray, Optuna and MLflow (SQLite in a temporary folder), smoke budgets.
+
+One Ray instance serves the whole test session; launches run in this process (they join it)
+or as ``launch.py`` subprocesses given its address (to be killed and resumed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from timematch.runner.cli import EXIT_OK, EXIT_TRIALS_FAILED, main
+from timematch.runner.resources import set_environment
+
+REPO = Path(__file__).resolve().parents[1]
+TAGS = ("stage", "scenario", "source", "target", "method", "fold", "objective", "selection_uses_target_labels")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    set_environment()
+    import ray
+
+    # address="local": a new instance even if another one runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """Three small synthetic tiles (200 parcels each: 3-4 classes with >= 20 parcels)."""
+    from timematch.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, parcels_per_tile=200, tiles=["DK", "FR1", "FR2"])
+    return root
+
+
+def common_args(data_root: Path, tmp_path: Path, experiment: str) -> list[str]:
+    return ["--profile", "smoke", "--set", "data.min_parcels=20", "--data-root", str(data_root),
+            "--results-dir", str(tmp_path / "results"), "--tracking-uri", tracking_uri(tmp_path),
+            "--experiment", experiment, "--folds", "1"]
+
+
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+
+def runs_of(uri: str, experiment: str, stage: str | None = None) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if stage is None or r.data.tags.get("stage") == stage]
+
+
+def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TIMEMATCH_CACHE", str(cache))
+    uri = tracking_uri(tmp_path)
+    args = common_args(data_root, tmp_path, "sweep")
+    code = main(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "timematch,fixmatch", "--trials", "2"],
+                project_root=REPO)
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    assert "source models: 2 done" in out and "adaptation: " in out and "0 failed (10 planned)" in out
+
+    # -- the launch's parent run and the pretraining children
+    (parent,) = runs_of(uri, "sweep", "launch")
+    assert parent.info.status == "FINISHED" and parent.data.tags["objective"] == "target_val_f1"
+    assert parent.data.params["scenarios"] == "DK-FR1,FR1-FR2"
+    pretrain = runs_of(uri, "sweep", "pretrain")
+    assert len(pretrain) == 2 and {r.data.tags["source"] for r in pretrain} == {"DK", "FR1"}
+    for run in pretrain:
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "final_source_val_f1" in run.data.metrics
+    models = sorted((cache / "source_models").glob("*.pt"))
+    assert len(models) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+
+    # -- one child run per trial: tags, full config, per-epoch and test metrics, artifacts
+    adapt = runs_of(uri, "sweep", "adapt")
+    assert len(adapt) == 2 * 2 * 2 + 2
+    assert len({r.data.tags["trial_key"] for r in adapt}) == len(adapt)
+    finished = [r for r in adapt if r.info.status == "FINISHED"]
+    stopped = [r for r in adapt if r.info.status == "KILLED"]
+    assert len(finished) + len(stopped) == len(adapt)
+    assert all(r.data.tags.get("stopped_early") == "asha" for r in stopped)
+    client = MlflowClient(uri)
+    from timematch.methods import config_fields
+
+    for run in adapt:
+        tags = run.data.tags
+        assert all(tags.get(t) for t in TAGS), tags
+        assert tags["selection_uses_target_labels"] == "true" and tags["mlflow.parentRunId"] == parent.info.run_id
+        assert set(run.data.params) == set(config_fields(tags["method"]))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val_f1")][0] == 1
+    for run in finished:
+        metrics = run.data.metrics
+        assert {"test_macro_f1", "test_accuracy", "test_kappa", "final_target_val_f1"} <= set(metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"per_class_report.json", "per_class_report.csv", "plots"} <= artifacts
+        plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert "plots/confusion_matrix.png" in plots
+        if run.data.tags["method"] == "timematch":
+            assert "plots/shift_scores.png" in plots and "estimated_shift" in metrics
+            epochs = int(run.data.params["epochs"])
+            history = client.get_metric_history(run.info.run_id, "train_loss")
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+    baselines = [r for r in adapt if r.data.tags["method"] == "source_only"]
+    assert len(baselines) == 2 and all(r.data.tags["baseline"] == "true" for r in baselines)
+
+    # -- the model loads with mlflow.pytorch.load_model and runs
+    run = next(r for r in finished if r.data.tags["method"] == "timematch" and r.data.tags["source"] == "DK")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(run.data.tags["model_uri"]).eval()
+    classes = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/confusion_matrix.json")["classes"]
+    pixels = torch.rand(3, 52, 64, 10)
+    mask = torch.ones(3, 64, dtype=torch.bool)
+    positions = torch.arange(0, 52 * 7, 7).repeat(3, 1)
+    with torch.no_grad():
+        logits, features = model(pixels, mask, positions)
+    assert logits.shape == (3, len(classes)) and torch.isfinite(logits).all()
+
+    # -- the report, on disk and in MLflow
+    report = tmp_path / "results" / "sweep" / "report.md"
+    assert report.is_file() and "timematch" in report.read_text() and "DK → FR1" in report.read_text()
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/report.png"} <= logged
+    code = main(["report", "--experiment", "sweep", "--tracking-uri", uri, "--results-dir", str(tmp_path / "r2")],
+                project_root=REPO)
+    out = capsys.readouterr().out
+    assert code == EXIT_OK and "| source_only |" in out and "| timematch |" in out
+
+    # -- a second launch reuses both source models; one of them corrupted makes its trials
+    # fail, are logged as failed, the sweep goes on and the summary lists them
+    fr1 = next(p for p in models if p.name.startswith("france"))
+    fr1.write_bytes(b"not a model")
+    code = main(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "fixmatch", "--no-search"], project_root=REPO)
+    out = capsys.readouterr().out
+    assert code == EXIT_TRIALS_FAILED, out
+    assert "source models: 0 done, 0 stopped early by ASHA, 0 failed, 2 reused from the cache" in out
+    assert "FAILED FR1-FR2/fixmatch/fold0" in out and "FAILED FR1-FR2/source_only/fold0" in out
+    assert len(runs_of(uri, "sweep", "pretrain")) == 2  # no second pretraining
+    dk = next(p for p in models if p.name.startswith("denmark"))
+    assert dk.stat().st_mtime_ns == stamps[dk]
+    second = [r for r in runs_of(uri, "sweep", "adapt") if r.info.run_id not in {a.info.run_id for a in adapt}]
+    assert len(second) == 4
+    for run in second:
+        if run.data.tags["source"] == "FR1":
+            assert run.info.status == "FAILED" and "not a readable source-model file" in run.data.tags["error"]
+        else:
+            assert run.info.status == "FINISHED" and "test_macro_f1" in run.data.metrics
+
+
+def _metric_log(client: MlflowClient, run) -> set[tuple[str, int, float]]:
+    entries = set()
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run.info.run_id, key):
+            entries.add((key, m.step, m.value if not np.isnan(m.value) else -1.0))
+    return entries
+
+
+def test_killed_launch_resumes_without_rerunning_or_losing_anything(ray_address, data_root, tmp_path):
+    env = {**os.environ, "TIMEMATCH_CACHE": str(tmp_path / "cache")}
+    uri = tracking_uri(tmp_path)
+    args = common_args(data_root, tmp_path, "resume")
+    launch = [sys.executable, str(REPO / "launch.py"), "--address", ray_address]
+    planned = ["--scenario", "DK-FR1", "--method", "timematch", "--trials", "3",
+               "--set", "methods.timematch.epochs=3"]
+    process = subprocess.Popen(launch + args + planned, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env)
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if line.split("]", 1)[-1].strip().startswith("done") and "DK-FR1/timematch" in line:
+                process.send_signal(signal.SIGKILL)  # mid-sweep: one trial finished, others in flight
+                break
+        process.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+    assert process.returncode == -signal.SIGKILL, "".join(seen)
+
+    client = MlflowClient(uri)
+    before = {r.info.run_id: _metric_log(client, r) for r in runs_of(uri, "resume")}
+    finished_before = {r.data.tags["trial_key"] for r in runs_of(uri, "resume", "adapt") if r.info.status == "FINISHED"}
+    assert finished_before
+
+    resumed = subprocess.run(launch + args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == EXIT_OK, resumed.stdout + resumed.stderr
+    assert "resuming launch" in resumed.stdout
+    assert "adaptation: " in resumed.stdout and "0 failed (4 planned)" in resumed.stdout
+
+    after = {r.info.run_id: r for r in runs_of(uri, "resume")}
+    # nothing logged before the kill was lost
+    for run_id, entries in before.items():
+        assert run_id in after
+        assert entries <= _metric_log(client, after[run_id])
+    adapt = [r for r in after.values() if r.data.tags.get("stage") == "adapt"]
+    assert len({r.data.tags["trial_key"] for r in adapt}) == len(adapt)  # one run per trial
+    assert not [r for r in adapt if r.info.status == "RUNNING"]
+    completed = [r for r in adapt if r.info.status == "FINISHED"
+                 or (r.info.status == "KILLED" and r.data.tags.get("stopped_early") == "asha")]
+    assert len(completed) == 4  # every planned trial (3 searched + the baseline) exactly once
+    for run in completed:
+        if run.info.status == "FINISHED":
+            assert "test_macro_f1" in run.data.metrics
+        if run.data.tags["trial_key"] in finished_before:  # finished before the kill: not run again
+            assert run.data.tags["attempt"] == "1"
+    assert all(r.data.tags.get("interrupted") == "true" for r in adapt if r not in completed)

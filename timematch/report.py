@@ -1,0 +1,297 @@
+"""Result tables and plots, from plain result rows (no Ray, no MLflow).
+
+A *row* is one finished trial: a mapping with ``scenario``, ``method``, ``fold``, ``trial``
+and metric values (the objective's value of the final model, ``test_macro_f1``, ...). The
+paper-style table takes, per (scenario, method, fold), the trial with the best objective,
+then the mean and standard deviation of its test metric over folds::
+
+    rows -> best_trials(rows, "target_val_f1") -> summarize(...) -> ResultTable
+    table.to_markdown(), table.to_html(), plot_methods(table)
+
+The standard deviation is the population one (``numpy.std``, ddof 0) over folds. The
+``Avg`` column is the mean over scenarios of the per-scenario means; its spread is the
+standard deviation over folds of the per-fold averages, when every scenario has the same
+folds.
+
+Also the per-trial artifacts: :func:`plot_confusion`, :func:`plot_shift_scores`,
+:func:`per_class_csv`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Row order of the table: the baseline first, the upper bound last (as in the paper).
+METHOD_ORDER = (
+    "source_only", "source_only_shift_aug", "mmd", "dann", "cdan", "cdan_e", "jumbot", "alda",
+    "fixmatch", "timematch", "upper_bound",
+)
+REFERENCE_METHODS = ("upper_bound",)  # not an adaptation method: never marked best
+AVERAGE = "Avg"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean and standard deviation of one metric over folds."""
+
+    mean: float
+    std: float
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    def format(self, scale: float = 100.0, digits: int = 1) -> str:
+        if math.isnan(self.mean):
+            return "-"
+        if self.n < 2 or math.isnan(self.std):
+            return f"{self.mean * scale:.{digits}f}"
+        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
+
+
+def cell(values: Sequence[float]) -> Cell:
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return Cell(float("nan"), float("nan"), ())
+    return Cell(float(array.mean()), float(array.std()), tuple(float(v) for v in array))
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, str, int]:
+    return str(row["scenario"]), str(row["method"]), int(row["fold"])
+
+
+def best_trials(rows: Iterable[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
+    """Per (scenario, method, fold), the row with the highest ``objective``.
+
+    Rows whose objective is missing or NaN are skipped; ties go to the smallest ``trial``,
+    so the choice does not depend on row order.
+    """
+    best: dict[tuple[str, str, int], Mapping[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: str(r.get("trial", ""))):
+        value = row.get(objective)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        key = _key(row)
+        if key not in best or value > best[key][objective]:
+            best[key] = row
+    return [best[k] for k in sorted(best)]
+
+
+@dataclass(frozen=True)
+class ResultTable:
+    """Rows: methods; columns: scenarios and their average; cells: mean ± std over folds."""
+
+    methods: list[str]
+    scenarios: list[str]
+    cells: dict[tuple[str, str], Cell]
+    average: dict[str, Cell]
+    metric: str
+    objective: str
+    folds: list[int]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.scenarios, AVERAGE]
+
+    def value(self, method: str, column: str) -> Cell:
+        if column == AVERAGE:
+            return self.average.get(method, cell([]))
+        return self.cells.get((method, column), cell([]))
+
+    def best_in(self, column: str) -> set[str]:
+        """The adaptation methods with the highest mean in ``column`` (ties all; reference methods excluded)."""
+        means = {m: self.value(m, column).mean for m in self.methods if m not in REFERENCE_METHODS}
+        means = {m: v for m, v in means.items() if not math.isnan(v)}
+        top = max(means.values(), default=None)
+        return {m for m, v in means.items() if v == top}
+
+    def caption(self) -> str:
+        folds = ", ".join(map(str, self.folds))
+        return (
+            f"{self.metric} (x100), mean ± std over folds ({folds}) of the best trial per fold "
+            f"by {self.objective}"
+        )
+
+    def to_markdown(self) -> str:
+        header = ["Method", *[_arrow(c) for c in self.columns]]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * len(self.columns)) + "|"]
+        best = {c: self.best_in(c) for c in self.columns}
+        for method in self.methods:
+            cells = []
+            for column in self.columns:
+                text = self.value(method, column).format()
+                cells.append(f"**{text}**" if method in best[column] else text)
+            lines.append("| " + " | ".join([method, *cells]) + " |")
+        footer = [f"\n{self.caption()}."] + [f"{note}" for note in self.notes]
+        return "\n".join(lines) + "\n" + "\n".join(footer) + "\n"
+
+    def to_html(self, title: str = "TimeMatch results") -> str:
+        best = {c: self.best_in(c) for c in self.columns}
+        head = "".join(f"<th>{html.escape(_arrow(c))}</th>" for c in self.columns)
+        body = []
+        for method in self.methods:
+            cells = []
+            for column in self.columns:
+                text = html.escape(self.value(method, column).format())
+                cells.append(f"<td><b>{text}</b></td>" if method in best[column] else f"<td>{text}</td>")
+            body.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}</tr>")
+        notes = "".join(f"<p>{html.escape(note)}</p>" for note in self.notes)
+        return (
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}"
+            "th,td{border:1px solid #999;padding:4px 8px;text-align:center}th{background:#eee}"
+            "</style></head><body>\n"
+            f"<table><caption>{html.escape(self.caption())}</caption>"
+            f"<thead><tr><th>Method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
+            f"{notes}</body></html>\n"
+        )
+
+
+def _arrow(column: str) -> str:
+    return column.replace("-", " → ", 1) if column != AVERAGE else column
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Methods sorted as in the paper's tables; unknown ones before the upper bound, by name."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    upper = rank["upper_bound"]
+    return sorted(set(methods), key=lambda m: (rank.get(m, upper - 0.5), m))
+
+
+def summarize(
+    rows: Iterable[Mapping[str, Any]],
+    objective: str,
+    metric: str = "test_macro_f1",
+    scenarios: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
+) -> ResultTable:
+    """The paper-style table of ``metric`` for the best trial per fold by ``objective``."""
+    chosen = [row for row in best_trials(rows, objective) if row.get(metric) is not None]
+    scenario_names = list(scenarios) if scenarios else list(dict.fromkeys(str(r["scenario"]) for r in chosen))
+    methods = method_order(str(r["method"]) for r in chosen)
+    by_fold: dict[tuple[str, str], dict[int, float]] = {}
+    for row in chosen:
+        scenario, method, fold = _key(row)
+        by_fold.setdefault((method, scenario), {})[fold] = float(row[metric])
+    cells = {key: cell([v for _, v in sorted(values.items())]) for key, values in by_fold.items()}
+    average = {}
+    for method in methods:
+        per_scenario = [by_fold.get((method, s), {}) for s in scenario_names]
+        if not scenario_names or any(not folds for folds in per_scenario):
+            continue  # an average over some scenarios only would mislead
+        means = [cells[(method, s)].mean for s in scenario_names]
+        common = set.intersection(*(set(folds) for folds in per_scenario))
+        if all(set(folds) == common for folds in per_scenario) and len(common) > 1:
+            fold_means = [np.mean([folds[f] for folds in per_scenario]) for f in sorted(common)]
+            spread = float(np.std(fold_means))
+        else:
+            spread = float("nan")
+        average[method] = Cell(float(np.mean(means)), spread, tuple(means))
+    folds = sorted({int(r["fold"]) for r in chosen})
+    return ResultTable(methods, scenario_names, cells, average, metric, objective, folds, tuple(notes))
+
+
+def plot_methods(table: ResultTable, title: str | None = None):
+    """Grouped bars: one group per scenario (and the average), one bar per method, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = table.columns
+    width = 0.8 / max(len(table.methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(columns) + 2), 4.0))
+    x = np.arange(len(columns))
+    for i, method in enumerate(table.methods):
+        cells = [table.value(method, c) for c in columns]
+        means = np.array([c.mean for c in cells]) * 100
+        errors = np.nan_to_num(np.array([c.std for c in cells]) * 100)
+        ax.bar(x + (i - (len(table.methods) - 1) / 2) * width, np.nan_to_num(means), width, yerr=errors,
+               label=method, capsize=2)
+    ax.set_xticks(x, [_arrow(c) for c in columns])
+    ax.set_ylabel(f"{table.metric} (x100)")
+    ax.set_title(title or f"best trial per fold by {table.objective}")
+    ax.legend(fontsize="small", ncols=min(len(table.methods), 4))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion: np.ndarray, classes: Sequence[str], title: str = "confusion matrix"):
+    """Row-normalised confusion matrix (rows: true class), with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=float), where=totals > 0)
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(range(len(classes)), classes, fontsize="small")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(confusion.shape[0]):
+        for j in range(confusion.shape[1]):
+            if confusion[i, j]:
+                ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize="x-small",
+                        color="white" if normalised[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_shift_scores(shift_scores: Sequence[Mapping[str, Any]], title: str = "temporal shift estimation"):
+    """One curve per estimation (score vs candidate shift), its estimate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = plt.cm.viridis(np.linspace(0, 1, max(len(shift_scores), 1)))
+    for i, entry in enumerate(shift_scores):
+        shifts = np.asarray(entry["shifts"])
+        scores = np.asarray(entry["scores"], dtype=float)
+        label = f"{entry.get('label', i)}: {entry.get('estimator', '?')}, d={entry.get('estimate')}"
+        ax.plot(shifts, scores, color=colors[i], label=label)
+        if entry.get("estimate") is not None and entry["estimate"] in list(shifts):
+            k = list(shifts).index(entry["estimate"])
+            ax.plot([shifts[k]], [scores[k]], "o", color=colors[i])
+    ax.set_xlabel("shift (days)")
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    if len(shift_scores) <= 12:
+        ax.legend(fontsize="x-small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_csv(report: Mapping[str, Mapping[str, float]]) -> str:
+    """The per-class report (class -> precision, recall, f1, support) as CSV text."""
+    columns: list[str] = []
+    for values in report.values():
+        columns.extend(k for k in values if k not in columns)
+    lines = [",".join(["class", *columns])]
+    for name, values in report.items():
+        lines.append(",".join([_csv(name), *(_csv(values.get(c, "")) for c in columns)]))
+    return "\n".join(lines) + "\n"
+
+
+def _csv(value: Any) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return f'"{text}"' if any(c in text for c in ',"\n') else text

@@ -1,0 +1,338 @@
+"""The command line: ``python launch.py [options]`` and ``python launch.py report [options]``.
+
+Everything the user named is resolved and checked first (scenarios, methods, profile,
+search spaces, objective, data root, tracking store, Ray address), in a few seconds and
+before Ray starts; an error prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from timematch.errors import ConfigError, TimeMatchError
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+TILE_MARKER = "meta/metadata.pkl"
+
+DESCRIPTION = """\
+Run TimeMatch experiments: train the source models, search each method's hyper-parameters
+per scenario x method x fold with Ray Tune (Optuna TPE + ASHA), log everything to MLflow,
+and print the paper-style table.
+
+  python launch.py                                   # quick profile, 5 paper scenarios, every method
+  python launch.py --scenario DK-FR1 --method timematch --trials 8
+  python launch.py --profile paper --data-root /data/timematch --address auto
+  python launch.py --resume                          # continue the last launch of --experiment
+  python launch.py report [--experiment NAME]        # the table of an experiment, from MLflow
+"""
+
+
+def _number_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, like every other bad input
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launch.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--scenario", default="all", help=(
+        "'all' (the five paper scenarios of experiments/scenarios.yaml: DK-FR1, DK-FR2, DK-AT1, FR1-DK, FR1-FR2), "
+        "'pairs' (all 12 ordered pairs of the tiles), a name like DK-FR1, or SRC:TGT with tile names "
+        "(DK, FR1, FR2, AT1 or country/tile/year); comma lists allowed (default: all)"))
+    what.add_argument("--method", default="all", help=(
+        "a method, a comma list, or 'all' (every registered method; source_only then runs as the "
+        "default-config baseline). Named explicitly, source_only is searched like the others (default: all)"))
+    what.add_argument("--profile", default="quick", help=(
+        "experiments/profiles/<name>.yaml: 'quick' (minutes on a 2-core CPU), 'paper' (published budgets, "
+        "3 folds), 'smoke' (tiny, for tests) (default: quick)"))
+    what.add_argument("--folds", help=(
+        "number of folds N (folds 0..N-1) or a comma list like 0,2 (default: the profile's)"))
+    what.add_argument("--trials", type=_count, help=(
+        "Optuna trials per scenario x method x fold; the first is the defaults; 0 = defaults only "
+        "(default: the profile's)"))
+    what.add_argument("--no-search", action="store_true", help="published/profile defaults only (same as --trials 0)")
+    what.add_argument("--no-baseline", action="store_true", help=(
+        "leave out the source_only baseline (one default trial per scenario x fold, the pretrained model "
+        "evaluated on the target)"))
+    what.add_argument("--objective", default="target_val_f1", help=(
+        "trial selection metric: target_val_f1 (macro F1 on the target validation split; uses target "
+        "labels, runs are tagged so), source_val_f1 or target_im_score (no target labels) "
+        "(default: target_val_f1)"))
+    what.add_argument("--seed", type=int, default=0, help="training and sampler seed (default: 0)")
+    what.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=(
+        "override one profile entry, e.g. --set methods.timematch.epochs=5 --set data.min_parcels=20 "
+        "(repeatable)"))
+    where = parser.add_argument_group("data, cluster and tracking")
+    where.add_argument("--data-root", help=(
+        "the TimeMatch dataset root (default: $TIMEMATCH_DATA, else the embedded synthetic dataset, "
+        "generated on first use into the cache directory)"))
+    where.add_argument("--address", help=(
+        "an existing Ray cluster: 'auto' (inside it, e.g. a RayJob), 'ray://HOST:10001' (Ray client, from "
+        "outside) or 'HOST:6379' (default: $RAY_ADDRESS, else a local Ray instance on this machine)"))
+    where.add_argument("--gpus-per-trial", type=_number_or_auto, help=(
+        "GPUs per trial, fractions allowed (e.g. 0.25: four trials share a GPU); 'auto': 0.25 when the "
+        "cluster has GPUs, else 0 (default: the profile's, auto)"))
+    where.add_argument("--cpus-per-trial", type=_number_or_auto, help=(
+        "CPUs per trial; 'auto': 1 on CPU clusters, a share of a node's CPUs per GPU trial "
+        "(default: the profile's, auto)"))
+    where.add_argument("--tracking-uri", help=(
+        "MLflow tracking URI, e.g. http://127.0.0.1:5000 (bash mlflow/server.sh) (default: "
+        "$MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow/mlflow.db)"))
+    where.add_argument("--experiment", help="MLflow experiment (one per launch name) (default: timematch-<profile>)")
+    where.add_argument("--results-dir", help="Tune state and reports: <dir>/<experiment>/ (default: <repo>/results)")
+    control = parser.add_argument_group("control")
+    control.add_argument("--resume", action="store_true", help=(
+        "continue the last launch of --experiment where it stopped (its saved plan; finished trials are "
+        "not run again)"))
+    control.add_argument("--dry-run", action="store_true", help="print the plan (stages, trials, resources) and exit")
+    control.add_argument("--verbose", action="store_true", help="show the trials' own logs")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launch.py report", description=(
+        "Print and write the paper-style table of an experiment from MLflow: rows methods, columns "
+        "scenarios + average, test macro F1 mean ± std over folds of the best trial per fold by the objective."))
+    parser.add_argument("--experiment", help="MLflow experiment (default: the most recently updated one)")
+    parser.add_argument("--tracking-uri", help=(
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local SQLite store)"))
+    parser.add_argument("--objective", help="selection metric (default: the one the last launch used)")
+    parser.add_argument("--results-dir", help=(
+        "where report.md/.html/.png go: <dir>/<experiment>/ (default: <repo>/results)"))
+    return parser
+
+
+def main(argv: list[str] | None = None, project_root: Path | None = None) -> int:
+    """Entry point of ``launch.py``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    root = Path(project_root or Path.cwd()).resolve()
+    try:
+        if argv and argv[0] == "report":
+            return report_command(report_parser().parse_args(argv[1:]), root)
+        return launch_command(launch_parser().parse_args(argv), root)
+    except TimeMatchError as err:
+        print(f"launch.py: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as err:
+        print(f"launch.py: interrupted; {err or 'continue with --resume'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# -- launch -----------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """A resolved launch: its plan, where it logs and keeps its state."""
+
+    plan: Any  # LaunchPlan
+    launch_id: str
+    directory: Path
+    tracking_uri: str
+    address: str | None
+    resumed: bool
+    parent_run_id: str | None = None
+
+
+def _experiment_name(args: argparse.Namespace) -> str:
+    return args.experiment or f"timematch-{args.profile}"
+
+
+def _results_dir(args: argparse.Namespace, root: Path) -> Path:
+    return Path(args.results_dir).expanduser().resolve() if args.results_dir else root / "results"
+
+
+def _tracking_uri(args: argparse.Namespace, root: Path) -> str:
+    from timematch.runner.tracking import default_tracking_uri
+
+    return args.tracking_uri or default_tracking_uri(root)
+
+
+def resolve_data_root(data_root: str | None, remote: bool = False) -> tuple[Path, bool]:
+    """``--data-root``, else ``$TIMEMATCH_DATA``, else the embedded synthetic dataset (flag True).
+
+    ``remote``: the launch runs through Ray Client, where the path is one on the cluster.
+    """
+    chosen = data_root or os.environ.get("TIMEMATCH_DATA")
+    if chosen:
+        path = Path(chosen).expanduser().resolve()
+        if not path.is_dir() and not remote:
+            source = "--data-root" if data_root else "$TIMEMATCH_DATA"
+            raise ConfigError(f"{source} {chosen}: no such directory")
+        return path, False
+    from timematch.data.embedded import embedded_root
+
+    return embedded_root(), True
+
+
+def check_tiles(root: Path, tiles: set[str]) -> None:
+    """Every tile the plan uses must be in the dataset (``<root>/<tile>/meta/metadata.pkl``)."""
+    missing = sorted(t for t in tiles if not (root / t / TILE_MARKER).is_file())
+    if missing:
+        found = sorted(str(p.parent.parent.relative_to(root)) for p in root.glob(f"*/*/*/{TILE_MARKER}"))
+        raise ConfigError(
+            f"data root {root}: missing tile(s) {', '.join(missing)} (no {TILE_MARKER}); tiles found: "
+            f"{', '.join(found) or 'none'}"
+        )
+
+
+def plan_launch(args: argparse.Namespace, root: Path) -> Any:
+    """Parse and validate everything the command line names into a :class:`LaunchPlan`."""
+    from timematch.data.tiles import default_cache_dir
+    from timematch.runner.plan import PlanRequest, build_plan, get_objective, parse_folds, parse_methods
+    from timematch.runner.profiles import load_profile
+    from timematch.runner.scenarios import load_scenarios, parse_scenarios
+
+    scenarios = parse_scenarios(args.scenario, load_scenarios(root / "experiments" / "scenarios.yaml"))
+    methods = parse_methods(args.method)
+    profile = load_profile(root / "experiments" / "profiles", args.profile, args.set)
+    get_objective(args.objective)
+    trials = 0 if args.no_search else (args.trials if args.trials is not None else profile.trials)
+    folds = parse_folds(args.folds, profile, profile.data_config().n_folds)
+    remote = str(args.address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://")
+    data_root, synthetic = resolve_data_root(args.data_root, remote)
+    if not synthetic and not remote:
+        check_tiles(data_root, {t for s in scenarios for t in (s.source, s.target)})
+    return build_plan(PlanRequest(
+        experiment=_experiment_name(args), scenarios=scenarios, methods=methods, profile=profile, folds=folds,
+        trials=trials, objective=args.objective, seed=args.seed, data_root=data_root,
+        cache_dir=default_cache_dir(), spaces_dir=root / "search_spaces", baseline=not args.no_baseline,
+        synthetic_data=synthetic,
+    ))
+
+
+def _launches_dir(results: Path, experiment: str) -> Path:
+    from timematch.runner.reporting import _safe
+
+    return results / _safe(experiment) / "launches"
+
+
+def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
+    from timematch.runner.plan import LaunchPlan
+    from timematch.runner.resources import check_address
+    from timematch.runner.tracking import check_tracking
+
+    results = _results_dir(args, root)
+    experiment = _experiment_name(args)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if args.resume:
+        launches = _launches_dir(results, experiment)
+        latest = launches.parent / "LATEST"
+        if not latest.is_file():
+            known = sorted(p.parent.name for p in results.glob("*/LATEST")) if results.is_dir() else []
+            raise ConfigError(
+                f"--resume: no launch of experiment {experiment!r} under {results}; experiments with launches: "
+                f"{', '.join(known) or 'none'} (pick one with --experiment)"
+            )
+        launch_id = latest.read_text().strip()
+        saved = json.loads((launches / launch_id / "launch.json").read_text())
+        plan = LaunchPlan.from_json(json.dumps(saved["plan"]))
+        uri = args.tracking_uri or saved["tracking_uri"]
+        check_tracking(uri)
+        check_address(address)
+        return Launch(plan, launch_id, launches / launch_id, uri, address, True, saved.get("parent_run_id"))
+    plan = plan_launch(args, root)
+    uri = _tracking_uri(args, root)
+    check_tracking(uri)
+    check_address(address)
+    launch_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    return Launch(plan, launch_id, _launches_dir(results, experiment) / launch_id, uri, address, False)
+
+
+def _requested_resources(args: argparse.Namespace, plan) -> tuple[Any, Any, Any]:
+    profile = plan.resources
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else profile.get("cpus_per_trial", "auto")
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.get("gpus_per_trial", "auto")
+    return cpus, gpus, profile.get("max_concurrent_per_group", "auto")
+
+
+def launch_command(args: argparse.Namespace, root: Path) -> int:
+    from timematch.runner.plan import describe, source_model_path
+    from timematch.runner.resources import local_cluster, set_environment, trial_resources
+
+    set_environment()
+    launch = resolve_launch(args, root)
+    plan = launch.plan
+    cached = {t.key for t in plan.pretrain_tasks if source_model_path(plan.cache_dir, t.key).is_file()}
+    cpus, gpus, concurrent = _requested_resources(args, plan)
+    if args.dry_run:
+        if launch.address is None:
+            res = trial_resources(local_cluster(), cpus, gpus, concurrent)
+            shown = {"cluster": "this machine", "cpus per trial": res.cpus, "gpus per trial": res.gpus,
+                     "trials at once": res.slots, "in flight per group": res.max_concurrent_per_group}
+        else:
+            shown = {"cluster": launch.address, "cpus per trial": cpus, "gpus per trial": gpus,
+                     "in flight per group": concurrent}
+        shown["tracking"] = launch.tracking_uri
+        shown["results"] = str(launch.directory)
+        print(describe(plan, shown, cached))
+        if launch.resumed:
+            print(f"\n--resume: would continue launch {launch.launch_id}")
+        return EXIT_OK
+    from timematch.runner.launcher import run_launch
+
+    return run_launch(launch, args, (cpus, gpus, concurrent))
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def report_command(args: argparse.Namespace, root: Path) -> int:
+    from timematch.runner.reporting import build_report
+    from timematch.runner.resources import quiet_logs, set_environment
+    from timematch.runner.tracking import check_tracking, client, default_tracking_uri, sqlite_path
+
+    set_environment()
+    quiet_logs(verbose=False)
+    uri = args.tracking_uri or default_tracking_uri(root)
+    check_tracking(uri)
+    store = sqlite_path(uri)
+    if store is not None and not store.is_file():
+        raise ConfigError(f"no MLflow store at {store} (tracking URI {uri}); run a launch first or pass --tracking-uri")
+    if args.objective is not None:
+        from timematch.runner.plan import get_objective
+
+        get_objective(args.objective)
+    experiment = args.experiment
+    if experiment is None:
+        experiments = [e for e in client(uri).search_experiments(order_by=["last_update_time DESC"])
+                       if e.name != "Default"]
+        if not experiments:
+            raise ConfigError(f"no experiment in {uri} yet; run a launch first")
+        experiment = experiments[0].name
+    results = Path(args.results_dir).expanduser().resolve() if args.results_dir else root / "results"
+    report = build_report(uri, experiment, results, args.objective)
+    print(f"{experiment} ({report.runs} finished trials)\n")
+    print(report.markdown)
+    print("written: " + ", ".join(str(p) for p in report.files))
+    return EXIT_OK

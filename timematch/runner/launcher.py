@@ -1,0 +1,120 @@
+"""One launch, end to end: data, Ray, the MLflow parent run, the two stages, the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from timematch.runner import tracking
+from timematch.runner.cli import EXIT_OK, EXIT_TRIALS_FAILED, Launch
+from timematch.runner.plan import LaunchPlan, describe, get_objective, source_model_path
+from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _parent_params(plan: LaunchPlan) -> dict[str, Any]:
+    return {
+        "scenarios": ",".join(s.name for s in plan.scenarios), "methods": ",".join(plan.methods),
+        "folds": ",".join(map(str, plan.folds)), "profile": plan.profile, "objective": plan.objective,
+        "seed": plan.seed, "data_root": plan.data_root,
+        "trials_per_group": max((g.trials for g in plan.groups), default=0),
+        "trials_total": plan.n_trials, "search": plan.search, "baseline": plan.baseline,
+        "data": json.dumps(plan.data), "pretrain": json.dumps(plan.pretrain), "scheduler": json.dumps(plan.scheduler),
+        "retries": plan.retries,
+    }
+
+
+def _open_parent(launch: Launch, experiment_id: str, cluster: Cluster, resources) -> str:
+    client = tracking.client(launch.tracking_uri)
+    if launch.parent_run_id:
+        tracking.retry(lambda: client.update_run(launch.parent_run_id, status="RUNNING"))
+        tracking.retry(lambda: client.set_tag(launch.parent_run_id, "resumed", "true"))
+        return launch.parent_run_id
+    plan = launch.plan
+    objective = get_objective(plan.objective)
+    tags = {"stage": "launch", "launch_id": launch.launch_id, "profile": plan.profile, "objective": objective.name,
+            "selection_uses_target_labels": "true" if objective.uses_target_labels else "false",
+            "cluster": cluster.address, "cpus_per_trial": str(resources.cpus), "gpus_per_trial": str(resources.gpus)}
+    run = client.create_run(experiment_id, tags=tags, run_name=f"launch {launch.launch_id}")
+    from mlflow.entities import Param
+
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in _parent_params(plan).items()])
+    client.log_text(run.info.run_id, plan.to_json(), "launch/plan.json")
+    return run.info.run_id
+
+
+def _save_launch(launch: Launch, experiment_id: str) -> None:
+    launch.directory.mkdir(parents=True, exist_ok=True)
+    record = {"launch_id": launch.launch_id, "experiment": launch.plan.experiment, "tracking_uri": launch.tracking_uri,
+              "experiment_id": experiment_id, "parent_run_id": launch.parent_run_id,
+              "plan": json.loads(launch.plan.to_json())}
+    (launch.directory / "launch.json").write_text(json.dumps(record, indent=1))
+    (launch.directory.parent.parent / "LATEST").write_text(launch.launch_id + "\n")
+
+
+def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, Any, Any]) -> int:
+    from timematch.runner.reporting import build_report
+    from timematch.runner.stages import run_adapt_stage, run_pretrain_stage
+    from timematch.runner.trainables import TrialContext
+
+    plan = launch.plan
+    if plan.synthetic_data:
+        from timematch.data.embedded import ensure_embedded_dataset
+
+        root = ensure_embedded_dataset(progress=_say)
+        if str(root.resolve()) != plan.data_root:
+            raise AssertionError(f"embedded dataset at {root}, plan expects {plan.data_root}")
+    cluster = connect(launch.address, verbose=args.verbose)
+    try:
+        resources = trial_resources(cluster, *requested)
+        if cluster.nodes > 1 and tracking.sqlite_path(launch.tracking_uri) is not None:
+            _say(f"warning: {cluster.nodes} nodes log to SQLite {launch.tracking_uri}: that works only when every "
+                 "node sees the file (nodes on one machine); otherwise use an MLflow server (--tracking-uri http://...)"
+                 ", and keep --results-dir and $TIMEMATCH_CACHE on storage every node shares")
+        experiment_id = tracking.ensure_experiment(launch.tracking_uri, plan.experiment)
+        launch.parent_run_id = _open_parent(launch, experiment_id, cluster, resources)
+        _save_launch(launch, experiment_id)
+        cached = {t.key for t in plan.pretrain_tasks if source_model_path(plan.cache_dir, t.key).is_file()}
+        size = f"{cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
+        shown = {"cluster": f"{cluster.address} ({size})",
+                 "cpus per trial": resources.cpus, "gpus per trial": resources.gpus,
+                 "trials at once": resources.slots, "in flight per group": resources.max_concurrent_per_group,
+                 "tracking": f"{launch.tracking_uri} (experiment {plan.experiment!r})",
+                 "results": str(launch.directory)}
+        _say(("resuming launch " if launch.resumed else "launch ") + launch.launch_id)
+        _say(describe(plan, shown, cached) + "\n")
+        context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
+                               resources.cpus)
+        storage = launch.directory / "tune"
+        summaries = [run_pretrain_stage(plan, context, resources, storage)]
+        summaries.append(run_adapt_stage(plan, context, resources, storage, resume=launch.resumed))
+        failed = sum(len(s.failed) for s in summaries)
+        _say("\n" + "\n".join(line for s in summaries for line in s.lines()))
+        client = tracking.client(launch.tracking_uri)
+        try:
+            report = build_report(launch.tracking_uri, plan.experiment, launch.directory.parent.parent.parent,
+                                  plan.objective)
+            _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}")
+        except Exception as err:  # noqa: BLE001 - a launch without any finished trial has no table
+            _say(f"\nno report: {err}")
+        for key, value in (("trials_done", sum(len(s.done) for s in summaries[1:])),
+                           ("trials_stopped_early", sum(len(s.stopped) for s in summaries)),
+                           ("trials_failed", failed)):
+            tracking.retry(lambda k=key, v=value: client.set_tag(launch.parent_run_id, k, str(v)))
+        tracking.retry(lambda: client.set_terminated(launch.parent_run_id, status="FINISHED"))
+        _say(f"MLflow: {launch.tracking_uri}, experiment {plan.experiment!r}, launch run {launch.parent_run_id}")
+        return EXIT_TRIALS_FAILED if failed else EXIT_OK
+    except KeyboardInterrupt:
+        if launch.parent_run_id:
+            client = tracking.client(launch.tracking_uri)
+            tracking.retry(lambda: client.set_terminated(launch.parent_run_id, status="KILLED"))
+        raise KeyboardInterrupt(f"continue with: python launch.py --resume --experiment {plan.experiment}") from None
+    finally:
+        disconnect(cluster)
+
+
+

@@ -1,0 +1,353 @@
+"""The plan of a launch: scenarios x methods x folds, expanded from config, checked before any work.
+
+A plan has two stages:
+
+1. *pretrain*: one :class:`PretrainTask` per (source tile, fold, settings) that some trial
+   starts from; each is trained once and cached under ``<cache>/source_models/<key>.pt``
+   (the key is :func:`timematch.experiment.pretrain_key`), so later launches reuse it.
+2. *adapt*: one :class:`TrialGroup` per (scenario, method, fold); a group runs ``trials``
+   trials, Optuna sampling the method's search space (the first trial is the profile's
+   defaults), or one trial with the defaults when it is not searched. The ``source_only``
+   baseline (the pretrained source model evaluated on the target) is a group of one
+   default trial per scenario x fold.
+
+Nothing here imports Ray or MLflow: the plan is built and printed (``--dry-run``) in a
+second or two, and every error surfaces before a Ray cluster is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from timematch.data.dataset import DataConfig
+from timematch.data.tiles import short_name
+from timematch.errors import ConfigError
+from timematch.experiment import EPOCH_METRICS, ExperimentSpec, pretrain_key
+from timematch.methods import build_config, get_method, method_names
+from timematch.runner.profiles import Profile
+from timematch.runner.scenarios import Scenario
+from timematch.runner.search_space import contains, load_space
+
+BASELINE = "source_only"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A model-selection criterion: an epoch metric, maximised."""
+
+    name: str
+    uses_target_labels: bool
+    description: str
+    mode: str = "max"
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("target_val_f1", True, "macro F1 on the target validation split (uses target labels)"),
+        Objective("source_val_f1", False, "macro F1 on the source validation split (no target labels)"),
+        Objective("target_im_score", False, "information maximisation on target data (no target labels)"),
+    )
+}
+assert all(name in EPOCH_METRICS for name in OBJECTIVES)
+
+
+def get_objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        valid = "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values())
+        raise ConfigError(f"unknown objective {name!r}; valid: {valid}") from None
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """The methods of a launch; ``searched`` are those whose hyper-parameters are searched."""
+
+    methods: tuple[str, ...]
+    searched: frozenset[str]
+
+
+def parse_methods(text: str) -> MethodChoice:
+    """``all`` (every registered method; ``source_only`` then runs as the default-config
+    baseline), one name, or a comma list. Unknown names raise, listing the valid ones."""
+    valid = method_names()
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise ConfigError(f"--method is empty; valid: all, {', '.join(valid)}")
+    methods: list[str] = []
+    searched: set[str] = set()
+    for token in tokens:
+        if token == "all":
+            chosen = valid
+            searched.update(m for m in valid if m != BASELINE)
+        elif token in valid:
+            chosen = [token]
+            searched.add(token)
+        else:
+            raise ConfigError(f"unknown method {token!r}; valid: all, {', '.join(valid)} (or a comma list)")
+        methods.extend(m for m in chosen if m not in methods)
+    return MethodChoice(tuple(methods), frozenset(searched))
+
+
+def parse_folds(text: str | None, profile: Profile, n_folds: int) -> list[int]:
+    """``N`` (the first N folds) or a comma list of fold indices; default: the profile's count."""
+    if text is None:
+        return list(range(profile.folds))
+    text = str(text).strip()
+    try:
+        if "," in text:
+            folds = sorted({int(t) for t in text.split(",") if t.strip()})
+        else:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            folds = list(range(count))
+    except ValueError:
+        raise ConfigError(f"--folds {text!r}: expected a count N >= 1 or a comma list of fold indices") from None
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad or not folds:
+        raise ConfigError(f"--folds {text!r}: folds must lie in [0, {n_folds - 1}] (the data has n_folds={n_folds})")
+    return folds
+
+
+@dataclass(frozen=True)
+class PretrainTask:
+    """One source model: source-only training on ``source`` (a tile path), fold ``fold``."""
+
+    key: str
+    source: str
+    fold: int
+    scenarios: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{short_name(self.source)}/fold{self.fold}"
+
+
+@dataclass(frozen=True)
+class TrialGroup:
+    """The trials of one (scenario, method, fold); Optuna and ASHA work within a group."""
+
+    scenario: Scenario
+    method: str
+    fold: int
+    trials: int
+    space: dict[str, dict[str, Any]]
+    overrides: dict[str, Any]
+    epochs: int
+    pretrain_key: str | None
+    baseline: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario.name}/{self.method}/fold{self.fold}"
+
+    @property
+    def searched(self) -> bool:
+        return bool(self.space) and self.trials > 0
+
+
+@dataclass
+class LaunchPlan:
+    """Everything a launch runs; saved as JSON next to the Tune results so ``--resume`` replays it."""
+
+    experiment: str
+    profile: str
+    objective: str
+    seed: int
+    data_root: str
+    cache_dir: str
+    data: dict[str, Any]
+    pretrain: dict[str, Any]
+    folds: list[int]
+    scenarios: list[Scenario]
+    methods: list[str]
+    pretrain_tasks: list[PretrainTask]
+    groups: list[TrialGroup]
+    scheduler: dict[str, Any]
+    retries: int
+    resources: dict[str, Any]
+    search: bool
+    baseline: bool
+    synthetic_data: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_trials(self) -> int:
+        return sum(g.trials for g in self.groups)
+
+    def group(self, group_id: str) -> TrialGroup:
+        for group in self.groups:
+            if group.id == group_id:
+                return group
+        raise KeyError(group_id)
+
+    def task(self, key: str) -> PretrainTask:
+        for task in self.pretrain_tasks:
+            if task.key == key:
+                return task
+        raise KeyError(key)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_dict(self.data)
+
+    def spec(self, group: TrialGroup, params: dict[str, Any] | None = None) -> ExperimentSpec:
+        """The experiment of one trial: profile overrides, then the sampled ``params``."""
+        return base_spec(self, group.scenario.source, group.scenario.target, group.fold).replace(
+            method=group.method, method_config={**group.overrides, **(params or {})},
+        )
+
+    def pretrain_spec(self, task: PretrainTask) -> ExperimentSpec:
+        return base_spec(self, task.source, task.source, task.fold).replace(method=BASELINE)
+
+    def resolved_config(self, group: TrialGroup, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The full method config of a trial (source_only: the source model's training config)."""
+        spec = self.spec(group, params)
+        overrides = dict(spec.method_config)
+        if group.method == BASELINE:
+            overrides = {**spec.pretrain_config, **overrides}
+        return dataclasses.asdict(build_config(group.method, overrides))
+
+    def resolved_pretrain_config(self) -> dict[str, Any]:
+        """The full config of the source models' training."""
+        return dataclasses.asdict(build_config(BASELINE, self.pretrain))
+
+    def default_point(self, group: TrialGroup) -> dict[str, Any] | None:
+        """The defaults (published, then profile) of a group's searched keys, when its space holds them."""
+        if not group.space:
+            return None
+        resolved = self.resolved_config(group)
+        point = {key: resolved[key] for key in group.space}
+        return point if contains(group.space, point) else None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LaunchPlan":
+        raw = json.loads(text)
+        raw["scenarios"] = [Scenario(**s) for s in raw["scenarios"]]
+        raw["pretrain_tasks"] = [PretrainTask(**{**t, "scenarios": tuple(t["scenarios"])})
+                                 for t in raw["pretrain_tasks"]]
+        raw["groups"] = [TrialGroup(**{**g, "scenario": Scenario(**g["scenario"])}) for g in raw["groups"]]
+        return cls(**raw)
+
+
+def source_model_path(cache_dir: str | Path, key: str) -> Path:
+    """Where the source model with :func:`~timematch.experiment.pretrain_key` ``key`` is cached."""
+    return Path(cache_dir) / "source_models" / f"{key}.pt"
+
+
+def base_spec(plan: LaunchPlan, source: str, target: str, fold: int) -> ExperimentSpec:
+    return ExperimentSpec(
+        data_root=Path(plan.data_root), source=source, target=target, method=BASELINE, fold=fold,
+        pretrain_config=dict(plan.pretrain), data=plan.data_config(), seed=plan.seed,
+        cache_dir=Path(plan.cache_dir),
+    )
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the command line asked for, already parsed."""
+
+    experiment: str
+    scenarios: list[Scenario]
+    methods: MethodChoice
+    profile: Profile
+    folds: list[int]
+    trials: int
+    objective: str
+    seed: int
+    data_root: Path
+    cache_dir: Path
+    spaces_dir: Path
+    baseline: bool = True
+    synthetic_data: bool = False
+
+
+def build_plan(request: PlanRequest) -> LaunchPlan:
+    """Expand scenarios x methods x folds into pretrain tasks and trial groups; validate all."""
+    profile = request.profile
+    get_objective(request.objective)
+    search = request.trials > 0
+    plan = LaunchPlan(
+        experiment=request.experiment, profile=profile.name, objective=request.objective, seed=request.seed,
+        data_root=str(Path(request.data_root).expanduser().resolve()),
+        cache_dir=str(Path(request.cache_dir).expanduser().resolve()), data=dict(profile.data),
+        pretrain=dict(profile.pretrain), folds=list(request.folds), scenarios=list(request.scenarios),
+        methods=[], pretrain_tasks=[], groups=[], scheduler=dict(profile.scheduler), retries=profile.retries,
+        resources=dict(profile.resources), search=search, baseline=request.baseline,
+        synthetic_data=request.synthetic_data,
+    )
+    spaces = {}
+    for method in request.methods.methods:
+        if search and method in request.methods.searched:
+            spaces[method] = load_space(request.spaces_dir, method)
+    methods = [m for m in request.methods.methods if m != BASELINE or m in request.methods.searched]
+    if request.baseline and BASELINE not in methods:
+        methods.insert(0, BASELINE)
+    if not methods:
+        raise ConfigError("nothing to run: --no-baseline removed the only method; name a method with --method")
+    plan.methods = methods
+    groups: list[TrialGroup] = []
+    tasks: dict[str, PretrainTask] = {}
+    for fold in request.folds:
+        for scenario in request.scenarios:
+            for method in methods:
+                searched = method in spaces
+                baseline = method == BASELINE and not searched
+                overrides = profile.method_overrides(method)
+                config = build_config(method, {**profile.pretrain, **overrides} if method == BASELINE else overrides)
+                space = spaces.get(method, {})
+                epochs = int(space.get("epochs", {}).get("high", config.epochs)) if "epochs" in space else config.epochs
+                needs_source = method == BASELINE or get_method(method).starts_from_source
+                key = None
+                if needs_source:
+                    spec = base_spec(plan, scenario.source, scenario.source, fold)
+                    key = pretrain_key(spec)
+                    task = tasks.get(key)
+                    names = (task.scenarios if task else ()) + (scenario.name,)
+                    tasks[key] = PretrainTask(key, scenario.source, fold, tuple(dict.fromkeys(names)))
+                groups.append(TrialGroup(
+                    scenario=scenario, method=method, fold=fold, trials=request.trials if searched else 1,
+                    space=space, overrides=overrides, epochs=max(1, epochs), pretrain_key=key, baseline=baseline,
+                ))
+    # Baselines first (cheap, and the table's reference), then the searches in plan order.
+    plan.groups = [g for g in groups if g.baseline] + [g for g in groups if not g.baseline]
+    plan.pretrain_tasks = list(tasks.values())
+    return plan
+
+
+def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: set[str] | None = None) -> str:
+    """A readable summary of the plan (``--dry-run`` prints it)."""
+    objective = get_objective(plan.objective)
+    cached = cached or set()
+    lines = [
+        f"experiment {plan.experiment!r}, profile {plan.profile!r}, seed {plan.seed}",
+        f"data: {plan.data_root}" + (" (embedded synthetic dataset)" if plan.synthetic_data else "")
+        + f"; data overrides {plan.data or '{}'}",
+        f"objective: {objective.name} ({objective.description})",
+        f"scenarios: {', '.join(s.name for s in plan.scenarios)}; methods: {', '.join(plan.methods)}; "
+        f"folds: {', '.join(map(str, plan.folds))}",
+        "",
+        f"stage 1, source models: {len(plan.pretrain_tasks)} "
+        f"({sum(t.key in cached for t in plan.pretrain_tasks)} cached, reused)",
+    ]
+    for task in plan.pretrain_tasks:
+        state = "cached" if task.key in cached else "to train"
+        lines.append(f"  {task.id:<14} {state:<9} key {task.key}  (for {', '.join(task.scenarios)})")
+    lines.append(f"  training overrides: {plan.pretrain or '{}'}")
+    lines += ["", f"stage 2, adaptation: {len(plan.groups)} groups, {plan.n_trials} trials "
+                  f"(Optuna TPE per group, ASHA over epochs {plan.scheduler or '{}'}, retries {plan.retries})"]
+    for group in plan.groups:
+        how = "baseline, default config" if group.baseline else (
+            f"{group.trials} trials over {', '.join(group.space)}" if group.searched else "1 trial, default config")
+        lines.append(f"  {group.id:<28} {how}; {group.epochs} epochs; overrides {group.overrides or '{}'}")
+    if resources:
+        lines += ["", "resources: " + ", ".join(f"{k} {v}" for k, v in resources.items())]
+    return "\n".join(lines)

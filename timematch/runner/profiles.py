@@ -1,0 +1,163 @@
+"""Profiles: ``experiments/profiles/<name>.yaml``, the budgets of a launch.
+
+A profile holds the number of folds and of Optuna trials, per-method config overrides
+(epochs, steps per epoch, ...), the overrides of the source-model training, data
+overrides (:class:`~timematch.data.dataset.DataConfig`), the ASHA settings, per-trial
+resources and retries. ``--set section.key=value`` on the command line changes one entry.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from timematch.data.dataset import DataConfig
+from timematch.errors import ConfigError
+from timematch.methods import build_config, method_names
+
+SECTIONS = ("description", "folds", "trials", "data", "pretrain", "methods", "scheduler", "resources", "retries")
+SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent_per_group")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated profile. ``resources`` values may be ``"auto"`` (decided from the cluster)."""
+
+    name: str
+    description: str
+    folds: int
+    trials: int
+    data: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    retries: int = 1
+
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_dict(self.data)
+
+    def method_overrides(self, method: str) -> dict[str, Any]:
+        return dict(self.methods.get(method, {}))
+
+
+def profile_names(directory: Path) -> list[str]:
+    return sorted(p.stem for p in Path(directory).glob("*.yaml"))
+
+
+def load_profile(directory: Path, name: str, sets: list[str] | tuple[str, ...] = ()) -> Profile:
+    """Read, override (``sets``: ``section.key=value``) and validate profile ``name``."""
+    path = Path(directory) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown profile {name!r}; valid profiles: {', '.join(profile_names(directory))}")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    document = apply_sets(document, sets)
+    return validate_profile(document, name, str(path))
+
+
+def apply_sets(document: dict[str, Any], sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``--set a.b.c=value`` overrides (values parsed as YAML: ``3``, ``1e-4``, ``true``)."""
+    document = copy.deepcopy(document)
+    for item in sets:
+        dotted, sep, raw = item.partition("=")
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not sep or not keys:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. methods.timematch.epochs=5")
+        if keys[0] not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown profile section {keys[0]!r}; valid: {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = document
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return document
+
+
+def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile:
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+    folds = _count(document.get("folds", 1), "folds", where, minimum=1)
+    trials = _count(document.get("trials", 0), "trials", where, minimum=0)
+    retries = _count(document.get("retries", 1), "retries", where, minimum=0)
+    data = _mapping(document.get("data"), "data", where)
+    try:
+        data_config = DataConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: data: {err}") from None
+    if folds > data_config.n_folds:
+        raise ConfigError(f"{where}: folds={folds} but the data has n_folds={data_config.n_folds}")
+    pretrain = _mapping(document.get("pretrain"), "pretrain", where)
+    try:
+        build_config("source_only", pretrain)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: pretrain: {err}") from None
+    methods = _mapping(document.get("methods"), "methods", where)
+    registered = method_names()
+    for method, overrides in methods.items():
+        if method not in registered:
+            raise ConfigError(f"{where}: methods: unknown method {method!r}; valid methods: {', '.join(registered)}")
+        if method == "source_only" and overrides:
+            raise ConfigError(
+                f"{where}: methods.source_only: set the source model's training under 'pretrain:' "
+                "(the source-only baseline is the pretrained source model)"
+            )
+        try:
+            build_config(method, _mapping(overrides, f"methods.{method}", where))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: methods.{method}: {err}") from None
+    scheduler = _mapping(document.get("scheduler"), "scheduler", where)
+    _only(scheduler, SCHEDULER_KEYS, "scheduler", where)
+    _count(scheduler.get("grace_period", 1), "scheduler.grace_period", where, minimum=1)
+    reduction = scheduler.get("reduction_factor", 2)
+    if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or reduction <= 1:
+        raise ConfigError(f"{where}: scheduler.reduction_factor={reduction!r} must be a number > 1")
+    resources = _mapping(document.get("resources"), "resources", where)
+    _only(resources, RESOURCE_KEYS, "resources", where)
+    for key in RESOURCE_KEYS:
+        value = resources.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{where}: resources.{key}={value!r} must be 'auto' or a number >= 0")
+    return Profile(
+        name=name, description=str(document.get("description", "")), folds=folds, trials=trials,
+        data=data, pretrain=pretrain, methods={m: dict(o or {}) for m, o in methods.items()},
+        scheduler=scheduler, resources=resources, retries=retries,
+    )
+
+
+def _count(value: Any, key: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: {key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _only(values: dict[str, Any], allowed: tuple[str, ...], key: str, where: str) -> None:
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: {key}: unknown key(s) {unknown}; valid: {', '.join(allowed)}")

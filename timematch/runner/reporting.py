@@ -1,0 +1,109 @@
+"""The report of an experiment, read back from MLflow: finished trials -> rows -> table and plot.
+
+Used at the end of a launch and by ``python launch.py report``. The table itself is built
+by :mod:`timematch.report` (no MLflow there); this module finds the runs, writes
+``report.md``, ``report.html`` and ``report.png`` to ``results/<experiment>/`` and logs
+them to the latest launch's parent run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from timematch.errors import ConfigError
+from timematch.report import ResultTable, plot_methods, summarize
+from timematch.runner import tracking
+from timematch.runner.plan import OBJECTIVES, get_objective
+
+
+@dataclass
+class Report:
+    table: ResultTable
+    markdown: str
+    files: list[Path]
+    runs: int
+
+
+def experiment_id(uri: str, name: str) -> str:
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise ConfigError(
+            f"no MLflow experiment {name!r} in {uri}; experiments there: {', '.join(names) or 'none'}"
+        )
+    return experiment.experiment_id
+
+
+def latest_launch(uri: str, exp_id: str):
+    client = tracking.client(uri)
+    runs = client.search_runs([exp_id], "tags.stage = 'launch'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def collect_rows(uri: str, exp_id: str) -> list[dict[str, Any]]:
+    """One row per finished adaptation trial of the experiment (all its launches)."""
+    client = tracking.client(uri)
+    rows, token = [], None
+    while True:
+        page = client.search_runs([exp_id], "tags.stage = 'adapt' and attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            tags, metrics = run.data.tags, run.data.metrics
+            if "test_macro_f1" not in metrics:
+                continue
+            row = {"scenario": tags.get("scenario"), "method": tags.get("method"), "fold": int(tags.get("fold", 0)),
+                   "trial": tags.get("trial_key", run.info.run_id), "run_id": run.info.run_id}
+            row.update({k: v for k, v in metrics.items() if k.startswith("test_")})
+            row.update({name: metrics[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in metrics})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return rows
+
+
+def build_report(uri: str, experiment: str, results_dir: Path, objective: str | None = None,
+                 log_to_mlflow: bool = True) -> Report:
+    """Collect, tabulate, write and log the report of ``experiment``."""
+    exp_id = experiment_id(uri, experiment)
+    launch = latest_launch(uri, exp_id)
+    if objective is None:
+        objective = launch.data.tags.get("objective", "target_val_f1") if launch else "target_val_f1"
+    chosen = get_objective(objective)
+    rows = collect_rows(uri, exp_id)
+    if not rows:
+        raise ConfigError(f"experiment {experiment!r} has no finished adaptation trial yet; nothing to report")
+    order = launch.data.params.get("scenarios", "").split(",") if launch else []
+    seen = list(dict.fromkeys(str(r["scenario"]) for r in rows))
+    scenarios = [s for s in order if s in seen] + [s for s in seen if s not in order]
+    notes = [
+        f"Selection by {chosen.name}: {chosen.description}. "
+        + ("Target validation labels were used to select trials." if chosen.uses_target_labels
+           else "No target labels were used to select trials."),
+        f"{len(rows)} finished trials of experiment '{experiment}'; the target test split is never used for selection.",
+    ]
+    table = summarize(rows, chosen.name, "test_macro_f1", scenarios, notes)
+    markdown = table.to_markdown()
+    directory = Path(results_dir) / _safe(experiment)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [directory / "report.md", directory / "report.html", directory / "report.png"]
+    files[0].write_text(f"# {experiment}\n\n{markdown}")
+    files[1].write_text(table.to_html(title=experiment))
+    import matplotlib.pyplot as plt
+
+    figure = plot_methods(table, title=f"{experiment}: {table.metric}, best trial per fold by {chosen.name}")
+    figure.savefig(files[2], dpi=120)
+    plt.close(figure)
+    if log_to_mlflow and launch is not None:
+        client = tracking.client(uri)
+        for path in files:
+            tracking.retry(lambda p=path: client.log_artifact(launch.info.run_id, str(p), "report"))
+    return Report(table, markdown, files, len(rows))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

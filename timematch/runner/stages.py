@@ -1,0 +1,175 @@
+"""The two stages of a launch as Ray Tune runs.
+
+Stage 1 trains the source models that are not cached yet, one trial each (no search).
+Stage 2 is one Tuner over every adaptation trial of the plan, with :class:`GroupedSearch`
+(Optuna TPE per group behind a concurrency limit) and :class:`GroupedASHA` (ASHA per
+group on epochs); per-epoch checkpoints and ``FailureConfig`` retries make a failed trial
+continue from its last epoch, and ``Tuner.restore(..., resume_errored=True)`` continues an
+interrupted launch (``--resume``) without re-running finished trials.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import tune
+
+from timematch.data.tiles import short_name
+from timematch.runner import tracking
+from timematch.runner.plan import LaunchPlan, get_objective, source_model_path
+from timematch.runner.progress import ProgressPrinter, RunStatusCallback
+from timematch.runner.resources import TrialResources
+from timematch.runner.search import GroupedASHA, GroupedSearch
+from timematch.runner.trainables import TrialContext, adapt_trial, pretrain_trial
+
+ADAPT_DIR = "adapt"
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    planned: int = 0
+    done: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (trial, error)
+    skipped: list[str] = field(default_factory=list)  # cached source models
+    interrupted: int = 0  # runs of trials that a killed launch started and Tune never recorded
+
+    def lines(self) -> list[str]:
+        out = [f"{self.stage}: {len(self.done)} done, {len(self.stopped)} stopped early by ASHA, "
+               f"{len(self.failed)} failed" + (f", {len(self.skipped)} reused from the cache" if self.skipped else "")
+               + f" ({self.planned} planned)"]
+        out += [f"  FAILED {name}: {error}" for name, error in self.failed]
+        if self.interrupted:
+            out.append(f"  {self.interrupted} run(s) of trials interrupted before Tune recorded them were "
+                       "closed as KILLED (tag interrupted=true); their slots ran as new trials")
+        return out
+
+
+def _run_config(name: str, storage: Path, plan: LaunchPlan, callbacks: list) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=plan.retries),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+
+
+def _trainable(function, context: TrialContext, resources: TrialResources):
+    return tune.with_resources(tune.with_parameters(function, context=context), resources.as_ray())
+
+
+def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources,
+                       storage: Path) -> StageSummary:
+    """Train the missing source models (in parallel, one trial each)."""
+    todo = [t for t in plan.pretrain_tasks if not source_model_path(plan.cache_dir, t.key).is_file()]
+    summary = StageSummary("source models", planned=len(plan.pretrain_tasks))
+    summary.skipped = [t.id for t in plan.pretrain_tasks if t not in todo]
+    if not todo:
+        return summary
+    labels = {t.key: f"pretrain {t.id}" for t in todo}
+    tags = {t.key: {"stage": "pretrain", "source": short_name(t.source), "fold": str(t.fold),
+                    "method": "source_only", "pretrain_key": t.key} for t in todo}
+    callbacks = [
+        ProgressPrinter("pretrain", labels, len(todo), "source_val_f1"),
+        RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,
+                          context.parent_run_id, "pretrain_key", tags),
+    ]
+    tuner = tune.Tuner(
+        _trainable(pretrain_trial, context, resources),
+        param_space={"task": tune.grid_search([t.key for t in todo])},
+        tune_config=tune.TuneConfig(reuse_actors=False),
+        # A fresh directory per attempt: an interrupted training continues from the
+        # source model's own partial checkpoint in the cache, not from Tune's state.
+        run_config=_run_config(f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", storage, plan, callbacks),
+    )
+    grid = tuner.fit()
+    _raise_if_interrupted(grid, len(todo))
+    for result in grid:
+        label = labels.get((result.config or {}).get("task"), "?")
+        if result.error is not None:
+            summary.failed.append((label, _first_line(result.error)))
+        else:
+            summary.done.append(label)
+    return summary
+
+
+def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources, storage: Path,
+                    resume: bool) -> StageSummary:
+    """Every adaptation trial of the plan in one Tuner (restored when resuming)."""
+    trainable = _trainable(adapt_trial, context, resources)
+    path = storage / ADAPT_DIR
+    if resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        objective = get_objective(plan.objective)
+        labels = {g.id: g.id for g in plan.groups}
+        tags = {g.id: tracking.run_tags("adapt", g.scenario.name, g.scenario.source_short, g.scenario.target_short,
+                                        g.method, g.fold, objective.name, objective.uses_target_labels, group=g.id)
+                for g in plan.groups}
+        callbacks = [
+            ProgressPrinter("adapt", labels, plan.n_trials, plan.objective),
+            RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,
+                              context.parent_run_id, "trial_key", tags),
+        ]
+        scheduler = plan.scheduler
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=GroupedSearch(plan, resources.max_concurrent_per_group, seed=plan.seed),
+                scheduler=GroupedASHA(plan, int(scheduler.get("grace_period", 1)),
+                                      float(scheduler.get("reduction_factor", 2))),
+                num_samples=plan.n_trials, reuse_actors=False,
+            ),
+            run_config=_run_config(ADAPT_DIR, storage, plan, callbacks),
+        )
+    grid = tuner.fit()
+    _raise_if_interrupted(grid, plan.n_trials)
+    closed = close_interrupted_runs(context)
+    summary = StageSummary("adaptation", planned=plan.n_trials)
+    summary.interrupted = closed
+    for result in grid:
+        config = result.config or {}
+        label = f"{config.get('group', '?')} [{_trial_id(result)}]"
+        metrics = result.metrics or {}
+        if result.error is not None:
+            summary.failed.append((label, _first_line(result.error)))
+        elif "test_macro_f1" in metrics:
+            summary.done.append(label)
+        else:
+            summary.stopped.append(label)
+    return summary
+
+
+def _raise_if_interrupted(grid, planned: int) -> None:
+    """Tune answers Ctrl-C by saving its state and returning early: pass the interruption on."""
+    if len(grid) < planned or grid.num_terminated + grid.num_errors < len(grid):
+        raise KeyboardInterrupt
+
+
+def close_interrupted_runs(context: TrialContext) -> int:
+    """Once every trial of the launch has ended, a trial run still RUNNING belongs to a trial
+    that an interrupted launch started after Tune last saved its state: close it."""
+    client = tracking.client(context.tracking_uri)
+    runs = tracking.retry(lambda: client.search_runs(
+        [context.experiment_id],
+        f"tags.launch_id = '{context.launch_id}' and tags.stage = 'adapt' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    ))
+    for run in runs:
+        tracking.retry(lambda r=run: client.set_tag(r.info.run_id, "interrupted", "true"))
+        tracking.retry(lambda r=run: client.set_terminated(r.info.run_id, status="KILLED"))
+    return len(runs)
+
+
+def _trial_id(result) -> str:
+    return str((result.metrics or {}).get("trial_id", "?"))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    lines = [line.strip() for line in text if line.strip()]
+    summary = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
+    return (summary or type(error).__name__)[:500]
+

@@ -1,0 +1,221 @@
+"""MLflow: where runs go and what each run holds (the schema of ``shared/design.md``).
+
+- one experiment per launch name; one parent run per launch (``stage=launch``);
+- one child run per trial (``stage=adapt``) and per source-model training
+  (``stage=pretrain``), tagged ``stage, scenario, source, target, method, fold, objective``
+  (+ ``selection_uses_target_labels``, ``launch_id``, ``group``, ``trial_key``);
+- params: the full resolved method config; metrics per epoch (step = epoch), then the
+  final selection metrics (``final_<name>``) and the target test metrics; artifacts: the
+  model (``mlflow.pytorch.load_model``), confusion-matrix and shift-score plots, the
+  per-class report (JSON and CSV).
+
+Runs are addressed by explicit ids through :class:`mlflow.MlflowClient` (trial processes
+never depend on a global active run), and found again by tag, so a retried or resumed
+trial continues its own run instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from timematch.errors import ConfigError
+
+CHECK_TIMEOUT_S = 3.0
+#: Requirements written with logged models: writing them skips MLflow's slow inference.
+PIP_REQUIREMENTS = ["torch", "numpy", "timematch"]
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+T = TypeVar("T")
+
+
+def default_tracking_uri(project_root: Path) -> str:
+    """``$MLFLOW_TRACKING_URI``, else SQLite under ``<project>/mlflow/``."""
+    import os
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(project_root) / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast on a tracking server that does not answer, or a SQLite path that cannot exist."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=CHECK_TIMEOUT_S) as response:
+                if response.status != 200:
+                    raise ConfigError(f"--tracking-uri {uri}: {url} answered HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"--tracking-uri {uri}: the MLflow server does not answer ({reason}); start it "
+                "(bash mlflow/server.sh) or leave --tracking-uri out to use the local SQLite store"
+            ) from None
+    elif scheme == "sqlite":
+        path = sqlite_path(uri)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"--tracking-uri {uri}: cannot create {path.parent} ({err})") from None
+    elif scheme in ("", "file"):
+        raise ConfigError(
+            f"--tracking-uri {uri}: MLflow 3 no longer writes plain file stores; use "
+            "sqlite:////abs/path/mlflow.db or an http(s):// tracking server"
+        )
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):]  # "/abs/path.db" for sqlite:////abs/path.db, else relative
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside it (``<dir>/artifacts/<experiment>``); a server decides its own."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)
+    return (path.parent.resolve() / "artifacts" / safe).as_uri()
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def retry(call: Callable[[], T], attempts: int = 6) -> T:
+    """Retry a store call that lost a race for the SQLite write lock (trials log concurrently)."""
+    delay = 0.2
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - only lock errors are retried
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (with its artifact location) when missing."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+
+
+def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuses: tuple[str, ...] = ()) -> Any:
+    """The most recent run of the experiment carrying every tag of ``tags`` (and one of ``statuses``)."""
+    clauses = [f"tags.{key} = '{_quote(value)}'" for key, value in tags.items()]
+    runs = retry(lambda: mlflow_client.search_runs(
+        [experiment_id], filter_string=" and ".join(clauses), max_results=100,
+        order_by=["attributes.start_time DESC"],
+    ))
+    # (the search grammar compares status with one value only, so several are filtered here)
+    return next((run for run in runs if not statuses or run.info.status in statuses), None)
+
+
+def _quote(value: str) -> str:
+    return str(value).replace("'", "\\'")
+
+
+def run_tags(stage: str, scenario: str, source: str, target: str, method: str, fold: int, objective: str,
+             uses_target_labels: bool, **extra: Any) -> dict[str, str]:
+    tags = {
+        "stage": stage, "scenario": scenario, "source": source, "target": target, "method": method,
+        "fold": str(fold), "objective": objective,
+        "selection_uses_target_labels": "true" if uses_target_labels else "false",
+    }
+    tags.update({key: str(value) for key, value in extra.items() if value is not None})
+    return tags
+
+
+def open_run(mlflow_client, experiment_id: str, key_tags: Mapping[str, str], tags: Mapping[str, str],
+             params: Mapping[str, Any], run_name: str, parent_run_id: str | None,
+             reuse_finished: bool = True) -> tuple[str, bool]:
+    """Continue the run identified by ``key_tags`` (a retried or resumed trial), else create it.
+
+    Returns ``(run_id, finished)``: ``finished`` when that run already completed (with
+    ``reuse_finished=False`` a completed run is left alone and a new one created).
+    """
+    from mlflow.entities import Param
+
+    statuses = () if reuse_finished else ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
+    existing = find_run(mlflow_client, experiment_id, key_tags, statuses)
+    if existing is not None:
+        run_id = existing.info.run_id
+        if existing.info.status == "FINISHED":
+            return run_id, True
+        retry(lambda: mlflow_client.update_run(run_id, status="RUNNING"))
+        if "error" in existing.data.tags:
+            retry(lambda: mlflow_client.delete_tag(run_id, "error"))
+        attempt = int(existing.data.tags.get("attempt", "1")) + 1
+        retry(lambda: mlflow_client.set_tag(run_id, "attempt", str(attempt)))
+        return run_id, False
+    all_tags = {**tags, **key_tags, "attempt": "1"}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = retry(lambda: mlflow_client.create_run(experiment_id, tags=all_tags, run_name=run_name))
+    run_id = run.info.run_id
+    retry(lambda: mlflow_client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
+    return run_id, False
+
+
+def _param(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if _is_number(value)]
+    if batch:
+        retry(lambda: mlflow_client.log_batch(run_id, metrics=batch))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def mark_failed(mlflow_client, run_id: str, error: str, traceback_text: str | None = None) -> None:
+    """Tag a run with its error (first 5000 characters) and end it as FAILED."""
+    retry(lambda: mlflow_client.set_tag(run_id, "error", error[:5000]))
+    if traceback_text:
+        retry(lambda: mlflow_client.log_text(run_id, traceback_text, "error.txt"))
+    retry(lambda: mlflow_client.set_terminated(run_id, status="FAILED"))
+
+
+def finish_with_model(uri: str, run_id: str, model, name: str = "model") -> str:
+    """Log ``model`` as the run's last artifact and end the run FINISHED; returns the model URI.
+
+    Pickle serialisation, so ``mlflow.pytorch.load_model`` returns the module itself
+    (importable from :mod:`timematch`); explicit pip requirements, since inferring them
+    costs seconds per model.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):  # its exit marks the run FINISHED
+        info = mlflow.pytorch.log_model(
+            model, name=name, serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
+        )
+        mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_uri

@@ -1,0 +1,248 @@
+"""The Tune trainables: one source-model training, one adaptation trial.
+
+Both are plain functions ``f(config, context)`` run by Ray Tune in worker processes (they
+live in the installed package so workers can import them). ``context`` (a
+:class:`TrialContext`, bound with ``tune.with_parameters``) carries the launch plan and
+where to log; ``config`` names what to run.
+
+Adaptation trial, per epoch: log the epoch's metrics to MLflow, then report them to Tune
+with a checkpoint (the resumable state of :func:`timematch.experiment.run_experiment`).
+The last epoch is reported only once the target test split is evaluated and everything is
+logged, because ASHA stops a trial at its last epoch's report. A retried or resumed trial
+continues from its last checkpoint and its own MLflow run; one whose run already
+finished reports its logged results again instead of training twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from timematch.data.tiles import short_name
+from timematch.experiment import ExperimentResult, PretrainedSource, pretrain_source, run_experiment
+from timematch.methods import get_method
+from timematch.models import build_model
+from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
+from timematch.runner import tracking
+from timematch.runner.plan import OBJECTIVES, LaunchPlan, TrialGroup, get_objective, source_model_path
+
+STATE_FILE = "state.pt"
+TEST_PREFIX = "test_"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a launch shares."""
+
+    plan: LaunchPlan
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    launch_id: str
+    cpus_per_trial: float
+
+
+def _threads(context: TrialContext) -> None:
+    torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- stage 1: source models -------------------------------------------------------------
+
+
+def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Train (or finish training) one source model and store it under the cache."""
+    _threads(context)
+    plan = context.plan
+    task = plan.task(config["task"])
+    path = source_model_path(plan.cache_dir, task.key)
+    if path.is_file():  # trained meanwhile by another launch
+        tune.report({"reused": 1.0, "final": 1.0})
+        return
+    spec = plan.pretrain_spec(task)
+    client = tracking.client(context.tracking_uri)
+    tags = tracking.run_tags(
+        "pretrain", ",".join(task.scenarios), short_name(task.source), "", "source_only", task.fold,
+        "source_val_f1", False, launch_id=context.launch_id, model=spec.model, seed=spec.seed,
+        source_model_path=str(path),
+    )
+    run_id, _ = tracking.open_run(
+        client, context.experiment_id, {"pretrain_key": task.key}, tags,
+        plan.resolved_pretrain_config(), f"pretrain {task.id}", context.parent_run_id,
+        reuse_finished=False,
+    )
+    partial = path.with_name(path.stem + ".partial.pt")
+    try:
+        resume_state = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
+        if resume_state is not None:  # re-log what the interrupted attempt trained (same steps, same values)
+            for entry in resume_state.get("history", []):
+                tracking.log_metrics(client, run_id, _numbers(entry["metrics"]), step=int(entry["epoch"]))
+
+        def on_epoch(report, state) -> None:
+            metrics = _numbers(report.metrics)
+            tracking.log_metrics(client, run_id, metrics, step=report.epoch)
+            _atomic_torch_save(state(), partial)
+            tune.report({**metrics, "epoch": report.epoch})
+
+        pretrained = pretrain_source(spec, on_epoch, resume_state)
+        pretrained.save(path)
+        partial.unlink(missing_ok=True)
+        tracking.log_metrics(client, run_id, {"best_epoch": pretrained.best_epoch,
+                                              "final_source_val_f1": pretrained.source_val_f1},
+                             step=len(pretrained.history))
+        model = build_model(spec.model, num_classes=len(pretrained.classes))
+        model.load_state_dict(pretrained.state_dict)
+        client.log_dict(run_id, {"classes": pretrained.classes, "key": pretrained.key}, "source_model.json")
+        tracking.finish_with_model(context.tracking_uri, run_id, model.eval())
+        tune.report({"source_val_f1": pretrained.source_val_f1, "best_epoch": pretrained.best_epoch, "final": 1.0})
+    except Exception as err:
+        tracking.mark_failed(client, run_id, f"{type(err).__name__}: {err}", traceback.format_exc())
+        raise
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- stage 2: adaptation trials ---------------------------------------------------------
+
+
+def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """One trial: adapt the group's source model with ``config["params"]``, evaluate, log, report."""
+    _threads(context)
+    plan = context.plan
+    group = plan.group(config["group"])
+    params = dict(config.get("params") or {})
+    objective = get_objective(plan.objective)
+    trial_id = tune.get_context().get_trial_id()
+    resolved = plan.resolved_config(group, params)
+    client = tracking.client(context.tracking_uri)
+    tags = tracking.run_tags(
+        "adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short, group.method,
+        group.fold, objective.name, objective.uses_target_labels, launch_id=context.launch_id, group=group.id,
+        trial_id=trial_id, baseline="true" if group.baseline else None, sampled=json.dumps(params) if params else None,
+        pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile,
+    )
+    run_id, finished = tracking.open_run(
+        client, context.experiment_id, {"trial_key": f"{context.launch_id}/{trial_id}"}, tags, resolved,
+        f"{group.id} {trial_id}", context.parent_run_id,
+    )
+    if finished:  # completed before an interruption that Tune had not recorded yet
+        tune.report(_logged_final(client, run_id, objective.name, resolved["epochs"]))
+        return
+    try:
+        checkpoint = tune.get_checkpoint()
+        resume_state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                resume_state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        pretrained = _load_source_model(plan, group)
+        last_epoch = int(resolved["epochs"])
+        logs: list[str] = []
+
+        def on_epoch(report, state) -> None:
+            metrics = _numbers(report.metrics)
+            tracking.log_metrics(client, run_id, metrics, step=report.epoch)
+            logs.extend(f"epoch {report.epoch}: {line}" for line in report.logs)
+            if report.epoch >= last_epoch:
+                return  # reported with the test metrics, below
+            snapshot = state()
+            if not snapshot:
+                return  # nothing to resume from (an evaluation-only epoch)
+            with tempfile.TemporaryDirectory() as directory:
+                torch.save(snapshot, Path(directory) / STATE_FILE)
+                tune.report({**metrics, "epoch": report.epoch},
+                            checkpoint=tune.Checkpoint.from_directory(directory))
+
+        result = run_experiment(plan.spec(group, params), pretrained, on_epoch, resume_state)
+        final = final_metrics(result)
+        tracking.log_metrics(client, run_id, {**final, **_numbers(result.timings)}, step=last_epoch)
+        _log_artifacts(client, run_id, result, logs)
+        tracking.finish_with_model(context.tracking_uri, run_id, result.model)
+        selection = {name: final[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in final}
+        tune.report({**final, **selection, "epoch": last_epoch, "final": 1.0, "mlflow_run_id": run_id})
+    except Exception as err:
+        tracking.mark_failed(client, run_id, f"{type(err).__name__}: {err}", traceback.format_exc())
+        raise
+
+
+def _load_source_model(plan: LaunchPlan, group: TrialGroup) -> PretrainedSource | None:
+    if group.pretrain_key is None:
+        return None
+    path = source_model_path(plan.cache_dir, group.pretrain_key)
+    if not path.is_file():
+        # Stage 1 stores every source model before stage 2 starts; a cache that is not shared
+        # between the nodes of a cluster ends up here. run_experiment then trains it itself.
+        return None
+    return PretrainedSource.load(path)
+
+
+def final_metrics(result: ExperimentResult) -> dict[str, float]:
+    """``final_<objective>`` of the returned model, and the target test metrics.
+
+    Methods that keep their best epoch (``select_best_by``) return that epoch's weights, so
+    their selection metrics are that epoch's, not the last epoch's.
+    """
+    method = get_method(result.spec.method)
+    source = dict(result.metrics)
+    key = getattr(method, "select_best_by", None)
+    history = [h for h in result.history if key and key in h.metrics]
+    if key and len(history) > 1:
+        best = max(history, key=lambda h: h.metrics[key])  # the first best, as the training loop keeps it
+        source.update({name: best.metrics[name] for name in OBJECTIVES if name in best.metrics})
+    final = {f"final_{name}": float(source[name]) for name in OBJECTIVES if name in source}
+    final.update({k: float(v) for k, v in result.metrics.items() if k.startswith(TEST_PREFIX)})
+    if "estimated_shift" in result.metrics:
+        final["final_estimated_shift"] = float(result.metrics["estimated_shift"])
+    return final
+
+
+def _logged_final(client, run_id: str, objective: str, epochs: int) -> dict[str, float]:
+    metrics = client.get_run(run_id).data.metrics
+    final = {k: v for k, v in metrics.items() if k.startswith(("final_", TEST_PREFIX))}
+    final.update({name: metrics[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in metrics})
+    return {**final, "epoch": epochs, "final": 1.0, "mlflow_run_id": run_id}
+
+
+def _log_artifacts(client, run_id: str, result: ExperimentResult, logs: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    spec = result.spec
+    title = f"{spec.method}: {short_name(spec.source)} -> {short_name(spec.target)}, fold {spec.fold}"
+    figure = plot_confusion(result.confusion, result.classes, title=f"{title} (target test)")
+    client.log_figure(run_id, figure, "plots/confusion_matrix.png")
+    plt.close(figure)
+    client.log_dict(run_id, {"classes": result.classes, "matrix": result.confusion.tolist()}, "confusion_matrix.json")
+    client.log_dict(run_id, _plain(result.report), "per_class_report.json")
+    client.log_text(run_id, per_class_csv(result.report), "per_class_report.csv")
+    if result.shift_scores:
+        figure = plot_shift_scores(result.shift_scores, title=f"{title}: shift scores")
+        client.log_figure(run_id, figure, "plots/shift_scores.png")
+        plt.close(figure)
+        client.log_dict(run_id, _plain(result.shift_scores), "shift_scores.json")
+    if logs:
+        client.log_text(run_id, "\n".join(logs) + "\n", "epoch_logs.txt")
+
+
+def _plain(value: Any) -> Any:
+    """numpy and torch values -> JSON-ready Python values."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
