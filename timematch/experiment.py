@@ -269,9 +269,9 @@ def run_experiment(
     if spec.method == "source_only":
         if pretrained is None or pretrained.key != pretrain_key(spec):
             pretrained = pretrain_source(spec, on_epoch, resume_state)
-            history = pretrained.history
+            history, best_epoch = pretrained.history, pretrained.best_epoch
         else:
-            history = []
+            history, best_epoch = [], 0
         model = _from_pretrained(spec, pretrained, source, target, device)
         if not history:
             report = EpochReport(epoch=1, metrics=selection_metrics(model, source, target, device),
@@ -292,12 +292,16 @@ def run_experiment(
         logger.info("%s: %s -> %s, fold %d, on %s", spec.method, source.tile, target.tile, spec.fold, device)
         outcome = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info)
         history, timings, info = outcome["history"], outcome["timings"], method.info()
+        best_epoch = outcome["best_epoch"] if method_cls.select_best_by else 0
         model = method.eval_model()
     test = evaluate(model, target, "test", device)
     metrics = {f"test_{k}": test[k] for k in ("macro_f1", "accuracy", "weighted_f1", "kappa")}
+    # the selection metrics of the returned model: its best epoch when the method keeps one
+    by_epoch = {h.epoch: h for h in history}
+    chosen = by_epoch.get(best_epoch) or (history[-1] if history else None)
     for key in ("target_val_f1", "source_val_f1", "target_im_score"):
-        if history and key in history[-1].metrics:
-            metrics[key] = history[-1].metrics[key]
+        if chosen is not None and key in chosen.metrics:
+            metrics[key] = chosen.metrics[key]
     if "estimated_shift" in info:
         metrics["estimated_shift"] = float(info["estimated_shift"])
     model = model.to("cpu").eval()

@@ -28,7 +28,6 @@ from ray import tune
 
 from timematch.data.tiles import short_name
 from timematch.experiment import ExperimentResult, PretrainedSource, pretrain_source, run_experiment
-from timematch.methods import get_method
 from timematch.models import build_model
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import tracking
@@ -197,18 +196,9 @@ def _load_source_model(plan: LaunchPlan, group: TrialGroup) -> PretrainedSource 
 
 
 def final_metrics(result: ExperimentResult) -> dict[str, float]:
-    """``final_<objective>`` of the returned model, and the target test metrics.
-
-    Methods that keep their best epoch (``select_best_by``) return that epoch's weights, so
-    their selection metrics are that epoch's, not the last epoch's.
-    """
-    method = get_method(result.spec.method)
+    """``final_<objective>`` of the returned model (its best epoch's for methods that keep
+    one, as :func:`run_experiment` reports them), and the target test metrics."""
     source = dict(result.metrics)
-    key = getattr(method, "select_best_by", None)
-    history = [h for h in result.history if key and key in h.metrics]
-    if key and len(history) > 1:
-        best = max(history, key=lambda h: h.metrics[key])  # the first best, as the training loop keeps it
-        source.update({name: best.metrics[name] for name in OBJECTIVES if name in best.metrics})
     final = {f"final_{name}": float(source[name]) for name in OBJECTIVES if name in source}
     final.update({k: float(v) for k, v in result.metrics.items() if k.startswith(TEST_PREFIX)})
     if "estimated_shift" in result.metrics:
