@@ -117,7 +117,6 @@ class PretrainedSource:
     def save(self, path: Path) -> Path:
         """Write to ``path`` atomically (a ``.pt`` file loadable with ``torch.load(weights_only=True)``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": 1,
             "key": self.key,
@@ -129,14 +128,7 @@ class PretrainedSource:
             "source_val_f1": self.source_val_f1,
             "info": json.loads(json.dumps(self.info, default=str)),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(payload, path)
         return path
 
     @classmethod
@@ -182,6 +174,20 @@ class ExperimentResult:
     config: dict[str, Any]
     shift_scores: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary sibling, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _pretrain_spec(spec: ExperimentSpec) -> ExperimentSpec:

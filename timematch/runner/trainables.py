@@ -27,7 +27,9 @@ import torch
 from ray import tune
 
 from timematch.data.tiles import short_name
-from timematch.experiment import ExperimentResult, PretrainedSource, pretrain_source, run_experiment
+from timematch.experiment import (
+    ExperimentResult, PretrainedSource, atomic_torch_save, pretrain_source, run_experiment,
+)
 from timematch.models import build_model
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import tracking
@@ -91,7 +93,7 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
         def on_epoch(report, state) -> None:
             metrics = _numbers(report.metrics)
             tracking.log_metrics(client, run_id, metrics, step=report.epoch)
-            _atomic_torch_save(state(), partial)
+            atomic_torch_save(state(), partial)
             tune.report({**metrics, "epoch": report.epoch})
 
         pretrained = pretrain_source(spec, on_epoch, resume_state)
@@ -108,18 +110,6 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     except Exception as err:
         tracking.mark_failed(client, run_id, f"{type(err).__name__}: {err}", traceback.format_exc())
         raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- stage 2: adaptation trials ---------------------------------------------------------
