@@ -44,6 +44,16 @@ def run(model, batch):
     return model(batch["pixels"], batch["mask"], batch["positions"], batch["geom"])
 
 
+def assert_near(got: torch.Tensor, want: torch.Tensor, tol: float, what: str = "") -> None:
+    """Relative error of the whole tensor. Sums over thousands of pixel rows are accumulated
+    in an order that depends on the device, thread count and chunking (and GPU convolutions
+    may use TF32), so a single element may differ by more than float32 rounding while the
+    tensor as a whole agrees."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+    assert error <= tol, f"{what}: relative error {error:.2e} > {tol:g}"
+
+
 def reference_pixel_set_encoder(pse, pixels, mask, geom):
     """The Pixel-Set Encoder written plainly with the encoder's own modules (the public code's maths)."""
     valid = pixels.transpose(1, 2)[mask]  # (N, T, C), parcel by parcel
@@ -123,7 +133,7 @@ def test_fused_pixel_encoder_matches_plain_modules(monkeypatch, chunk_rows, trai
     grads = torch.autograd.grad((out * weights).sum(), list(fused.parameters()))
     expected_grads = torch.autograd.grad((expected * weights).sum(), list(plain.parameters()))
     for (name, _), got, want in zip(fused.named_parameters(), grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        assert_near(got, want, 1e-4, name)
 
 
 def test_single_valid_pixel_gives_finite_output_and_gradients():

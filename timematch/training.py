@@ -126,13 +126,16 @@ def selection_metrics(
     ``target_val_f1`` uses target validation labels (tagged as such by the runner);
     ``source_val_f1`` and ``target_im_score`` use no target labels.
     """
-    metrics = {
-        "target_val_f1": evaluate(model, target, "val", device)["macro_f1"],
+    # one pass over the target validation parcels serves both target criteria: the
+    # information maximisation score sees all of them, the F1 only the labelled ones
+    probs, labels = predict(model, target, target.split.val, device)
+    labelled = labels >= 0
+    target_f1 = classification_metrics(labels[labelled], probs[labelled].argmax(1), target.classes)["macro_f1"]
+    return {
+        "target_val_f1": target_f1,
         "source_val_f1": evaluate(model, source, "val", device)["macro_f1"],
+        "target_im_score": information_maximization(probs),
     }
-    probs, _ = predict(model, target, target.split.val, device)  # labels unused
-    metrics["target_im_score"] = information_maximization(probs)
-    return metrics
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int, saved: str) -> None:
@@ -145,17 +148,9 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, saved: str) -> None:
         )
 
 
-def capture_rng() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state()}
-
-
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def clone_module(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module)
 
 
 def fit(
@@ -191,6 +186,8 @@ def fit(
         method.load_extra_state(resume_state["method"])
         rng.bit_generator.state = resume_state["numpy_rng"]
         torch.set_rng_state(resume_state["torch_rng"])
+        if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
         history = [EpochReport(**h) for h in resume_state["history"]]
         best = dict(resume_state["best"])
         start = int(resume_state["epoch"]) + 1
@@ -206,6 +203,8 @@ def fit(
             "method": copy.deepcopy(method.extra_state()),
             "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            # dropout on a GPU draws from the device's generator (None on the CPU)
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "history": [{"epoch": h.epoch, "metrics": h.metrics, "logs": h.logs} for h in history],
             "best": best,
         }
