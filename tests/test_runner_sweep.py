@@ -32,8 +32,10 @@ def ray_address():
     set_environment()
     import ray
 
-    # address="local": a new instance even if another one runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+    # address="local": a new instance even if another one runs on this machine. One logical
+    # GPU: trials are placed by GPU share as on a GPU cluster (Ray only counts it; a trial
+    # computes on CUDA when torch sees a device, else on the CPU).
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=256 * 1024**2,
              log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -71,15 +73,17 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
     monkeypatch.setenv("TIMEMATCH_CACHE", str(cache))
     uri = tracking_uri(tmp_path)
     args = common_args(data_root, tmp_path, "sweep")
-    code = main(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "timematch,fixmatch", "--trials", "2"],
-                project_root=REPO)
+    code = main(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "timematch,fixmatch", "--trials", "2",
+                        "--gpus-per-trial", "0.5"], project_root=REPO)
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
     assert "source models: 2 done" in out and "adaptation: " in out and "0 failed (10 planned)" in out
+    assert "gpus per trial 0.5, trials at once 2" in out
 
     # -- the launch's parent run and the pretraining children
     (parent,) = runs_of(uri, "sweep", "launch")
     assert parent.info.status == "FINISHED" and parent.data.tags["objective"] == "target_val_f1"
+    assert parent.data.tags["gpus_per_trial"] == "0.5"
     assert parent.data.params["scenarios"] == "DK-FR1,FR1-FR2"
     pretrain = runs_of(uri, "sweep", "pretrain")
     assert len(pretrain) == 2 and {r.data.tags["source"] for r in pretrain} == {"DK", "FR1"}
@@ -106,6 +110,7 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
         assert all(tags.get(t) for t in TAGS), tags
         assert tags["selection_uses_target_labels"] == "true" and tags["mlflow.parentRunId"] == parent.info.run_id
         assert set(run.data.params) == set(config_fields(tags["method"]))
+        assert tags["device"].startswith("cuda:") if torch.cuda.is_available() else tags["device"] == "cpu"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val_f1")][0] == 1
     for run in finished:
         metrics = run.data.metrics

@@ -114,11 +114,11 @@ class ResultTable:
         return {m for m, v in means.items() if v == top}
 
     def caption(self) -> str:
-        folds = ", ".join(map(str, self.folds))
-        return (
-            f"{self.metric} (x100), mean ± std over folds ({folds}) of the best trial per fold "
-            f"by {self.objective}"
-        )
+        if len(self.folds) == 1:
+            spread = f"fold {self.folds[0]} only (one fold: no ± std)"
+        else:
+            spread = f"mean ± std over folds {', '.join(map(str, self.folds))}"
+        return f"{self.metric} (x100), {spread}; the best trial per fold by {self.objective}"
 
     def to_markdown(self) -> str:
         header = ["Method", *[_arrow(c) for c in self.columns]]

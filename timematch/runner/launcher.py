@@ -68,6 +68,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         root = ensure_embedded_dataset(progress=_say)
         if str(root.resolve()) != plan.data_root:
             raise AssertionError(f"embedded dataset at {root}, plan expects {plan.data_root}")
+    if launch.address:  # Ray itself retries for up to ~30 s before it gives up on an address
+        _say(f"connecting to the Ray cluster at {launch.address} ...")
     cluster = connect(launch.address, verbose=args.verbose)
     try:
         resources = trial_resources(cluster, *requested)
