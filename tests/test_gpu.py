@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_models import assert_near, make_batch, reference_pixel_set_encoder, run
+from tests.test_models import assert_fused_matches_plain, assert_near, make_batch, run
 from timematch.data.dataset import DataConfig
 from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_source, run_experiment
 from timematch.models import MODEL_NAMES, build_model
@@ -66,19 +66,8 @@ def test_fused_pixel_encoder_on_cuda_matches_plain_modules(train):
         batch = to(make_batch(seed=seed, batch=32, dates=30, pixels=64), CUDA)
         fused(batch["pixels"], batch["mask"], batch["geom"])
     fused.train(train)
-    plain = copy.deepcopy(fused)
     batch = to(make_batch(batch=32, dates=30, pixels=64), CUDA)
-    out = fused(batch["pixels"], batch["mask"], batch["geom"])
-    expected = reference_pixel_set_encoder(plain, batch["pixels"], batch["mask"], batch["geom"])
-    assert_near(out, expected, 1e-4, "output")
-    for key, value in plain.state_dict().items():
-        if value.is_floating_point():
-            assert_near(fused.state_dict()[key], value, 1e-4, key)
-    weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum(), list(fused.parameters()))
-    expected_grads = torch.autograd.grad((expected * weights).sum(), list(plain.parameters()))
-    for (name, _), got, want in zip(fused.named_parameters(), grads, expected_grads):
-        assert_near(got, want, 1e-3, name)
+    assert_fused_matches_plain(fused, batch, output_tol=1e-4, grad_tol=1e-3)
 
 
 def test_shift_estimation_on_cuda_matches_cpu():
