@@ -32,9 +32,9 @@ from timematch.experiment import (
 )
 from timematch.models import build_model
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
-from timematch.training import pick_device
 from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, TrialGroup, get_objective, source_model_path
+from timematch.training import pick_device
 
 STATE_FILE = "state.pt"
 TEST_PREFIX = "test_"
@@ -56,7 +56,7 @@ def _threads(context: TrialContext) -> None:
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
 
 
-def device_tag() -> str:
+def _device_tag() -> str:
     """Where this trial computes: ``cpu`` or ``cuda:N (<GPU name>)`` (N among the GPUs Ray gave it)."""
     device = pick_device()
     if device.type != "cuda":
@@ -86,7 +86,7 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     tags = tracking.run_tags(
         "pretrain", ",".join(task.scenarios), short_name(task.source), "", "source_only", task.fold,
         "source_val_f1", False, launch_id=context.launch_id, model=spec.model, seed=spec.seed,
-        source_model_path=str(path), device=device_tag(),
+        source_model_path=str(path), device=_device_tag(),
     )
     run_id, _ = tracking.open_run(
         client, context.experiment_id, {"pretrain_key": task.key}, tags,
@@ -139,7 +139,7 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         "adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short, group.method,
         group.fold, objective.name, objective.uses_target_labels, launch_id=context.launch_id, group=group.id,
         trial_id=trial_id, baseline="true" if group.baseline else None, sampled=json.dumps(params) if params else None,
-        pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile, device=device_tag(),
+        pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile, device=_device_tag(),
     )
     run_id, finished = tracking.open_run(
         client, context.experiment_id, {"trial_key": f"{context.launch_id}/{trial_id}"}, tags, resolved,
