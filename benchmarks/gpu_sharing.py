@@ -23,23 +23,15 @@ def worker(root: str, method_name: str, steps: int, threads: int, barrier, resul
     import torch
 
     from timematch.data.dataset import DataConfig, open_domains
-    from timematch.methods import build_config, get_method
-    from timematch.models import build_model
-    from timematch.training import fit, pick_device
+    from timematch.training import pick_device
+    from training_step import run_steps  # benchmarks/ is on the path of this script and its workers
 
     torch.set_num_threads(threads)
-    device = pick_device()
     source, target = open_domains(Path(root), "DK", "FR1", fold=0, config=DataConfig(min_parcels=50))
     extra = {"sample_size": 1} if method_name == "timematch" else {}
-    model = build_model(num_classes=len(source.classes)).to(device)
-    method = get_method(method_name)(
-        build_config(method_name, {"epochs": 1, "steps_per_epoch": 3, "batch_size": 128, **extra}),
-        model, source, target, device)
-    fit(method, seed=1)  # warm-up: CUDA context, allocator, first-call overheads
-    method.config = build_config(method_name, {"epochs": 1, "steps_per_epoch": steps, "batch_size": 128, **extra})
-    barrier.wait()
-    timings = fit(method, seed=0)["timings"]
-    results.put((timings["steps"] * 128, timings["step_seconds"], timings["data_wait_seconds"]))
+    timed = run_steps(method_name, source, target, pick_device(), steps, before_timed=barrier.wait, **extra)
+    step_seconds = timed["step_s"] * steps
+    results.put((steps * 128, step_seconds, timed["wait_fraction"] * step_seconds))
 
 
 def measure(root: str, method: str, trials: int, steps: int, threads: int) -> tuple[float, float, float]:

@@ -30,7 +30,9 @@ from timematch.training import fit, pick_device, to_torch
 REFERENCE = {"source_only": 1.0, "timematch": 2.0, "shift_per_batch": 1.4}
 
 
-def run_steps(method_name: str, source, target, device, steps: int, **overrides) -> dict:
+def run_steps(method_name: str, source, target, device, steps: int, before_timed=None, **overrides) -> dict:
+    """Seconds per training step of ``method_name`` (batch 128) after a short warm-up;
+    ``before_timed()``, when given, is called between the two (e.g. to start trials together)."""
     config = build_config(method_name, {"epochs": 1, "steps_per_epoch": steps, "batch_size": 128, **overrides})
     model = build_model(num_classes=len(source.classes)).to(device)
     method = get_method(method_name)(config, model, source, target, device)
@@ -39,6 +41,8 @@ def run_steps(method_name: str, source, target, device, steps: int, **overrides)
     method.config = warm
     fit(method, seed=1)
     method.config = config
+    if before_timed:
+        before_timed()
     timings = fit(method, seed=0)["timings"]
     per_step = timings["step_seconds"] / timings["steps"]
     return {"step_s": per_step, "samples_per_s": 128 / per_step,

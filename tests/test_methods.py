@@ -117,15 +117,6 @@ def test_domain_specific_bn_keeps_statistics_apart():
 # -- end to end on the small synthetic dataset -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    from timematch.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(root, parcels_per_tile=240, seed=3, tiles=["DK", "FR1"])
-    return root
-
-
 def tiny_spec(root, cache, method, **changes):
     spec = ExperimentSpec(
         data_root=root, source="DK", target="FR1", method=method, method_config=dict(TINY),

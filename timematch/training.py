@@ -113,9 +113,15 @@ def evaluate(
     model: torch.nn.Module, domain: Domain, part: str, device: torch.device, shift: int = 0
 ) -> dict[str, Any]:
     """:func:`classification_metrics` on the labelled parcels of a split part."""
-    parcels = domain.labelled(part)
-    probs, labels = predict(model, domain, parcels, device, shift)
-    return classification_metrics(labels, probs.argmax(1) if len(probs) else labels, domain.classes)
+    probs, labels = predict(model, domain, domain.labelled(part), device, shift)
+    return score_labelled(probs, labels, domain.classes)
+
+
+def score_labelled(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """:func:`classification_metrics` of predictions ``probs`` (N, K) on the rows whose label is
+    a class (``labels >= 0``); unlabelled rows are left out."""
+    labelled = labels >= 0
+    return classification_metrics(labels[labelled], probs[labelled].argmax(1), classes)
 
 
 def selection_metrics(
@@ -129,10 +135,8 @@ def selection_metrics(
     # one pass over the target validation parcels serves both target criteria: the
     # information maximisation score sees all of them, the F1 only the labelled ones
     probs, labels = predict(model, target, target.split.val, device)
-    labelled = labels >= 0
-    target_f1 = classification_metrics(labels[labelled], probs[labelled].argmax(1), target.classes)["macro_f1"]
     return {
-        "target_val_f1": target_f1,
+        "target_val_f1": score_labelled(probs, labels, target.classes)["macro_f1"],
         "source_val_f1": evaluate(model, source, "val", device)["macro_f1"],
         "target_im_score": information_maximization(probs),
     }
