@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/training_step.py
 	$(BIN)/python benchmarks/shift_estimation.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/cli_startup.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

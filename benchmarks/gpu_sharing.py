@@ -23,7 +23,7 @@ def worker(root: str, method_name: str, steps: int, threads: int, barrier, resul
     import torch
 
     from timematch.data.dataset import DataConfig, open_domains
-    from timematch.training import pick_device
+    from timematch.evaluation import pick_device
     from training_step import run_steps  # benchmarks/ is on the path of this script and its workers
 
     torch.set_num_threads(threads)

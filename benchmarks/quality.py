@@ -1,9 +1,13 @@
 """Does adaptation work? Source-only, FixMatch, TimeMatch and the upper bound on one scenario.
 
 Prints target-test macro F1 and the estimated shift against the planted one (read from the
-synthetic data's ground-truth file), then the normalisation comparison: source-only
-training with the published scaling (x / 65535) against per-band source statistics (the
-default), epoch by epoch on the source validation split.
+synthetic data's ground-truth file); then what temporal shift augmentation of the source
+model does to shift estimation: a source model trained with and one trained without it,
+each with its inception-score shift estimate over [-60, 60] on the target (TimeMatch's
+initialisation), its own target F1, and TimeMatch's estimate and F1 when started from it;
+then the normalisation comparison: source-only training with the published scaling
+(x / 65535) against per-band source statistics (the default), epoch by epoch on the
+source validation split.
 
     python benchmarks/quality.py [--scenario DK:FR1] [--fold 0] [--budget small|paper]
 """
@@ -21,7 +25,11 @@ from timematch.data.dataset import DataConfig
 from timematch.data.embedded import ensure_embedded_dataset
 from timematch.data.synthetic import GROUND_TRUTH_FILE
 from timematch.data.tiles import short_name, resolve_tile
-from timematch.experiment import ExperimentSpec, pretrain_source, run_experiment
+from timematch.data.dataset import Normalizer, open_domains
+from timematch.evaluation import evaluate, pick_device, to_torch
+from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_source, run_experiment
+from timematch.models import build_model
+from timematch.shift import estimate_shift
 
 BUDGETS = {
     # a few minutes on 2 CPU cores
@@ -41,6 +49,28 @@ def planted_shift(root: Path, source: str, target: str) -> int | None:
         return None
     truth = json.loads(path.read_text())
     return truth["expected_shifts"].get(f"{short_name(source)}->{short_name(target)}")
+
+
+def initial_estimate(spec: ExperimentSpec, pretrained: PretrainedSource, batches: int = 8) -> tuple[int, float]:
+    """The source model's IS shift estimate over [-60, 60] on target training parcels (as
+    TimeMatch initialises), and its target test macro F1."""
+    import numpy as np
+
+    device = pick_device(spec.device)
+    _, target = open_domains(spec.data_root, spec.source, spec.target, spec.fold, spec.data, spec.cache_dir)
+    target.normalizer = Normalizer.from_dict(pretrained.normalizer)
+    model = build_model(spec.model, num_classes=len(pretrained.classes))
+    model.load_state_dict(pretrained.state_dict)
+    model = model.to(device).eval()
+    rng = np.random.default_rng(0)
+    parcels = rng.permutation(target.split.train)[: batches * 128]
+    weak = []
+    for start in range(0, len(parcels), 128):
+        batch = target.weak_batch(parcels[start : start + 128], rng)
+        batch.pop("label")
+        weak.append(to_torch(batch, device))
+    scores = estimate_shift(model, weak, range(-60, 61), "is")
+    return scores.estimate, evaluate(model, target, "test", device)["macro_f1"]
 
 
 def main() -> None:
@@ -71,6 +101,20 @@ def main() -> None:
     print(f"{'method':14s} {'test macro F1':>14s} {'estimated shift':>16s}")
     for method, f1, shift in rows:
         print(f"{method:14s} {100 * f1:14.1f} {'' if shift is None else f'{shift:+.0f}':>16s}")
+
+    print(f"\nshift augmentation of the source model (planted shift {truth}; IS over [-60, 60] on the target):")
+    print(f"{'source model':26s} {'IS estimate':>12s} {'its target F1':>14s} {'TimeMatch estimate':>19s} "
+          f"{'TimeMatch F1':>13s}")
+    augmented = {**budget["pretrain"], "shift_aug": True}
+    for label, source_model, pretrain_config in (
+        ("without (the default)", pretrained, budget["pretrain"]),
+        ("with shift_aug", pretrain_source(spec.replace(pretrain_config=augmented)), augmented),
+    ):
+        estimate, f1 = initial_estimate(spec, source_model)
+        tm = run_experiment(spec.replace(method="timematch", method_config=budget["timematch"],
+                                         pretrain_config=pretrain_config), source_model)
+        print(f"{label:26s} {estimate:+12d} {100 * f1:14.1f} {tm.metrics['estimated_shift']:+19.0f} "
+              f"{100 * tm.metrics['test_macro_f1']:13.1f}")
 
     print("\nnormalisation (source-only training, source validation macro F1 per epoch):")
     published = pretrain_source(spec.replace(data=DataConfig(min_parcels=args.min_parcels, normalization="published")))

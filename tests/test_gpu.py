@@ -20,7 +20,7 @@ from timematch.data.dataset import DataConfig
 from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_source, run_experiment
 from timematch.models import MODEL_NAMES, build_model
 from timematch.shift import estimate_shift
-from timematch.training import pick_device
+from timematch.evaluation import pick_device
 
 pytestmark = [
     pytest.mark.gpu,

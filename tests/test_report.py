@@ -75,8 +75,8 @@ def test_rows_columns_and_order():
     table = summarize(ROWS, "target_val_f1", scenarios=["FR1-DK", "DK-FR1"])
     assert table.columns == ["FR1-DK", "DK-FR1", "Avg"]
     assert table.methods == ["source_only", "timematch", "upper_bound"]
-    assert method_order(["upper_bound", "zzz", "timematch", "source_only"]) == [
-        "source_only", "timematch", "zzz", "upper_bound"]
+    assert method_order(["upper_bound", "zzz", "timematch", "source_only", "dann", "shift_aug"]) == [
+        "source_only", "shift_aug", "dann", "timematch", "upper_bound", "zzz"]
     assert table.folds == [0, 1]
 
 
@@ -122,3 +122,19 @@ def test_plots_and_per_class_csv(tmp_path):
     text = per_class_csv({"meadow": {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 3},
                           "a,b": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}})
     assert text.splitlines() == ["class,precision,recall,f1,support", "meadow,0.5,1,0.6667,3", '"a,b",0,0,0,1']
+
+
+def test_reference_rows_are_never_best_and_the_selection_counts_are_stated():
+    rows = [row("A-B", "source_only", 0, "s", 0.9, 0.9), row("A-B", "dann", 0, "d1", 0.5, 0.3),
+            row("A-B", "dann", 0, "d2", 0.6, 0.4), row("A-B", "dann", 1, "d3", 0.6, 0.5),
+            row("A-B", "timematch", 0, "t1", 0.7, 0.6), row("A-B", "timematch", 0, "t2", float("nan"), 0.99)]
+    table = summarize(rows, "target_val_f1")
+    assert table.methods == ["source_only", "dann", "timematch"]  # the paper's order
+    markdown = table.to_markdown()
+    assert "| source_only | 90.0 | 90.0 |" in markdown  # highest, yet a reference row: not bold
+    assert "| timematch | **60.0** | **60.0** |" in markdown
+    # dann: 2 trials in fold 0, 1 in fold 1; timematch: the trial without an objective is no candidate
+    assert "Each cell selects from (finished trials per fold x folds): source_only 1 x 1; dann 1-2 x 2; " \
+           "timematch 1 x 1." in markdown
+    assert "Reference rows (source_only) are never marked best." in markdown
+    assert table.trials_per_fold[("dann", "A-B")] == (2, 1)

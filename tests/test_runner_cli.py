@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,21 +34,18 @@ def args(data_root, tmp_path, cache_dir):
 
 
 def run(argv, capsys, root=REPO):
-    started = time.monotonic()
     code = main(argv, project_root=root)
-    elapsed = time.monotonic() - started
     out, err = capsys.readouterr()
-    return code, out, err, elapsed
+    return code, out, err
 
 
-def assert_one_line_error(code, err, elapsed, *fragments):
+def assert_one_line_error(code, err, *fragments):
     assert code == EXIT_USAGE, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-    assert elapsed < 10
 
 
 def closed_port() -> int:
@@ -61,15 +57,15 @@ def closed_port() -> int:
 @pytest.mark.parametrize("extra, fragments", [
     (["--scenario", "DK-XX"], ["unknown scenario 'DK-XX'", "DK-FR1", "pairs", "SRC:TGT"]),
     (["--scenario", "DK:ES1"], ["unknown tile 'ES1'", "FR1 (france/30TXT/2017)"]),
-    (["--method", "timematch,dann"], ["unknown method 'dann'", "fixmatch", "timematch", "upper_bound"]),
+    (["--method", "timematch,dan"], ["unknown method 'dan'", "dann", "fixmatch", "jumbot", "upper_bound"]),
     (["--profile", "fast"], ["unknown profile 'fast'", "paper, quick, smoke"]),
     (["--objective", "test_macro_f1"], ["unknown objective", "target_val_f1", "source_val_f1", "target_im_score"]),
     (["--folds", "5"], ["--folds '5'", "n_folds=3"]),
     (["--set", "methods.timematch.epoch=2"], ["unknown config key", "epochs"]),
 ])
 def test_unknown_names_list_the_choices(capsys, args, extra, fragments):
-    code, _, err, elapsed = run(args + extra, capsys)
-    assert_one_line_error(code, err, elapsed, *fragments)
+    code, _, err = run(args + extra, capsys)
+    assert_one_line_error(code, err, *fragments)
 
 
 @pytest.fixture
@@ -89,46 +85,46 @@ def project(tmp_path):
 ])
 def test_bad_search_space_fails_at_start_up(capsys, args, project, text, fragments):
     (project / "search_spaces" / "fixmatch.yaml").write_text(text)
-    code, _, err, elapsed = run(args + ["--method", "fixmatch"], capsys, root=project)
-    assert_one_line_error(code, err, elapsed, "fixmatch.yaml", *fragments)
+    code, _, err = run(args + ["--method", "fixmatch"], capsys, root=project)
+    assert_one_line_error(code, err, "fixmatch.yaml", *fragments)
 
 
 def test_search_space_is_only_needed_when_searching(capsys, args, project):
     (project / "search_spaces" / "fixmatch.yaml").unlink()
-    code, _, err, _ = run(args + ["--method", "fixmatch"], capsys, root=project)
+    code, _, err = run(args + ["--method", "fixmatch"], capsys, root=project)
     assert code == EXIT_USAGE and "no search space for method 'fixmatch'" in err
-    code, out, err, _ = run(args + ["--method", "fixmatch", "--no-search", "--dry-run"], capsys, root=project)
+    code, out, err = run(args + ["--method", "fixmatch", "--no-search", "--dry-run"], capsys, root=project)
     assert code == EXIT_OK, err
 
 
 def test_unreachable_ray_address(capsys, args):
     port = closed_port()
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
-        code, _, err, elapsed = run(args + ["--address", address], capsys)
-        assert_one_line_error(code, err, elapsed, f"--address '{address}'", "cannot reach", "Ray head")
-    code, _, err, elapsed = run(args + ["--address", "http://somewhere"], capsys)
-    assert_one_line_error(code, err, elapsed, "'auto'", "ray://HOST:PORT")
+        code, _, err = run(args + ["--address", address], capsys)
+        assert_one_line_error(code, err, f"--address '{address}'", "cannot reach", "Ray head")
+    code, _, err = run(args + ["--address", "http://somewhere"], capsys)
+    assert_one_line_error(code, err, "'auto'", "ray://HOST:PORT")
 
 
 def test_unreachable_tracking_server(capsys, args):
     uri = f"http://127.0.0.1:{closed_port()}"
-    code, _, err, elapsed = run(args + ["--tracking-uri", uri], capsys)
-    assert_one_line_error(code, err, elapsed, f"--tracking-uri {uri}", "does not answer", "mlflow/server.sh")
-    code, _, err, elapsed = run(args + ["--tracking-uri", "/tmp/mlruns"], capsys)
-    assert_one_line_error(code, err, elapsed, "sqlite:///")
+    code, _, err = run(args + ["--tracking-uri", uri], capsys)
+    assert_one_line_error(code, err, f"--tracking-uri {uri}", "does not answer", "mlflow/server.sh")
+    code, _, err = run(args + ["--tracking-uri", "/tmp/mlruns"], capsys)
+    assert_one_line_error(code, err, "sqlite:///")
 
 
 def test_missing_data(capsys, args, data_root, tmp_path):
-    code, _, err, elapsed = run(args + ["--data-root", str(tmp_path / "nowhere")], capsys)
-    assert_one_line_error(code, err, elapsed, "no such directory")
+    code, _, err = run(args + ["--data-root", str(tmp_path / "nowhere")], capsys)
+    assert_one_line_error(code, err, "no such directory")
     shutil.rmtree(data_root / TILES["AT1"])
-    code, _, err, elapsed = run(args + ["--scenario", "DK-AT1"], capsys)
-    assert_one_line_error(code, err, elapsed, "missing tile(s) austria/33UVP/2017", "tiles found: denmark/32VNH/2017")
+    code, _, err = run(args + ["--scenario", "DK-AT1"], capsys)
+    assert_one_line_error(code, err, "missing tile(s) austria/33UVP/2017", "tiles found: denmark/32VNH/2017")
 
 
 def test_nothing_to_resume(capsys, args):
-    code, _, err, elapsed = run(args + ["--resume", "--experiment", "never-launched"], capsys)
-    assert_one_line_error(code, err, elapsed, "--resume", "never-launched")
+    code, _, err = run(args + ["--resume", "--experiment", "never-launched"], capsys)
+    assert_one_line_error(code, err, "--resume", "never-launched")
 
 
 def test_argparse_errors_are_one_line_with_code_2(capsys, args):
@@ -141,17 +137,17 @@ def test_argparse_errors_are_one_line_with_code_2(capsys, args):
 
 def test_report_of_an_unknown_experiment(capsys, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, _, err, elapsed = run(["report", "--experiment", "nope", "--tracking-uri", uri], capsys)
-    assert_one_line_error(code, err, elapsed, "no MLflow store at", "run a launch first")
+    code, _, err = run(["report", "--experiment", "nope", "--tracking-uri", uri], capsys)
+    assert_one_line_error(code, err, "no MLflow store at", "run a launch first")
     from mlflow import MlflowClient
 
     MlflowClient(uri).create_experiment("other")
-    code, _, err, elapsed = run(["report", "--experiment", "nope", "--tracking-uri", uri], capsys)
-    assert_one_line_error(code, err, elapsed, "no MLflow experiment 'nope'", "experiments there: other")
+    code, _, err = run(["report", "--experiment", "nope", "--tracking-uri", uri], capsys)
+    assert_one_line_error(code, err, "no MLflow experiment 'nope'", "experiments there: other")
 
 
 def test_dry_run_prints_the_plan(capsys, args):
-    code, out, err, elapsed = run(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "timematch", "--profile",
+    code, out, err = run(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "timematch", "--profile",
                                           "smoke", "--dry-run"], capsys)
     assert code == EXIT_OK, err
     assert "stage 1, source models: 2" in out and "DK/fold0" in out and "FR1/fold0" in out
@@ -173,13 +169,11 @@ def test_help_lists_every_option():
 
 
 def test_bad_input_from_the_real_command_line(data_root, tmp_path):
-    """As a user sees it: exit code 2, one line on stderr, within seconds."""
+    """As a user sees it: exit code 2, one line on stderr (how fast: benchmarks/cli_startup.py)."""
     env = {**os.environ, "TIMEMATCH_CACHE": str(tmp_path / "cache")}
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(REPO / "launch.py"), "--data-root", str(data_root), "--scenario", "DK-FR1",
          "--method", "timematch,nope"], capture_output=True, text=True, env=env, timeout=60,
     )
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip().count("\n") == 0 and "unknown method 'nope'" in result.stderr
-    assert time.monotonic() - started < 30  # interpreter and torch start-up included

@@ -10,9 +10,9 @@ import yaml
 
 from timematch.errors import ConfigError
 from timematch.experiment import pretrain_key
-from timematch.methods import config_fields, method_names
+from timematch.methods import config_fields, method_names, methods_in_table_order
 from timematch.runner.plan import (
-    BASELINE, LaunchPlan, PlanRequest, build_plan, get_objective, parse_folds, parse_methods, source_model_path,
+    LaunchPlan, PlanRequest, build_plan, get_objective, parse_folds, parse_methods, source_model_path,
 )
 from timematch.runner.profiles import apply_sets, load_profile
 from timematch.runner.scenarios import all_pairs, load_scenarios, make_scenario, parse_scenarios
@@ -98,15 +98,17 @@ def test_all_pairs_have_short_names():
 
 def test_method_all_searches_everything_but_the_baseline():
     choice = parse_methods("all")
-    assert list(choice.methods) == method_names()
-    assert BASELINE not in choice.searched
-    assert set(choice.searched) == set(method_names()) - {BASELINE}
+    # every registered method, in the paper's table order (each class's table_order)
+    assert list(choice.methods) == methods_in_table_order() and sorted(choice.methods) == method_names()
+    assert choice.methods[0] == "source_only" and choice.methods[-1] == "upper_bound"
+    assert "source_only" not in choice.searched
+    assert set(choice.searched) == set(method_names()) - {"source_only"}
 
 
 def test_method_lists_and_explicit_source_only():
     choice = parse_methods("timematch, fixmatch,timematch")
     assert choice.methods == ("timematch", "fixmatch")
-    assert parse_methods("source_only").searched == {BASELINE}
+    assert parse_methods("source_only").searched == {"source_only"}
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -258,7 +260,7 @@ def test_plan_expands_scenarios_methods_folds(tmp_path, named):
     assert len(searched) == 2 * 2 * 2 and all(g.trials == 2 and g.searched for g in searched)
     baselines = [g for g in plan.groups if g.baseline]
     assert {(g.scenario.name, g.fold) for g in baselines} == {(s, f) for s in ("DK-FR1", "FR1-FR2") for f in (0, 1)}
-    assert all(g.method == BASELINE and g.trials == 1 and not g.space for g in baselines)
+    assert all(g.method == "source_only" and g.trials == 1 and not g.space for g in baselines)
     assert plan.groups[: len(baselines)] == baselines  # the cheap reference runs first
     assert plan.n_trials == 8 * 2 + 4
     assert len({g.id for g in plan.groups}) == len(plan.groups)
@@ -290,7 +292,7 @@ def test_upper_bound_needs_no_source_model(tmp_path, named):
 
 def test_method_all_runs_source_only_as_the_baseline_only(tmp_path, named):
     plan = build_plan(_request(tmp_path, named, scenarios="DK-FR1", methods="all"))
-    so = [g for g in plan.groups if g.method == BASELINE]
+    so = [g for g in plan.groups if g.method == "source_only"]
     assert len(so) == 1 and so[0].baseline and so[0].trials == 1
     explicit = build_plan(_request(tmp_path, named, scenarios="DK-FR1", methods="source_only"))
     assert [(g.baseline, g.trials, sorted(g.space)) for g in explicit.groups] == [(False, 2, ["lr", "weight_decay"])]

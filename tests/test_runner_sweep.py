@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from timematch.runner.cli import EXIT_OK, EXIT_TRIALS_FAILED, main
+from timematch.runner.cli import EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, main
 from timematch.runner.resources import set_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +156,17 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
     code = main(args + ["--scenario", "DK-FR1,FR1-FR2", "--method", "fixmatch", "--no-search"], project_root=REPO)
     out = capsys.readouterr().out
     assert code == EXIT_TRIALS_FAILED, out
+    # the launch's report is scoped to this launch: no row of the first launch's timematch trials
+    table = out[out.index("| Method |"):]
+    assert "| fixmatch |" in table and "| timematch |" not in table and "of launch " in table
+    assert "Each cell selects from (finished trials per fold x folds): fixmatch 1 x 1" in table
+    code = main(["report", "--experiment", "sweep", "--tracking-uri", uri, "--results-dir", str(tmp_path / "r3"),
+                 "--launch", "all"], project_root=REPO)
+    pooled = capsys.readouterr().out
+    assert code == EXIT_OK and "| timematch |" in pooled and "all launches of experiment 'sweep' pooled" in pooled
+    assert "fixmatch 1-3 x 1" in pooled  # the pooled cells select from both launches' trials
+    code = main(["report", "--experiment", "sweep", "--tracking-uri", uri, "--launch", "nope"], project_root=REPO)
+    assert code == EXIT_USAGE and "--launch nope: no such launch" in capsys.readouterr().err
     assert "source models: 0 done, 0 stopped early by ASHA, 0 failed, 2 reused from the cache" in out
     assert "FAILED FR1-FR2/fixmatch/fold0" in out and "FAILED FR1-FR2/source_only/fold0" in out
     assert len(runs_of(uri, "sweep", "pretrain")) == 2  # no second pretraining
@@ -168,6 +179,36 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
             assert run.info.status == "FAILED" and "not a readable source-model file" in run.data.tags["error"]
         else:
             assert run.info.status == "FINISHED" and "test_macro_f1" in run.data.metrics
+
+
+def test_every_registered_method_runs_through_the_runner(ray_address, data_root, tmp_path, monkeypatch, capsys):
+    from timematch.methods import get_method, methods_in_table_order
+
+    monkeypatch.setenv("TIMEMATCH_CACHE", str(tmp_path / "cache"))
+    uri = tracking_uri(tmp_path)
+    code = main(common_args(data_root, tmp_path, "all-methods") + ["--scenario", "DK-FR1", "--method", "all",
+                                                                    "--no-search"], project_root=REPO)
+    out = capsys.readouterr().out
+    methods = methods_in_table_order()
+    assert code == EXIT_OK, out
+    assert f"0 failed ({len(methods)} planned)" in out
+    adapt = runs_of(uri, "all-methods", "adapt")
+    assert sorted(r.data.tags["method"] for r in adapt) == sorted(methods)
+    assert all(r.info.status == "FINISHED" and "test_macro_f1" in r.data.metrics for r in adapt)
+    table = out[out.index("| Method |"):]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert rows == methods  # the paper's order, from each method class's table_order
+    for line in table.splitlines():
+        name = line.split("|")[1].strip() if line.startswith("| ") else ""
+        if name and name != "Method" and get_method(name).reference:
+            assert "**" not in line, line  # reference rows are never marked best
+    # per-epoch logs that say whether a competitor works
+    dann = next(r for r in adapt if r.data.tags["method"] == "dann")
+    assert {"discriminator_accuracy", "grl_coefficient", "transfer_loss"} <= set(dann.data.metrics)
+    jumbot = next(r for r in adapt if r.data.tags["method"] == "jumbot")
+    assert 0 < jumbot.data.metrics["transported_mass"] <= 1.0 + 1e-6
+    alda = next(r for r in adapt if r.data.tags["method"] == "alda")
+    assert "pseudo_label_acceptance" in alda.data.metrics
 
 
 def _metric_log(client: MlflowClient, run) -> set[tuple[str, int, float]]:

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ import torch
 from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
 from timematch.data.tiles import resolve_tile
 from timematch.errors import ConfigError, DatasetError
-from timematch.methods import build_config, get_method
+from timematch.methods import build_config, get_method, source_model_method
 from timematch.models import build_model
-from timematch.training import evaluate, fit, pick_device, selection_metrics
+from timematch.evaluation import evaluate, pick_device, selection_metrics
+from timematch.training import EpochCallback, EpochReport, fit
 
 logger = logging.getLogger("timematch")
 
@@ -80,20 +81,6 @@ class ExperimentSpec:
 
     def replace(self, **changes: Any) -> "ExperimentSpec":
         return dataclasses.replace(self, **changes)
-
-
-@dataclass
-class EpochReport:
-    """What one epoch of training produced: ``epoch`` counts from 1."""
-
-    epoch: int
-    metrics: dict[str, float]
-    logs: list[str] = field(default_factory=list)
-
-
-#: ``on_epoch(report, state)``: ``state()`` returns a checkpoint (tensors and plain Python
-#: values only, loadable with ``torch.load(weights_only=True)``) to resume from.
-EpochCallback = Callable[[EpochReport, Callable[[], dict]], None]
 
 
 @dataclass
@@ -191,11 +178,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _pretrain_spec(spec: ExperimentSpec) -> ExperimentSpec:
-    """The spec of the source model ``spec`` starts from (source_only's own config for source_only)."""
+    """The spec of the source model ``spec`` starts from (for the source-model method itself,
+    its own config)."""
+    name = source_model_method().name
     overrides = dict(spec.pretrain_config)
-    if spec.method == "source_only":
+    if spec.method == name:
         overrides.update(spec.method_config)
-    return spec.replace(method="source_only", method_config=overrides, pretrain_config=overrides, target=spec.source)
+    return spec.replace(method=name, method_config=overrides, pretrain_config=overrides, target=spec.source)
 
 
 def pretrain_key(spec: ExperimentSpec) -> str:
@@ -209,7 +198,7 @@ def pretrain_key(spec: ExperimentSpec) -> str:
         "seed": p.seed,
         "model": p.model,
         "data": dataclasses.asdict(p.data),
-        "config": dataclasses.asdict(build_config("source_only", p.method_config)),
+        "config": dataclasses.asdict(build_config(p.method, p.method_config)),
     }
     text = json.dumps(inputs, sort_keys=True, default=str)
     return f"{resolve_tile(p.source).replace('/', '_')}-fold{p.fold}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -234,12 +223,12 @@ def pretrain_source(
     """Train the source model of ``spec``: source-only training on ``spec.source``, fold
     ``spec.fold``, keeping the epoch with the best source validation macro F1."""
     p = _pretrain_spec(spec)
-    config = build_config("source_only", p.method_config)
+    config = build_config(p.method, p.method_config)
     device = pick_device(p.device)
     source, _ = _open(p, target=p.source)
     torch.manual_seed(_seed(p))
     model = build_model(p.model, num_classes=len(source.classes)).to(device)
-    method = get_method("source_only")(config, model, source, source, device)
+    method = get_method(p.method)(config, model, source, source, device)
     logger.info("pretraining on %s (fold %d, %d classes) on %s", source.tile, p.fold, len(source.classes), device)
     outcome = fit(method, _seed(p), on_epoch, resume_state, log=logger.info)
     return PretrainedSource(
@@ -263,8 +252,8 @@ def run_experiment(
     """Run ``spec.method`` from ``pretrained`` (trained here when None and the method needs it),
     then evaluate once on the target test split.
 
-    ``source_only`` reuses ``pretrained`` when its key matches and only evaluates it (one
-    epoch report carries its selection metrics); otherwise it trains.
+    The source-model method (``source_only``) reuses ``pretrained`` when its key matches and
+    only evaluates it (one epoch report carries its selection metrics); otherwise it trains.
     """
     method_cls = get_method(spec.method)
     config = build_config(spec.method, spec.method_config)  # rejects bad keys and ranges before any work
@@ -272,7 +261,7 @@ def run_experiment(
     source, target = _open(spec)
     timings: dict[str, float] = {}
     info: dict[str, Any] = {}
-    if spec.method == "source_only":
+    if method_cls.evaluates_source_model:
         if pretrained is None or pretrained.key != pretrain_key(spec):
             pretrained = pretrain_source(spec, on_epoch, resume_state)
             history, best_epoch = pretrained.history, pretrained.best_epoch

@@ -19,6 +19,7 @@ Also the per-trial artifacts: :func:`plot_confusion`, :func:`plot_shift_scores`,
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
-#: Row order of the table: the baseline first, the upper bound last (as in the paper).
-METHOD_ORDER = (
-    "source_only", "source_only_shift_aug", "mmd", "dann", "cdan", "cdan_e", "jumbot", "alda",
-    "fixmatch", "timematch", "upper_bound",
-)
-REFERENCE_METHODS = ("upper_bound",)  # not an adaptation method: never marked best
 AVERAGE = "Avg"
+
+
+def is_reference(method: str) -> bool:
+    """A reference row (the method class says so: source-only, upper bound): never marked best."""
+    from timematch.methods.registry import get_method, method_names
+
+    return method in method_names() and bool(get_method(method).reference)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class ResultTable:
     objective: str
     folds: list[int]
     notes: tuple[str, ...] = ()
+    #: (method, scenario) -> the number of candidate trials per fold the cell selected from
+    trials_per_fold: dict[tuple[str, str], tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -108,7 +112,7 @@ class ResultTable:
 
     def best_in(self, column: str) -> set[str]:
         """The adaptation methods with the highest mean in ``column`` (ties all; reference methods excluded)."""
-        means = {m: self.value(m, column).mean for m in self.methods if m not in REFERENCE_METHODS}
+        means = {m: self.value(m, column).mean for m in self.methods if not is_reference(m)}
         means = {m: v for m, v in means.items() if not math.isnan(v)}
         top = max(means.values(), default=None)
         return {m for m, v in means.items() if v == top}
@@ -120,6 +124,23 @@ class ResultTable:
             spread = f"mean ± std over folds {', '.join(map(str, self.folds))}"
         return f"{self.metric} (x100), {spread}; the best trial per fold by {self.objective}"
 
+    def selection_note(self) -> str:
+        """How many finished trials per fold and how many folds each row's cells selected from."""
+        parts = []
+        for method in self.methods:
+            per_cell = [self.trials_per_fold[(method, s)] for s in self.scenarios if (method, s) in self.trials_per_fold]
+            if not per_cell:
+                continue
+            counts = [n for cell_counts in per_cell for n in cell_counts]
+            trials = _span(min(counts), max(counts))
+            folds = _span(min(map(len, per_cell)), max(map(len, per_cell)))
+            parts.append(f"{method} {trials} x {folds}")
+        note = "Each cell selects from (finished trials per fold x folds): " + "; ".join(parts) + "."
+        references = [m for m in self.methods if is_reference(m)]
+        if references:
+            note += f" Reference rows ({', '.join(references)}) are never marked best."
+        return note
+
     def to_markdown(self) -> str:
         header = ["Method", *[_arrow(c) for c in self.columns]]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * len(self.columns)) + "|"]
@@ -130,7 +151,7 @@ class ResultTable:
                 text = self.value(method, column).format()
                 cells.append(f"**{text}**" if method in best[column] else text)
             lines.append("| " + " | ".join([method, *cells]) + " |")
-        footer = [f"\n{self.caption()}."] + [f"{note}" for note in self.notes]
+        footer = [f"\n{self.caption()}.", self.selection_note()] + [f"{note}" for note in self.notes]
         return "\n".join(lines) + "\n" + "\n".join(footer) + "\n"
 
     def to_html(self, title: str = "TimeMatch results") -> str:
@@ -143,7 +164,7 @@ class ResultTable:
                 text = html.escape(self.value(method, column).format())
                 cells.append(f"<td><b>{text}</b></td>" if method in best[column] else f"<td>{text}</td>")
             body.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}</tr>")
-        notes = "".join(f"<p>{html.escape(note)}</p>" for note in self.notes)
+        notes = "".join(f"<p>{html.escape(note)}</p>" for note in (self.selection_note(), *self.notes))
         return (
             "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>"
@@ -156,15 +177,20 @@ class ResultTable:
         )
 
 
+def _span(low: int, high: int) -> str:
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
 def _arrow(column: str) -> str:
     return column.replace("-", " → ", 1) if column != AVERAGE else column
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """Methods sorted as in the paper's tables; unknown ones before the upper bound, by name."""
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    upper = rank["upper_bound"]
-    return sorted(set(methods), key=lambda m: (rank.get(m, upper - 0.5), m))
+    """Methods sorted as in the paper's tables (each method class's ``table_order``);
+    unregistered names last, by name."""
+    from timematch.methods.registry import methods_in_table_order
+
+    return methods_in_table_order(sorted(set(methods)))
 
 
 def summarize(
@@ -175,7 +201,16 @@ def summarize(
     notes: Sequence[str] = (),
 ) -> ResultTable:
     """The paper-style table of ``metric`` for the best trial per fold by ``objective``."""
+    rows = list(rows)
     chosen = [row for row in best_trials(rows, objective) if row.get(metric) is not None]
+    candidates: dict[tuple[str, str], dict[int, int]] = {}
+    for row in rows:
+        value = row.get(objective)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        scenario, method, fold = _key(row)
+        per_fold = candidates.setdefault((method, scenario), {})
+        per_fold[fold] = per_fold.get(fold, 0) + 1
     scenario_names = list(scenarios) if scenarios else list(dict.fromkeys(str(r["scenario"]) for r in chosen))
     methods = method_order(str(r["method"]) for r in chosen)
     by_fold: dict[tuple[str, str], dict[int, float]] = {}
@@ -197,7 +232,9 @@ def summarize(
             spread = float("nan")
         average[method] = Cell(float(np.mean(means)), spread, tuple(means))
     folds = sorted({int(r["fold"]) for r in chosen})
-    return ResultTable(methods, scenario_names, cells, average, metric, objective, folds, tuple(notes))
+    trials_per_fold = {key: tuple(n for _, n in sorted(per_fold.items())) for key, per_fold in candidates.items()}
+    return ResultTable(methods, scenario_names, cells, average, metric, objective, folds, tuple(notes),
+                       trials_per_fold)
 
 
 def plot_methods(table: ResultTable, title: str | None = None):

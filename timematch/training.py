@@ -1,9 +1,13 @@
 """The training loop every method shares: batches, steps, epochs, evaluation, checkpoints.
 
 A method (see :mod:`timematch.methods.base`) says what one step computes; this module
-feeds it batches built in a background thread, steps the optimiser and schedule, stops
-on a non-finite loss, evaluates each epoch, keeps the best epoch when the method asks
-for it, and hands a resumable state to the caller's ``on_epoch`` callback.
+feeds it batches built in a background thread with a :class:`StepContext`, owns the
+optimisers and schedules (built from the method's parameter groups and config), moves
+and switches the method's modules between train and eval mode, stops on a non-finite
+loss, evaluates each epoch, keeps the best epoch when the method asks for it, and hands
+a resumable state (model, owned modules, optimisers, schedules, method state, RNGs) to
+the caller's ``on_epoch`` callback. The loop's own types live here: :class:`StepContext`,
+:class:`EpochReport`, :data:`EpochCallback`.
 """
 
 from __future__ import annotations
@@ -14,32 +18,53 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from timematch.data.dataset import Domain
 from timematch.errors import TrainingError
-from timematch.metrics import classification_metrics, information_maximization
+from timematch.evaluation import selection_metrics, to_torch
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where one training step stands: ``epoch`` and ``step`` count from 1, ``global_step``
+    (0-based) counts the steps done before this one over all epochs, of ``total_steps``.
+
+    Derived from the epoch and step only, so scheduled coefficients (a gradient-reversal
+    warm start) resume exactly from a checkpoint. ``saved`` says what the last checkpoint
+    holds, for error messages.
+    """
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    total_steps: int
+    saved: str = "nothing was saved"
+
+    @property
+    def global_step(self) -> int:
+        return (self.epoch - 1) * self.steps_per_epoch + self.step - 1
+
+    @property
+    def progress(self) -> float:
+        """``global_step / total_steps`` in [0, 1)."""
+        return self.global_step / max(1, self.total_steps)
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when present, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class EpochReport:
+    """What one epoch of training produced: ``epoch`` counts from 1."""
+
+    epoch: int
+    metrics: dict[str, float]
+    logs: list[str] = field(default_factory=list)
 
 
-def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Numpy batch -> tensors on ``device`` (pinned, non-blocking copies on CUDA)."""
-    out = {}
-    for key, value in batch.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
-        if device.type == "cuda":
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        out[key] = tensor
-    return out
+#: ``on_epoch(report, state)``: ``state()`` returns a checkpoint (tensors and plain Python
+#: values only, loadable with ``torch.load(weights_only=True)``) to resume from.
+EpochCallback = Callable[[EpochReport, Callable[[], dict]], None]
 
 
 class Prefetcher:
@@ -85,63 +110,6 @@ class Prefetcher:
                 self._thread.join(timeout=0.05)
 
 
-@torch.inference_mode()
-def predict(
-    model: torch.nn.Module, domain: Domain, parcels: np.ndarray, device: torch.device, shift: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, K) of ``parcels`` with all pixels and dates, and their labels.
-
-    Rows follow the order of ``parcels`` (evaluation batches group parcels by size).
-    """
-    model.eval()
-    probs, index = [], []
-    for batch in domain.eval_batches(parcels):
-        tensors = to_torch(batch, device)
-        logits, _ = model(tensors["pixels"], tensors["mask"], tensors["positions"] + shift, tensors["geom"])
-        probs.append(logits.float().softmax(-1).cpu().numpy())
-        index.append(batch["index"])
-    if not probs:
-        return np.zeros((0, len(domain.classes)), np.float32), np.zeros(0, np.int64)
-    parcels = np.asarray(parcels)
-    index_arr = np.concatenate(index)
-    row_of = np.empty(int(index_arr.max()) + 1, dtype=np.int64)
-    row_of[index_arr] = np.arange(len(index_arr))
-    return np.concatenate(probs)[row_of[parcels]], domain.labels[parcels]
-
-
-def evaluate(
-    model: torch.nn.Module, domain: Domain, part: str, device: torch.device, shift: int = 0
-) -> dict[str, Any]:
-    """:func:`classification_metrics` on the labelled parcels of a split part."""
-    probs, labels = predict(model, domain, domain.labelled(part), device, shift)
-    return score_labelled(probs, labels, domain.classes)
-
-
-def score_labelled(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """:func:`classification_metrics` of predictions ``probs`` (N, K) on the rows whose label is
-    a class (``labels >= 0``); unlabelled rows are left out."""
-    labelled = labels >= 0
-    return classification_metrics(labels[labelled], probs[labelled].argmax(1), classes)
-
-
-def selection_metrics(
-    model: torch.nn.Module, source: Domain, target: Domain, device: torch.device
-) -> dict[str, float]:
-    """The per-epoch model-selection criteria.
-
-    ``target_val_f1`` uses target validation labels (tagged as such by the runner);
-    ``source_val_f1`` and ``target_im_score`` use no target labels.
-    """
-    # one pass over the target validation parcels serves both target criteria: the
-    # information maximisation score sees all of them, the F1 only the labelled ones
-    probs, labels = predict(model, target, target.split.val, device)
-    return {
-        "target_val_f1": score_labelled(probs, labels, target.classes)["macro_f1"],
-        "source_val_f1": evaluate(model, source, "val", device)["macro_f1"],
-        "target_im_score": information_maximization(probs),
-    }
-
-
 def check_finite(loss: torch.Tensor, epoch: int, step: int, saved: str) -> None:
     """Stop on a NaN or infinite loss, saying where and what was kept."""
     value = float(loss.detach())
@@ -157,27 +125,54 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def build_optimizer(config: Any, groups: list[dict[str, Any]], total_steps: int):
+    """The optimiser and per-step schedule that ``config`` names, over parameter ``groups``
+    (each ``{"name", "params", "lr_scale"}``: a group learns at ``config.lr * lr_scale``)."""
+    param_groups = [{"params": g["params"], "lr": config.lr * g.get("lr_scale", 1.0), "name": g.get("name", "")}
+                    for g in groups]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum,
+                                    nesterov=config.nesterov, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    elif config.schedule == "inverse_decay":
+        gamma, decay = config.lr_gamma, config.lr_decay
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1.0 + gamma * i) ** -decay)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    return optimizer, schedule
+
+
 def fit(
-    method,
+    method: Any,
     seed: int,
-    on_epoch: Callable | None = None,
+    on_epoch: EpochCallback | None = None,
     resume_state: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` for its configured epochs; return history, best epoch and timings.
+    """Train ``method`` (a :class:`timematch.methods.base.Method`; the methods build on this
+    module, never the other way round) for its configured epochs; return history, best epoch
+    and timings.
 
-    ``on_epoch(report, state)`` is called after every epoch with an
-    :class:`~timematch.experiment.EpochReport` and a function returning a resumable state
-    (tensors and plain values, for ``torch.save`` / ``torch.load(weights_only=True)``);
-    ``resume_state`` is such a state to continue from. When the method selects a best
-    epoch (``select_best_by``), its weights are loaded into the model at the end.
+    ``on_epoch(report, state)`` is called after every epoch with an :class:`EpochReport`
+    and a function returning a resumable state (tensors and plain values, for
+    ``torch.save`` / ``torch.load(weights_only=True)``); ``resume_state`` is such a state
+    to continue from. When the method selects a best epoch (``select_best_by``), its
+    weights are loaded into the model at the end.
     """
-    from timematch.experiment import EpochReport
-
     config = method.config
     device = method.device
     steps = method.steps_per_epoch()
-    optimizer, schedule = method.build_optimizer(config.epochs * steps)
+    total_steps = config.epochs * steps
+    built = {name: build_optimizer(config, groups, total_steps)
+             for name, groups in method.optimizer_groups().items()}
+    optimizers = {name: pair[0] for name, pair in built.items()}
+    schedules = {name: pair[1] for name, pair in built.items()}
+    if len(optimizers) > 1 and not method.manual_optimization:
+        raise TypeError(f"{type(method).__name__} names {len(optimizers)} optimisers: set manual_optimization")
+    method.optimizers = optimizers
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     history: list[EpochReport] = []
@@ -185,8 +180,12 @@ def fit(
     start = 1
     if resume_state is not None:
         method.model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        schedule.load_state_dict(resume_state["schedule"])
+        for name, state in resume_state["modules"].items():
+            method.owned[name].module.load_state_dict(state)
+        for name, state in resume_state["optimizers"].items():
+            optimizers[name].load_state_dict(state)
+        for name, state in resume_state["schedules"].items():
+            schedules[name].load_state_dict(state)
         method.load_extra_state(resume_state["method"])
         rng.bit_generator.state = resume_state["numpy_rng"]
         torch.set_rng_state(resume_state["torch_rng"])
@@ -201,9 +200,10 @@ def fit(
         return {
             "epoch": epoch,
             "model": snapshot(method.model),
+            "modules": {name: snapshot(owned.module) for name, owned in method.owned.items()},
             # deep copies: state_dict() holds live references the next steps would change
-            "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "schedule": copy.deepcopy(schedule.state_dict()),
+            "optimizers": {name: copy.deepcopy(o.state_dict()) for name, o in optimizers.items()},
+            "schedules": {name: copy.deepcopy(s.state_dict()) for name, s in schedules.items()},
             "method": copy.deepcopy(method.extra_state()),
             "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
@@ -216,21 +216,26 @@ def fit(
     for epoch in range(start, config.epochs + 1):
         logs: list[str] = []
         metrics = dict(method.start_epoch(epoch, rng, logs))
-        method.model.train()
+        method.set_train_mode()
         sums: dict[str, float] = {}
         prefetch = Prefetcher(lambda: method.sample(rng), steps)
         started = time.perf_counter()
         saved = f"the last checkpoint holds epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
         try:
             for step, batch in enumerate(prefetch, start=1):
+                context = StepContext(epoch, step, steps, total_steps, saved)
                 tensors = {name: to_torch(part, device) for name, part in batch.items()}
-                loss, step_logs = method.training_step(tensors)
+                loss, step_logs = method.training_step(tensors, context)
                 check_finite(loss, epoch, step, saved)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                method.after_step()
+                if not method.manual_optimization:
+                    for optimizer in optimizers.values():
+                        optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for optimizer in optimizers.values():
+                        optimizer.step()
+                for schedule in schedules.values():
+                    schedule.step()
+                method.after_step(context)
                 sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
                 for key, value in step_logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
@@ -244,7 +249,7 @@ def fit(
         metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
         metrics.update(method.end_epoch(epoch, logs))
         metrics.update(selection_metrics(method.eval_model(), method.source, method.target, device))
-        metrics["lr"] = float(schedule.get_last_lr()[0])
+        metrics["lr"] = float(next(iter(schedules.values())).get_last_lr()[-1])
         metrics["samples_per_second"] = steps * config.batch_size / max(elapsed, 1e-9)
         metrics["data_wait_fraction"] = prefetch.waited / max(elapsed, 1e-9)
         if method.select_best_by and metrics[method.select_best_by] > best["value"]:

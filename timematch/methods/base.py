@@ -1,9 +1,28 @@
 """The contract every method follows, and the settings every method shares.
 
-A method owns its model(s) and says what one training step computes: given a source
-batch and a target batch (numpy dicts, see :mod:`timematch.data.dataset`, already moved
-to tensors), :meth:`Method.training_step` returns the loss and a dict of logs. The shared
-loop in :func:`timematch.training.fit` does everything else.
+A method declares four things and the shared loop (:func:`timematch.training.fit`) does
+the rest (batches, devices, train/eval modes, optimiser and schedule steps, checkpoints,
+evaluation):
+
+- its **config**: a frozen dataclass (``config_class``) with the published defaults;
+- the **modules it owns** beyond the classifier (a discriminator, a teacher), declared
+  once with :meth:`Method.own`: the loop moves them to the device, sets their train/eval
+  mode, and checkpoints and restores them with the model;
+- its **parameter groups** (:meth:`Method.parameter_groups`; by default the backbone at
+  ``backbone_lr_scale`` times the head's learning rate), and through the config the
+  optimiser (``adam``, ``sgd``) and schedule (``cosine``, ``inverse_decay``, ``constant``);
+- one **training step**: given the numpy batches of :meth:`Method.sample` (as tensors on
+  the device) and a :class:`~timematch.training.StepContext` (epoch, step, global step,
+  total steps), :meth:`Method.training_step` returns the loss and a dict of logs.
+
+Methods that update with more than one optimiser per step set ``manual_optimization``,
+name their optimisers in :meth:`Method.optimizer_groups`, and call
+:meth:`Method.step_optimizer` themselves; the loop then only advances the schedules.
+
+What the runner and the report need to know about a method are class attributes:
+``table_order`` (its row in the paper's table), ``reference`` (a reference row, never
+marked best), ``evaluates_source_model`` (its default trial evaluates the pretrained
+source model: the source-only baseline), ``starts_from_source`` and ``select_best_by``.
 """
 
 from __future__ import annotations
@@ -15,9 +34,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from timematch.data.dataset import Domain
 from timematch.errors import ConfigError
+from timematch.training import StepContext, check_finite
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "inverse_decay", "constant")
 
 
 def check_range(config: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
@@ -25,6 +49,8 @@ def check_range(config: Any, key: str, low: float, high: float, low_open: bool =
     value = getattr(config, key)
     if value is None:
         return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not a number; allowed: [{low}, {high}]")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high or (isinstance(value, float) and math.isnan(value)):
@@ -44,7 +70,15 @@ def check_choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings every method shares. ``steps_per_epoch=None`` means one pass over the
-    labelled training parcels."""
+    labelled training parcels.
+
+    The optimiser: ``adam`` (with ``weight_decay``) or ``sgd`` (``momentum``, ``nesterov``);
+    the schedule over all steps: ``cosine`` (annealing to 0), ``inverse_decay``
+    (lr * (1 + lr_gamma * i)^-lr_decay, the adversarial methods' published schedule) or
+    ``constant``. The backbone (pixel-set and temporal encoders) learns at
+    ``backbone_lr_scale`` times ``lr``; the head (decoder) and the method's own trainable
+    modules at ``lr``.
+    """
 
     epochs: int = 20
     steps_per_epoch: int | None = 500
@@ -52,6 +86,13 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     focal_gamma: float = 1.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "cosine"
+    lr_gamma: float = 0.001
+    lr_decay: float = 0.75
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_range(self, "epochs", 0, 100_000)
@@ -60,9 +101,27 @@ class TrainConfig:
         check_range(self, "lr", 0.0, 10.0, low_open=True)
         check_range(self, "weight_decay", 0.0, 1.0)
         check_range(self, "focal_gamma", 0.0, 10.0)
+        check_choice(self, "optimizer", OPTIMIZERS)
+        check_range(self, "momentum", 0.0, 1.0, high_open=True)
+        check_choice(self, "schedule", SCHEDULES)
+        check_range(self, "lr_gamma", 0.0, 1.0)
+        check_range(self, "lr_decay", 0.0, 10.0)
+        check_range(self, "backbone_lr_scale", 0.0, 10.0)
+        if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
+            raise ConfigError(f"{type(self).__name__}: nesterov=True needs momentum > 0 (got {self.momentum})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class OwnedModule:
+    """A module a method owns beyond the classifier; ``trainable`` ones are in train mode
+    during the epoch and in the optimiser's head group, the others (an EMA teacher) stay
+    in eval mode and are updated by the method itself."""
+
+    module: nn.Module
+    trainable: bool
 
 
 class Method:
@@ -75,55 +134,89 @@ class Method:
     starts_from_source: ClassVar[bool] = True
     #: Epoch metric whose best epoch's weights are kept (None: keep the last epoch).
     select_best_by: ClassVar[str | None] = None
+    #: Row of the method in the results table (the paper's order: baselines first, the
+    #: competitors, FixMatch, TimeMatch, the upper bound last).
+    table_order: ClassVar[float] = 50.0
+    #: A reference row (source-only, upper bound): shown, never marked best.
+    reference: ClassVar[bool] = False
+    #: Its training is the source models' training, and its default trial only evaluates the
+    #: pretrained source model on the target (the source-only baseline). Exactly one method.
+    evaluates_source_model: ClassVar[bool] = False
+    #: The method calls :meth:`step_optimizer` itself (several optimisers per step).
+    manual_optimization: ClassVar[bool] = False
 
-    def __init__(self, config: TrainConfig, model: torch.nn.Module, source: Domain, target: Domain,
+    def __init__(self, config: TrainConfig, model: nn.Module, source: Domain, target: Domain,
                  device: torch.device) -> None:
         self.config = config
         self.model = model
         self.source = source
         self.target = target
         self.device = device
+        self.owned: dict[str, OwnedModule] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # set by the loop
 
-    # -- what the loop asks ------------------------------------------------------------
+    # -- declared by the method ----------------------------------------------------------
+
+    def own(self, name: str, module: nn.Module, trainable: bool = True) -> nn.Module:
+        """Declare a module the method owns: moved to the device here, put in train/eval mode,
+        optimised (when ``trainable``), checkpointed and restored by the loop."""
+        if name in self.owned or name == "model":
+            raise ValueError(f"{type(self).__name__} owns a module named {name!r} already")
+        module = module.to(self.device)
+        self.owned[name] = OwnedModule(module, trainable)
+        return module
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups ``{"name", "params", "lr_scale"}`` of the single optimiser: the
+        backbone (everything but the decoder) at ``backbone_lr_scale``, the head (decoder and
+        the trainable owned modules) at 1."""
+        decoder = getattr(self.model, "decoder", None)
+        head_ids = {id(p) for p in decoder.parameters()} if decoder is not None else set()
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
+        head = [p for p in self.model.parameters() if id(p) in head_ids and p.requires_grad]
+        for owned in self.owned.values():
+            if owned.trainable:
+                head.extend(p for p in owned.module.parameters() if p.requires_grad)
+        groups = [{"name": "backbone", "params": backbone, "lr_scale": self.config.backbone_lr_scale},
+                  {"name": "head", "params": head, "lr_scale": 1.0}]
+        return [g for g in groups if g["params"]]
+
+    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """Optimiser name -> its parameter groups. One optimiser unless ``manual_optimization``."""
+        return {"main": self.parameter_groups()}
 
     def steps_per_epoch(self) -> int:
         if self.config.steps_per_epoch is not None:
             return self.config.steps_per_epoch
         return max(1, len(self.source.labelled("train")) // self.config.batch_size)
 
-    def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-        """Adam with weight decay and cosine annealing to 0 over all steps (published)."""
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-        return optimizer, schedule
-
     def sample(self, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
         """The numpy batches of one step (runs in the data thread)."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one step and its logs."""
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]],
+                      context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one step and its logs (averaged over the epoch; keys ending in ``_count`` summed)."""
         raise NotImplementedError
+
+    # -- hooks ---------------------------------------------------------------------------
 
     def start_epoch(self, epoch: int, rng: np.random.Generator, logs: list[str]) -> dict[str, float]:
         return {}
 
-    def after_step(self) -> None:
+    def after_step(self, context: StepContext) -> None:
         """Called after each optimiser step (e.g. to update an EMA teacher)."""
 
     def end_epoch(self, epoch: int, logs: list[str]) -> dict[str, float]:
         return {}
 
-    def eval_model(self) -> torch.nn.Module:
+    def eval_model(self) -> nn.Module:
         """The model evaluated each epoch and returned at the end."""
         return self.model
 
-    def eval_shift(self) -> int:
-        """Days added to target positions when evaluating (0 for every method here)."""
-        return 0
-
     def extra_state(self) -> dict[str, Any]:
-        """Method state beyond the model and optimiser, for checkpoints."""
+        """Method state beyond the model, the owned modules and the optimisers, for checkpoints
+        (plain values and tensors only)."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -132,3 +225,18 @@ class Method:
     def info(self) -> dict[str, Any]:
         """Method outputs worth keeping with the result (e.g. shift scores)."""
         return {}
+
+    # -- used by the loop and by manual-optimisation methods -----------------------------
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+        for owned in self.owned.values():
+            owned.module.train(owned.trainable)
+
+    def step_optimizer(self, name: str, loss: torch.Tensor, context: StepContext) -> None:
+        """Manual optimisation: check ``loss`` is finite, then zero, backward and step optimiser ``name``."""
+        check_finite(loss, context.epoch, context.step, context.saved)
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()

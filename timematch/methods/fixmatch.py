@@ -32,6 +32,7 @@ from timematch.methods.pseudo_label import (
     supervised_and_pseudo_loss,
 )
 from timematch.methods.registry import register
+from timematch.training import StepContext
 
 OUTPUTS = ("student", "teacher")
 
@@ -62,10 +63,11 @@ class FixMatch(Method):
 
     config_class = FixMatchConfig
     config: FixMatchConfig
+    table_order = 80.0
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)
-        self.teacher = make_teacher(model)
+        self.teacher = self.own("teacher", make_teacher(model), trainable=False)
         self._source_sampler = ClassBalancedSampler(source.labels, source.labelled("train"), config.balanced_source)
         self._target_sampler = uniform_sampler(target.split.train)
         # days added to target positions for the teacher, and to source positions for the student
@@ -84,7 +86,7 @@ class FixMatch(Method):
             "target_strong": self.target.strong_batch(target, rng),
         }
 
-    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: dict, context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         labels, confident = pseudo_labels(self.teacher, batch["target_weak"], self.target_shift, cfg.pseudo_threshold)
         self._epoch_pseudo.append(labels.cpu().numpy())
@@ -100,7 +102,7 @@ class FixMatch(Method):
         logs["pseudo_label_count"] = float(confident.sum())
         return loss, logs
 
-    def after_step(self) -> None:
+    def after_step(self, context: StepContext) -> None:
         ema_update(self.teacher, self.model, self.config.ema_decay)
 
     def end_epoch(self, epoch: int, logs: list[str]) -> dict[str, float]:
@@ -130,14 +132,12 @@ class FixMatch(Method):
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "teacher": {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()},
             "target_shift": int(self.target_shift),
             "source_shift": int(self.source_shift),
             "class_prior": None if self.class_prior is None else self.class_prior.tolist(),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.teacher.load_state_dict(state["teacher"])
         self.target_shift = int(state["target_shift"])
         self.source_shift = int(state["source_shift"])
         prior = state["class_prior"]

@@ -47,6 +47,22 @@ def get_method(name: str) -> type:
         ) from None
 
 
+def methods_in_table_order(names=None) -> list[str]:
+    """``names`` (default: every registered method) sorted by their ``table_order`` (the
+    paper's row order), unregistered names last by name."""
+    names = method_names() if names is None else list(dict.fromkeys(names))
+    return sorted(names, key=lambda n: (_REGISTRY[n].table_order if n in _REGISTRY else float("inf"), n))
+
+
+def source_model_method() -> type:
+    """The one method whose training is the source models' training and whose default trial
+    evaluates the pretrained source model (``evaluates_source_model``)."""
+    found = [cls for cls in _REGISTRY.values() if cls.evaluates_source_model]
+    if len(found) != 1:
+        raise ConfigError(f"exactly one method must set evaluates_source_model; found {[c.name for c in found]}")
+    return found[0]
+
+
 def config_class(name: str) -> type:
     """The frozen config dataclass of method ``name``."""
     return get_method(name).config_class

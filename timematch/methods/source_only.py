@@ -21,6 +21,7 @@ from timematch.data.dataset import MAX_SHIFT_AUG, ClassBalancedSampler, Domain
 from timematch.losses import focal_loss
 from timematch.methods.base import Method, TrainConfig, check_range
 from timematch.methods.registry import register
+from timematch.training import StepContext
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class SupervisedMethod(Method):
             return {"source": domain.strong_batch(parcels, rng, cfg.shift_aug_max, cfg.shift_aug_p)}
         return {"source": domain.strong_batch(parcels, rng)}
 
-    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: dict, context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch["source"]
         logits, _ = self.model(x["pixels"], x["mask"], x["positions"], x["geom"])
         return focal_loss(logits, x["label"], self.config.focal_gamma), {}
@@ -79,3 +80,6 @@ class SourceOnly(SupervisedMethod):
     config_class = SourceOnlyConfig
     starts_from_source = False
     select_best_by = "source_val_f1"
+    table_order = 0.0
+    reference = True
+    evaluates_source_model = True

@@ -32,7 +32,7 @@ from timematch.methods.fixmatch import FixMatch, FixMatchConfig
 from timematch.methods.pseudo_label import histogram
 from timematch.methods.registry import register
 from timematch.shift import ESTIMATORS, ShiftScores, estimate_shift
-from timematch.training import predict, to_torch
+from timematch.evaluation import predict, to_torch
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class TimeMatchConfig(FixMatchConfig):
 class TimeMatch(FixMatch):
     config_class = TimeMatchConfig
     config: TimeMatchConfig
+    table_order = 90.0
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)

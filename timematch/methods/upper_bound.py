@@ -23,6 +23,8 @@ class UpperBound(SupervisedMethod):
     config_class = UpperBoundConfig
     starts_from_source = False
     select_best_by = "target_val_f1"
+    table_order = 100.0
+    reference = True
 
     @property
     def train_domain(self) -> Domain:

@@ -13,13 +13,12 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from timematch.errors import ConfigError, TimeMatchError
+from timematch.runner.launch_state import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, Launch  # noqa: F401
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 TILE_MARKER = "meta/metadata.pkl"
 
 DESCRIPTION = """\
@@ -126,7 +125,10 @@ def report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", help="MLflow experiment (default: the most recently updated one)")
     parser.add_argument("--tracking-uri", help=(
         "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local SQLite store)"))
-    parser.add_argument("--objective", help="selection metric (default: the one the last launch used)")
+    parser.add_argument("--objective", help="selection metric (default: the one the launch used)")
+    parser.add_argument("--launch", help=(
+        "the launch to tabulate: its id (printed at its start; results/<experiment>/launches/) or 'all' to pool "
+        "every launch of the experiment, which makes each cell a best-of-all-their-trials (default: the latest)"))
     parser.add_argument("--results-dir", help=(
         "where report.md/.html/.png go: <dir>/<experiment>/ (default: <repo>/results)"))
     return parser
@@ -149,19 +151,6 @@ def main(argv: list[str] | None = None, project_root: Path | None = None) -> int
 
 
 # -- launch -----------------------------------------------------------------------------
-
-
-@dataclass
-class Launch:
-    """A resolved launch: its plan, where it logs and keeps its state."""
-
-    plan: Any  # LaunchPlan
-    launch_id: str
-    directory: Path
-    tracking_uri: str
-    address: str | None
-    resumed: bool
-    parent_run_id: str | None = None
 
 
 def _experiment_name(args: argparse.Namespace) -> str:
@@ -331,7 +320,7 @@ def report_command(args: argparse.Namespace, root: Path) -> int:
             raise ConfigError(f"no experiment in {uri} yet; run a launch first")
         experiment = experiments[0].name
     results = Path(args.results_dir).expanduser().resolve() if args.results_dir else root / "results"
-    report = build_report(uri, experiment, results, args.objective)
+    report = build_report(uri, experiment, results, args.objective, launch_id=args.launch)
     print(f"{experiment} ({report.runs} finished trials)\n")
     print(report.markdown)
     print("written: " + ", ".join(str(p) for p in report.files))

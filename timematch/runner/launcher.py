@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from timematch.runner import tracking
-from timematch.runner.cli import EXIT_OK, EXIT_TRIALS_FAILED, Launch
+from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch
 from timematch.runner.plan import LaunchPlan, describe, get_objective, source_model_path
 from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
 
@@ -57,7 +57,7 @@ def _save_launch(launch: Launch, experiment_id: str) -> None:
 
 
 def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, Any, Any]) -> int:
-    from timematch.runner.reporting import build_report
+    from timematch.runner.reporting import NoFinishedTrial, build_report
     from timematch.runner.stages import run_adapt_stage, run_pretrain_stage
     from timematch.runner.trainables import TrialContext
 
@@ -99,9 +99,9 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         client = tracking.client(launch.tracking_uri)
         try:
             report = build_report(launch.tracking_uri, plan.experiment, launch.directory.parent.parent.parent,
-                                  plan.objective)
+                                  plan.objective, launch_id=launch.launch_id)
             _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}")
-        except Exception as err:  # noqa: BLE001 - a launch without any finished trial has no table
+        except NoFinishedTrial as err:  # only this case has no table; any other error surfaces
             _say(f"\nno report: {err}")
         for key, value in (("trials_done", sum(len(s.done) for s in summaries[1:])),
                            ("trials_stopped_early", sum(len(s.stopped) for s in summaries)),

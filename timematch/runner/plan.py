@@ -27,12 +27,18 @@ from timematch.data.dataset import DataConfig
 from timematch.data.tiles import short_name
 from timematch.errors import ConfigError
 from timematch.experiment import EPOCH_METRICS, ExperimentSpec, pretrain_key
-from timematch.methods import build_config, get_method, method_names
+from timematch.methods import build_config, get_method, methods_in_table_order, source_model_method
 from timematch.runner.profiles import Profile
 from timematch.runner.scenarios import Scenario
 from timematch.runner.search_space import contains, load_space
 
-BASELINE = "source_only"
+
+
+def baseline_method() -> str:
+    """The method whose default trial is the source-only baseline (the pretrained source model
+    evaluated on the target) and whose training makes the source models: the registered
+    method with ``evaluates_source_model``."""
+    return source_model_method().name
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,8 @@ class MethodChoice:
 def parse_methods(text: str) -> MethodChoice:
     """``all`` (every registered method; ``source_only`` then runs as the default-config
     baseline), one name, or a comma list. Unknown names raise, listing the valid ones."""
-    valid = method_names()
+    valid = methods_in_table_order()
+    baseline = baseline_method()
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     if not tokens:
         raise ConfigError(f"--method is empty; valid: all, {', '.join(valid)}")
@@ -84,7 +91,7 @@ def parse_methods(text: str) -> MethodChoice:
     for token in tokens:
         if token == "all":
             chosen = valid
-            searched.update(m for m in valid if m != BASELINE)
+            searched.update(m for m in valid if m != baseline)
         elif token in valid:
             chosen = [token]
             searched.add(token)
@@ -203,19 +210,19 @@ class LaunchPlan:
         )
 
     def pretrain_spec(self, task: PretrainTask) -> ExperimentSpec:
-        return base_spec(self, task.source, task.source, task.fold).replace(method=BASELINE)
+        return base_spec(self, task.source, task.source, task.fold).replace(method=baseline_method())
 
     def resolved_config(self, group: TrialGroup, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """The full method config of a trial (source_only: the source model's training config)."""
         spec = self.spec(group, params)
         overrides = dict(spec.method_config)
-        if group.method == BASELINE:
+        if get_method(group.method).evaluates_source_model:
             overrides = {**spec.pretrain_config, **overrides}
         return dataclasses.asdict(build_config(group.method, overrides))
 
     def resolved_pretrain_config(self) -> dict[str, Any]:
         """The full config of the source models' training."""
-        return dataclasses.asdict(build_config(BASELINE, self.pretrain))
+        return dataclasses.asdict(build_config(baseline_method(), self.pretrain))
 
     def default_point(self, group: TrialGroup) -> dict[str, Any] | None:
         """The defaults (published, then profile) of a group's searched keys, when its space holds them."""
@@ -245,7 +252,7 @@ def source_model_path(cache_dir: str | Path, key: str) -> Path:
 
 def base_spec(plan: LaunchPlan, source: str, target: str, fold: int) -> ExperimentSpec:
     return ExperimentSpec(
-        data_root=Path(plan.data_root), source=source, target=target, method=BASELINE, fold=fold,
+        data_root=Path(plan.data_root), source=source, target=target, method=baseline_method(), fold=fold,
         pretrain_config=dict(plan.pretrain), data=plan.data_config(), seed=plan.seed,
         cache_dir=Path(plan.cache_dir),
     )
@@ -288,9 +295,10 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
     for method in request.methods.methods:
         if search and method in request.methods.searched:
             spaces[method] = load_space(request.spaces_dir, method)
-    methods = [m for m in request.methods.methods if m != BASELINE or m in request.methods.searched]
-    if request.baseline and BASELINE not in methods:
-        methods.insert(0, BASELINE)
+    baseline_name = baseline_method()
+    methods = [m for m in request.methods.methods if m != baseline_name or m in request.methods.searched]
+    if request.baseline and baseline_name not in methods:
+        methods.insert(0, baseline_name)
     if not methods:
         raise ConfigError("nothing to run: --no-baseline removed the only method; name a method with --method")
     plan.methods = methods
@@ -300,12 +308,13 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
         for scenario in request.scenarios:
             for method in methods:
                 searched = method in spaces
-                baseline = method == BASELINE and not searched
+                is_baseline_method = method == baseline_name
+                baseline = is_baseline_method and not searched
                 overrides = profile.method_overrides(method)
-                config = build_config(method, {**profile.pretrain, **overrides} if method == BASELINE else overrides)
+                config = build_config(method, {**profile.pretrain, **overrides} if is_baseline_method else overrides)
                 space = spaces.get(method, {})
                 epochs = int(space.get("epochs", {}).get("high", config.epochs)) if "epochs" in space else config.epochs
-                needs_source = method == BASELINE or get_method(method).starts_from_source
+                needs_source = is_baseline_method or get_method(method).starts_from_source
                 key = None
                 if needs_source:
                     spec = base_spec(plan, scenario.source, scenario.source, fold)

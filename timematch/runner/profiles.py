@@ -17,7 +17,7 @@ import yaml
 
 from timematch.data.dataset import DataConfig
 from timematch.errors import ConfigError
-from timematch.methods import build_config, method_names
+from timematch.methods import build_config, get_method, method_names, source_model_method
 
 SECTIONS = ("description", "folds", "trials", "data", "pretrain", "methods", "scheduler", "resources", "retries")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
@@ -107,7 +107,7 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
         raise ConfigError(f"{where}: folds={folds} but the data has n_folds={data_config.n_folds}")
     pretrain = _mapping(document.get("pretrain"), "pretrain", where)
     try:
-        build_config("source_only", pretrain)
+        build_config(source_model_method().name, pretrain)
     except ConfigError as err:
         raise ConfigError(f"{where}: pretrain: {err}") from None
     methods = _mapping(document.get("methods"), "methods", where)
@@ -115,9 +115,9 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
     for method, overrides in methods.items():
         if method not in registered:
             raise ConfigError(f"{where}: methods: unknown method {method!r}; valid methods: {', '.join(registered)}")
-        if method == "source_only" and overrides:
+        if get_method(method).evaluates_source_model and overrides:
             raise ConfigError(
-                f"{where}: methods.source_only: set the source model's training under 'pretrain:' "
+                f"{where}: methods.{method}: set the source model's training under 'pretrain:' "
                 "(the source-only baseline is the pretrained source model)"
             )
         try:

@@ -19,6 +19,10 @@ from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, get_objective
 
 
+class NoFinishedTrial(ConfigError):
+    """The launch (or experiment) has no finished adaptation trial to tabulate."""
+
+
 @dataclass
 class Report:
     table: ResultTable
@@ -38,6 +42,9 @@ def experiment_id(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
+ALL_LAUNCHES = "all"
+
+
 def latest_launch(uri: str, exp_id: str):
     client = tracking.client(uri)
     runs = client.search_runs([exp_id], "tags.stage = 'launch'", max_results=1,
@@ -45,13 +52,29 @@ def latest_launch(uri: str, exp_id: str):
     return runs[0] if runs else None
 
 
-def collect_rows(uri: str, exp_id: str) -> list[dict[str, Any]]:
-    """One row per finished adaptation trial of the experiment (all its launches)."""
+def find_launch(uri: str, exp_id: str, launch_id: str | None):
+    """The parent run of launch ``launch_id`` (None: the latest launch of the experiment)."""
+    if launch_id is None:
+        return latest_launch(uri, exp_id)
+    client = tracking.client(uri)
+    runs = client.search_runs([exp_id], f"tags.stage = 'launch' and tags.launch_id = '{launch_id}'", max_results=1)
+    if not runs:
+        known = [r.data.tags.get("launch_id", "?") for r in client.search_runs(
+            [exp_id], "tags.stage = 'launch'", max_results=50, order_by=["attributes.start_time DESC"])]
+        raise ConfigError(f"--launch {launch_id}: no such launch in this experiment; launches (newest first): "
+                          f"{', '.join(known) or 'none'}, or '{ALL_LAUNCHES}'")
+    return runs[0]
+
+
+def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[dict[str, Any]]:
+    """One row per finished adaptation trial of launch ``launch_id`` (None: of every launch)."""
     client = tracking.client(uri)
     rows, token = [], None
+    query = "tags.stage = 'adapt' and attributes.status = 'FINISHED'"
+    if launch_id is not None:
+        query += f" and tags.launch_id = '{launch_id}'"
     while True:
-        page = client.search_runs([exp_id], "tags.stage = 'adapt' and attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
+        page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
         for run in page:
             tags, metrics = run.data.tags, run.data.metrics
             if "test_macro_f1" not in metrics:
@@ -67,16 +90,24 @@ def collect_rows(uri: str, exp_id: str) -> list[dict[str, Any]]:
 
 
 def build_report(uri: str, experiment: str, results_dir: Path, objective: str | None = None,
-                 log_to_mlflow: bool = True) -> Report:
-    """Collect, tabulate, write and log the report of ``experiment``."""
+                 log_to_mlflow: bool = True, launch_id: str | None = None) -> Report:
+    """Collect, tabulate, write and log the report of one launch of ``experiment``.
+
+    ``launch_id``: a launch (None: the latest; :data:`ALL_LAUNCHES`: every launch pooled,
+    which turns each cell into a best-of-all-their-trials). The report is logged to that
+    launch's parent run (the latest one when pooling).
+    """
     exp_id = experiment_id(uri, experiment)
-    launch = latest_launch(uri, exp_id)
+    pooled = launch_id == ALL_LAUNCHES
+    launch = find_launch(uri, exp_id, None if pooled else launch_id)
     if objective is None:
         objective = launch.data.tags.get("objective", "target_val_f1") if launch else "target_val_f1"
     chosen = get_objective(objective)
-    rows = collect_rows(uri, exp_id)
+    scope = None if pooled or launch is None else launch.data.tags.get("launch_id")
+    rows = collect_rows(uri, exp_id, scope)
     if not rows:
-        raise ConfigError(f"experiment {experiment!r} has no finished adaptation trial yet; nothing to report")
+        where = f"launch {scope}" if scope else f"experiment {experiment!r}"
+        raise NoFinishedTrial(f"{where} has no finished adaptation trial yet; nothing to report")
     order = launch.data.params.get("scenarios", "").split(",") if launch else []
     seen = list(dict.fromkeys(str(r["scenario"]) for r in rows))
     scenarios = [s for s in order if s in seen] + [s for s in seen if s not in order]
@@ -84,7 +115,9 @@ def build_report(uri: str, experiment: str, results_dir: Path, objective: str | 
         f"Selection by {chosen.name}: {chosen.description}. "
         + ("Target validation labels were used to select trials." if chosen.uses_target_labels
            else "No target labels were used to select trials."),
-        f"{len(rows)} finished trials of experiment '{experiment}'; the target test split is never used for selection.",
+        (f"{len(rows)} finished trials of launch {scope} of experiment '{experiment}'" if scope else
+         f"{len(rows)} finished trials of all launches of experiment '{experiment}' pooled")
+        + "; the target test split is never used for selection.",
     ]
     table = summarize(rows, chosen.name, "test_macro_f1", scenarios, notes)
     markdown = table.to_markdown()

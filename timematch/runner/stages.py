@@ -18,7 +18,7 @@ from ray import tune
 
 from timematch.data.tiles import short_name
 from timematch.runner import tracking
-from timematch.runner.plan import LaunchPlan, get_objective, source_model_path
+from timematch.runner.plan import LaunchPlan, baseline_method, get_objective, source_model_path
 from timematch.runner.progress import ProgressPrinter, RunStatusCallback
 from timematch.runner.resources import TrialResources
 from timematch.runner.search import GroupedASHA, GroupedSearch
@@ -70,7 +70,7 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
         return summary
     labels = {t.key: f"pretrain {t.id}" for t in todo}
     tags = {t.key: {"stage": "pretrain", "source": short_name(t.source), "fold": str(t.fold),
-                    "method": "source_only", "pretrain_key": t.key} for t in todo}
+                    "method": baseline_method(), "pretrain_key": t.key} for t in todo}
     callbacks = [
         ProgressPrinter("pretrain", labels, len(todo), "source_val_f1"),
         RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,

@@ -34,7 +34,7 @@ from timematch.models import build_model
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, TrialGroup, get_objective, source_model_path
-from timematch.training import pick_device
+from timematch.evaluation import pick_device
 
 STATE_FILE = "state.pt"
 TEST_PREFIX = "test_"
@@ -84,7 +84,7 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     spec = plan.pretrain_spec(task)
     client = tracking.client(context.tracking_uri)
     tags = tracking.run_tags(
-        "pretrain", ",".join(task.scenarios), short_name(task.source), "", "source_only", task.fold,
+        "pretrain", ",".join(task.scenarios), short_name(task.source), "", spec.method, task.fold,
         "source_val_f1", False, launch_id=context.launch_id, model=spec.model, seed=spec.seed,
         source_model_path=str(path), device=_device_tag(),
     )

@@ -1,0 +1,230 @@
+"""The method contract, tested for every registered method the moment it registers.
+
+For each name in the registry (not a hand-kept list): a few steps end to end on CPU; an
+epoch checkpoint, saved and loaded with ``weights_only=True``, restored into a fresh run
+gives bit-identical weights (model and every owned module) and metrics after the next
+epoch; the exported model loads with ``weights_only=True`` on the CPU and predicts the
+same. Plus the contract's own parts: the step context, owned modules' modes, parameter
+groups, the optimiser and schedule chosen by config, and manual optimisation.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from timematch.data.dataset import DataConfig, open_domains
+from timematch.evaluation import predict
+from timematch.experiment import ExperimentSpec, pretrain_source, run_experiment
+from timematch.methods import build_config, config_fields, get_method, method_names, source_model_method
+from timematch.methods.base import Method, TrainConfig
+from timematch.models import build_model
+from timematch.training import StepContext, build_optimizer, fit
+
+TINY = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 16}
+METHODS = method_names()
+
+
+def tiny_config(name: str) -> dict:
+    config = dict(TINY)
+    if "sample_size" in config_fields(name):
+        config["sample_size"] = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def base(synthetic_root, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("contract-cache")
+    spec = ExperimentSpec(data_root=synthetic_root, source="DK", target="FR1", method="source_only",
+                          pretrain_config={**TINY, "epochs": 1}, data=DataConfig(min_parcels=10), cache_dir=cache)
+    return spec, pretrain_source(spec)
+
+
+def test_every_method_is_tested_and_one_is_the_source_model():
+    assert len(METHODS) >= 11
+    assert source_model_method().name == "source_only"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_runs_end_to_end(base, name):
+    spec, pretrained = base
+    reports = []
+    result = run_experiment(spec.replace(method=name, method_config=tiny_config(name)), pretrained,
+                            on_epoch=lambda report, state: reports.append(report))
+    assert 0.0 <= result.metrics["test_macro_f1"] <= 1.0
+    assert {"test_accuracy", "test_kappa", "target_val_f1", "source_val_f1"} <= set(result.metrics)
+    assert result.confusion.shape == (len(result.classes),) * 2
+    assert reports, "no epoch reported"
+    for report in reports:
+        nan_allowed = {"pseudo_label_f1"}  # undefined in an epoch without confident samples
+        bad = {k: v for k, v in report.metrics.items() if not math.isfinite(v) and k not in nan_allowed}
+        assert not bad, f"non-finite epoch metrics: {bad}"
+
+
+def _states(name, spec, pretrained, resume_state=None):
+    states = []
+    result = run_experiment(spec, pretrained, on_epoch=lambda report, state: states.append((report, state())),
+                            resume_state=resume_state)
+    return result, states
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_checkpoint_resumes_bit_identical_and_loads_safely(base, name, tmp_path):
+    spec, pretrained = base
+    # a config of its own, so the source-model method trains here instead of reusing `pretrained`
+    spec = spec.replace(method=name, method_config={**tiny_config(name), "weight_decay": 2e-4})
+    straight, states = _states(name, spec, pretrained)
+    assert len(states) == 2
+    path = tmp_path / "epoch1.pt"
+    torch.save(states[0][1], path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    resumed, resumed_states = _states(name, spec, pretrained, resume_state=checkpoint)
+    assert [r.epoch for r, _ in resumed_states] == [2]
+    (report_a, last_a), (report_b, last_b) = states[-1], resumed_states[-1]
+    timing = {"samples_per_second", "data_wait_fraction"}
+    assert {k: v for k, v in report_a.metrics.items() if k not in timing} == pytest.approx(
+        {k: v for k, v in report_b.metrics.items() if k not in timing}, nan_ok=True, rel=0, abs=0)
+    for key, value in last_a["model"].items():
+        assert torch.equal(value, last_b["model"][key]), f"model {key}"
+    assert set(last_a["modules"]) == set(last_b["modules"])
+    for module, state in last_a["modules"].items():
+        for key, value in state.items():
+            assert torch.equal(value, last_b["modules"][module][key]), f"{module}.{key}"
+    assert straight.metrics == resumed.metrics
+    # the exported model: weights only, on the CPU, the same predictions
+    exported = tmp_path / "model.pt"
+    torch.save(straight.model.state_dict(), exported)
+    model = build_model(spec.model, num_classes=len(straight.classes))
+    model.load_state_dict(torch.load(exported, map_location="cpu", weights_only=True))
+    source, target = open_domains(spec.data_root, spec.source, spec.target, spec.fold, spec.data, spec.cache_dir)
+    if pretrained is not None and get_method(name).starts_from_source:
+        from timematch.data.dataset import Normalizer
+
+        target.normalizer = Normalizer.from_dict(pretrained.normalizer)
+    parcels = target.split.test[:20]
+    device = torch.device("cpu")
+    expected = predict(straight.model, target, parcels, device)[0]
+    np.testing.assert_allclose(predict(model, target, parcels, device)[0], expected, atol=1e-6)
+
+
+# -- the contract's parts ----------------------------------------------------------------
+
+
+def test_step_context_counts_global_steps():
+    context = StepContext(epoch=3, step=2, steps_per_epoch=5, total_steps=50)
+    assert context.global_step == 11
+    assert context.progress == pytest.approx(11 / 50)
+    assert StepContext(1, 1, 5, 50).global_step == 0
+
+
+def test_optimizer_and_schedule_follow_the_config():
+    model = build_model(num_classes=3)
+    groups = [{"name": "backbone", "params": list(model.spatial_encoder.parameters()), "lr_scale": 0.1},
+              {"name": "head", "params": list(model.decoder.parameters()), "lr_scale": 1.0}]
+    sgd = build_config("dann")
+    optimizer, schedule = build_optimizer(sgd, groups, total_steps=100)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    decay = (1 + 0.001 * 10) ** -0.75
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4 * decay, 1e-3 * decay])
+    adam, cosine = build_optimizer(build_config("timematch"), groups, total_steps=10)
+    assert isinstance(adam, torch.optim.Adam)
+    for _ in range(10):
+        adam.step()
+        cosine.step()
+    assert adam.param_groups[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_default_parameter_groups_scale_the_backbone(base):
+    spec, pretrained = base
+    source, target = open_domains(spec.data_root, "DK", "FR1", 0, spec.data, spec.cache_dir)
+    model = build_model(num_classes=len(source.classes))
+    method = get_method("dann")(build_config("dann"), model, source, target, torch.device("cpu"))
+    groups = {g["name"]: g for g in method.parameter_groups()}
+    assert groups["backbone"]["lr_scale"] == 0.1 and groups["head"]["lr_scale"] == 1.0
+    head = {id(p) for p in groups["head"]["params"]}
+    assert {id(p) for p in method.discriminator.parameters()} <= head
+    assert {id(p) for p in model.decoder.parameters()} <= head
+    assert not head & {id(p) for p in groups["backbone"]["params"]}
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(model.parameters())) + len(list(method.discriminator.parameters()))
+
+
+def test_owned_modules_get_their_modes(base):
+    spec, _ = base
+    source, target = open_domains(spec.data_root, "DK", "FR1", 0, spec.data, spec.cache_dir)
+    method = get_method("timematch")(build_config("timematch"), build_model(num_classes=len(source.classes)),
+                                     source, target, torch.device("cpu"))
+    method.set_train_mode()
+    assert method.model.training and not method.teacher.training
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    with pytest.raises(ValueError, match="owns a module named 'teacher' already"):
+        method.own("teacher", torch.nn.Linear(1, 1))
+
+
+class AlternatingCritic(Method):
+    """Two optimisers per step (a critic, then the model against it): manual optimisation."""
+
+    manual_optimization = True
+
+    def __init__(self, config, model, source, target, device):
+        super().__init__(config, model, source, target, device)
+        self.critic = self.own("critic", torch.nn.Linear(model.feature_dim, 1))
+
+    def optimizer_groups(self):
+        return {"model": [{"name": "model", "params": list(self.model.parameters())}],
+                "critic": [{"name": "critic", "params": list(self.critic.parameters())}]}
+
+    def sample(self, rng):
+        parcels = rng.choice(self.source.labelled("train"), self.config.batch_size)
+        return {"source": self.source.strong_batch(parcels, rng)}
+
+    def training_step(self, batch, context):
+        x = batch["source"]
+        logits, features = self.model(x["pixels"], x["mask"], x["positions"], x["geom"])
+        critic_loss = self.critic(features.detach()).pow(2).mean()
+        self.step_optimizer("critic", critic_loss, context)
+        loss = torch.nn.functional.cross_entropy(logits, x["label"]) - 0.01 * self.critic(features).mean()
+        self.step_optimizer("model", loss, context)
+        return loss.detach(), {"critic_loss": float(critic_loss.detach())}
+
+
+def test_manual_optimization_with_two_optimizers_resumes(base):
+    spec, _ = base
+    source, target = open_domains(spec.data_root, "DK", "FR1", 0, spec.data, spec.cache_dir)
+    config = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=8, lr=1e-3)
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        method = AlternatingCritic(config, build_model(num_classes=len(source.classes)), source, target,
+                                   torch.device("cpu"))
+        states = []
+        fit(method, seed=0, on_epoch=lambda r, s: states.append(s()), resume_state=resume)
+        return method, states
+
+    method, states = run()
+    assert set(states[0]["optimizers"]) == {"model", "critic"} and set(states[0]["modules"]) == {"critic"}
+    assert all(s["state"] for s in states[-1]["optimizers"].values()), "both optimisers stepped"
+    resumed, _ = run(resume=states[0])
+    for a, b in zip(method.critic.state_dict().values(), resumed.critic.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(method.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_several_optimizers_need_manual_optimization(base):
+    spec, _ = base
+    source, target = open_domains(spec.data_root, "DK", "FR1", 0, spec.data, spec.cache_dir)
+
+    class Forgot(AlternatingCritic):
+        manual_optimization = False
+
+    method = Forgot(TrainConfig(epochs=1, steps_per_epoch=1, batch_size=8), build_model(num_classes=len(source.classes)),
+                    source, target, torch.device("cpu"))
+    with pytest.raises(TypeError, match="set manual_optimization"):
+        fit(method, seed=0)

@@ -1,0 +1,89 @@
+"""Predictions and scores of a model on a domain: what the loop evaluates each epoch and
+what an experiment reports at the end. No training here, and no method imports: methods,
+the loop and the experiment API all build on this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from timematch.data.dataset import Domain
+from timematch.metrics import classification_metrics, information_maximization
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Numpy batch -> tensors on ``device`` (pinned, non-blocking copies on CUDA)."""
+    out = {}
+    for key, value in batch.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if device.type == "cuda":
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        out[key] = tensor
+    return out
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module, domain: Domain, parcels: np.ndarray, device: torch.device, shift: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, K) of ``parcels`` with all pixels and dates, and their labels.
+
+    Rows follow the order of ``parcels`` (evaluation batches group parcels by size).
+    """
+    model.eval()
+    probs, index = [], []
+    for batch in domain.eval_batches(parcels):
+        tensors = to_torch(batch, device)
+        logits, _ = model(tensors["pixels"], tensors["mask"], tensors["positions"] + shift, tensors["geom"])
+        probs.append(logits.float().softmax(-1).cpu().numpy())
+        index.append(batch["index"])
+    if not probs:
+        return np.zeros((0, len(domain.classes)), np.float32), np.zeros(0, np.int64)
+    parcels = np.asarray(parcels)
+    index_arr = np.concatenate(index)
+    row_of = np.empty(int(index_arr.max()) + 1, dtype=np.int64)
+    row_of[index_arr] = np.arange(len(index_arr))
+    return np.concatenate(probs)[row_of[parcels]], domain.labels[parcels]
+
+
+def evaluate(
+    model: torch.nn.Module, domain: Domain, part: str, device: torch.device, shift: int = 0
+) -> dict[str, Any]:
+    """:func:`classification_metrics` on the labelled parcels of a split part."""
+    probs, labels = predict(model, domain, domain.labelled(part), device, shift)
+    return score_labelled(probs, labels, domain.classes)
+
+
+def score_labelled(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """:func:`classification_metrics` of predictions ``probs`` (N, K) on the rows whose label is
+    a class (``labels >= 0``); unlabelled rows are left out."""
+    labelled = labels >= 0
+    return classification_metrics(labels[labelled], probs[labelled].argmax(1), classes)
+
+
+def selection_metrics(
+    model: torch.nn.Module, source: Domain, target: Domain, device: torch.device
+) -> dict[str, float]:
+    """The per-epoch model-selection criteria.
+
+    ``target_val_f1`` uses target validation labels (tagged as such by the runner);
+    ``source_val_f1`` and ``target_im_score`` use no target labels.
+    """
+    # one pass over the target validation parcels serves both target criteria: the
+    # information maximisation score sees all of them, the F1 only the labelled ones
+    probs, labels = predict(model, target, target.split.val, device)
+    return {
+        "target_val_f1": score_labelled(probs, labels, target.classes)["macro_f1"],
+        "source_val_f1": evaluate(model, source, "val", device)["macro_f1"],
+        "target_im_score": information_maximization(probs),
+    }

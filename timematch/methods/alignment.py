@@ -1,0 +1,254 @@
+"""What the feature-alignment and adversarial competitors share (MMD, DANN, CDAN, CDAN+E,
+JUMBOT, ALDA), written once: their config and optimiser set-up, the joint forward pass, and
+the parts (gradient reversal with warm start, the domain discriminator, Gaussian kernels
+and the linear-time multi-kernel MMD, entropy, the (randomized) multilinear map).
+
+Every competitor starts from the source-trained weights and sees, each step, a
+(class-balanced) source batch and a target batch, both strong views, concatenated into
+**one** forward pass (so a competitor step costs about what a TimeMatch step costs).
+``features`` are the temporal encoder's 128-d output. The published optimiser set-up
+(Long et al.; Ganin et al.; as in the Transfer-Learning-Library): SGD with Nesterov
+momentum 0.9, lr 1e-3 with the inverse decay lr * (1 + 0.001 i)^-0.75, the backbone at
+0.1x the head's rate, weight decay 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timematch.data.dataset import ClassBalancedSampler, uniform_sampler
+from timematch.losses import focal_loss
+from timematch.methods.base import Method, TrainConfig, check_range
+from timematch.methods.pseudo_label import concat
+from timematch.training import StepContext
+
+
+@dataclass(frozen=True)
+class AlignmentConfig(TrainConfig):
+    """Budget of TimeMatch (20 x 500 steps), the adversarial methods' optimiser, cross
+    entropy on the source (``focal_gamma=0``), and the alignment term's ``trade_off``."""
+
+    epochs: int = 20
+    steps_per_epoch: int | None = 500
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    schedule: str = "inverse_decay"
+    backbone_lr_scale: float = 0.1
+    focal_gamma: float = 0.0
+    trade_off: float = 1.0
+    balanced_source: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "trade_off", 0.0, 100.0)
+
+
+@dataclass(frozen=True)
+class AdversarialConfig(AlignmentConfig):
+    """Gradient reversal with warm start: coefficient 2 (hi - lo) / (1 + exp(-alpha i /
+    max_iters)) - (hi - lo) + lo at global step i, from ``grl_lo`` to ``grl_hi``; the
+    discriminator's hidden width."""
+
+    grl_alpha: float = 1.0
+    grl_lo: float = 0.0
+    grl_hi: float = 1.0
+    grl_max_iters: int = 1000
+    discriminator_hidden: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "grl_alpha", 0.0, 100.0)
+        check_range(self, "grl_lo", 0.0, 10.0)
+        check_range(self, "grl_hi", 0.0, 10.0)
+        check_range(self, "grl_max_iters", 1, 10_000_000)
+        check_range(self, "discriminator_hidden", 1, 65_536)
+
+
+# -- parts ------------------------------------------------------------------------------
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, coefficient: float) -> torch.Tensor:
+        ctx.coefficient = coefficient
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.coefficient * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """Identity forward; the backward pass multiplies the gradient by ``-coefficient``."""
+    return _GradientReversal.apply(x, float(coefficient))
+
+
+def warm_start_coefficient(step: int, alpha: float = 1.0, lo: float = 0.0, hi: float = 1.0,
+                           max_iters: int = 1000) -> float:
+    """2 (hi - lo) / (1 + exp(-alpha step / max_iters)) - (hi - lo) + lo: ``lo`` at step 0,
+    rising to ``hi`` (DANN's schedule, Ganin et al. 2016)."""
+    return float(2.0 * (hi - lo) / (1.0 + math.exp(-alpha * step / max_iters)) - (hi - lo) + lo)
+
+
+class DomainDiscriminator(nn.Sequential):
+    """in -> hidden -> hidden -> out (Linear, BatchNorm, ReLU; then Linear): logits.
+
+    ``out=1``: the source-vs-target logit (the sigmoid sits in the loss, for stability);
+    ALDA uses ``out`` = number of classes.
+    """
+
+    def __init__(self, in_features: int, hidden: int = 1024, out_features: int = 1) -> None:
+        super().__init__(
+            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, out_features),
+        )
+
+
+def domain_adversarial_loss(logits: torch.Tensor, n_source: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 (BCE(d_s, 1) + BCE(d_t, 0)) over discriminator ``logits`` (N, 1) with the source
+    first, and the discriminator's accuracy (0.5: the domains are indistinguishable)."""
+    logits = logits.reshape(-1)
+    labels = torch.zeros_like(logits)
+    labels[:n_source] = 1.0
+    per_sample = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    loss = 0.5 * (per_sample[:n_source].mean() + per_sample[n_source:].mean())
+    correct = ((logits > 0).float() == labels).float()
+    accuracy = 0.5 * (correct[:n_source].mean() + correct[n_source:].mean())
+    return loss, accuracy.detach()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy -sum_k p_k log p_k of probabilities ``probs`` (N, K) -> (N,)."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+#: Bandwidth multipliers of DAN's Gaussian kernels: 2^k, k = -3..1.
+MMD_MULTIPLIERS = tuple(2.0 ** k for k in range(-3, 2))
+
+
+def linear_mk_mmd(source: torch.Tensor, target: torch.Tensor,
+                  multipliers: tuple[float, ...] = MMD_MULTIPLIERS) -> torch.Tensor:
+    """Linear-time estimate of the multi-kernel MMD^2 (Gretton et al. 2012; DAN, Long et al. 2015).
+
+    With x_i = (s_i, t_i) and its successor x_{i+1} (cyclically), the unbiased estimate
+    mean_i [k(s_i, s_{i+1}) + k(t_i, t_{i+1}) - k(s_i, t_{i+1}) - k(s_{i+1}, t_i)], O(B),
+    for the kernel k = sum over ``multipliers`` m of exp(-||a - b||^2 / (2 m sigma^2)),
+    sigma^2 the mean squared distance of the pairs used (not differentiated).
+    ``source``, ``target``: (B, F) with the same B >= 2.
+    """
+    if source.shape != target.shape or source.shape[0] < 2:
+        raise ValueError(f"linear MMD needs two batches of one shape with B >= 2, got {tuple(source.shape)} "
+                         f"and {tuple(target.shape)}")
+    s_next, t_next = source.roll(-1, 0), target.roll(-1, 0)
+    distances = torch.stack([
+        (source - s_next).pow(2).sum(1), (target - t_next).pow(2).sum(1),
+        (source - t_next).pow(2).sum(1), (s_next - target).pow(2).sum(1),
+    ])  # (4, B)
+    sigma2 = distances.detach().mean().clamp_min(1e-12)
+    kernel = sum(torch.exp(-distances / (2.0 * m * sigma2)) for m in multipliers)
+    return (kernel[0] + kernel[1] - kernel[2] - kernel[3]).mean()
+
+
+class MultilinearMap(nn.Module):
+    """f (N, F), g (N, K) -> the flattened outer product (N, F * K) (CDAN, Long et al. 2018)."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.out_features = features * classes
+
+    def forward(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(g.unsqueeze(2), f.unsqueeze(1)).flatten(1)
+
+
+class RandomizedMultilinearMap(nn.Module):
+    """f (N, F), g (N, K) -> (f R_f) * (g R_g) / sqrt(d), (N, d), with fixed Gaussian R_f
+    (F, d) and R_g (K, d) (CDAN's randomized map; the matrices are buffers, so they are
+    checkpointed and restored with the method)."""
+
+    def __init__(self, features: int, classes: int, out_features: int = 1024) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.register_buffer("Rf", torch.randn(features, out_features))
+        self.register_buffer("Rg", torch.randn(classes, out_features))
+
+    def forward(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return (f @ self.Rf) * (g @ self.Rg) / math.sqrt(self.out_features)
+
+
+def conditional_map(features: int, classes: int, randomize_above: int = 4096,
+                    randomized_dim: int = 1024) -> nn.Module:
+    """The multilinear map, randomized to ``randomized_dim`` when ``features * classes`` exceeds
+    ``randomize_above`` (CDAN's rule)."""
+    if features * classes > randomize_above:
+        return RandomizedMultilinearMap(features, classes, randomized_dim)
+    return MultilinearMap(features, classes)
+
+
+# -- the shared method ------------------------------------------------------------------
+
+
+@dataclass
+class AlignmentTerms:
+    """What a competitor adds to the source loss: ``trade_off * transfer``, plus ``own_loss``
+    (a term that trains only the method's own modules, e.g. ALDA's discriminator
+    regulariser) with weight 1; ``logs`` are the step's logs."""
+
+    transfer: torch.Tensor
+    logs: dict[str, float]
+    own_loss: torch.Tensor | None = None
+
+
+class AlignmentMethod(Method):
+    """A source batch and a target batch (strong views), one forward pass of both; the
+    subclass adds its alignment term to the source classification loss in
+    :meth:`alignment_loss`."""
+
+    config: AlignmentConfig
+    table_order = 20.0
+
+    def __init__(self, config, model, source, target, device) -> None:
+        super().__init__(config, model, source, target, device)
+        self._source_sampler = ClassBalancedSampler(source.labels, source.labelled("train"), config.balanced_source)
+        self._target_sampler = uniform_sampler(target.split.train)
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        size = self.config.batch_size
+        return {
+            "source": self.source.strong_batch(self._source_sampler(size, rng), rng),
+            "target": self.target.strong_batch(self._target_sampler(size, rng), rng),
+        }
+
+    def training_step(self, batch: dict, context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        source, target = batch["source"], batch["target"]
+        both = concat(source, target)
+        logits, features = self.model(both["pixels"], both["mask"], both["positions"], both["geom"])
+        n = source["pixels"].shape[0]
+        classification = focal_loss(logits[:n], source["label"], self.config.focal_gamma)
+        terms = self.alignment_loss(logits, features, n, source["label"], context)
+        loss = classification + self.config.trade_off * terms.transfer
+        if terms.own_loss is not None:
+            loss = loss + terms.own_loss
+        logs = dict(terms.logs, source_loss=float(classification.detach()), transfer_loss=float(terms.transfer.detach()))
+        return loss, logs
+
+    def alignment_loss(self, logits: torch.Tensor, features: torch.Tensor, n_source: int,
+                       source_labels: torch.Tensor, context: StepContext) -> "AlignmentTerms":
+        """The alignment term over ``logits`` (N, K) and ``features`` (N, F), source rows first."""
+        raise NotImplementedError
+
+
+class AdversarialMethod(AlignmentMethod):
+    """An alignment method with a gradient-reversal warm start (DANN, CDAN, ALDA)."""
+
+    config: AdversarialConfig
+
+    def reversal_coefficient(self, context: StepContext) -> float:
+        cfg = self.config
+        return warm_start_coefficient(context.global_step, cfg.grl_alpha, cfg.grl_lo, cfg.grl_hi, cfg.grl_max_iters)
