@@ -62,6 +62,9 @@ def closed_port() -> int:
     (["--objective", "test_macro_f1"], ["unknown objective", "target_val_f1", "source_val_f1", "target_im_score"]),
     (["--folds", "5"], ["--folds '5'", "n_folds=3"]),
     (["--set", "methods.timematch.epoch=2"], ["unknown config key", "epochs"]),
+    (["--set", "methods.jumbot.epsilon=0"], ["JUMBOTConfig.epsilon=0 is out of range", "allowed: (0.0, 100.0]"]),
+    (["--set", "methods.dann.trade_off=-1"], ["DANNConfig.trade_off=-1 is out of range", "allowed: [0.0, 100.0]"]),
+    (["--set", "methods.alda.lr=0"], ["ALDAConfig.lr=0 is out of range", "allowed: (0.0, 10.0]"]),
 ])
 def test_unknown_names_list_the_choices(capsys, args, extra, fragments):
     code, _, err = run(args + extra, capsys)

@@ -5,8 +5,8 @@ schedule, best epoch by source validation macro F1) from scratch, with every tra
 sample's date positions shifted by one random integer in [-``shift_aug_max``,
 ``shift_aug_max``] days with probability ``shift_aug_p``: a model meant to be robust to
 the regional shift rather than to estimate it. (The source models the adaptation methods
-start from are trained without it: with it, shift estimation fails; see
-``benchmarks/quality.py``.)
+start from are trained without it, as published: the paper found that it makes shift
+estimation fail; ``benchmarks/quality.py`` measures that on the data at hand.)
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ The model is trained on the labelled source tile with focal loss (gamma 1), Adam
 dates), and the weights of the epoch with the best *source* validation macro F1 are kept.
 Evaluated on the target tile it is the "source-only" baseline (Nyborg et al. 2022).
 
-Temporal shift augmentation is off by default: a source model trained with it makes
-shift estimation fail (see the README); ``shift_aug=True`` gives the shift-augmented
-baseline.
+Temporal shift augmentation is off by default, as published (the paper found that a source
+model trained with it makes shift estimation fail; ``benchmarks/quality.py`` measures it on
+the data at hand); the shift-augmented baseline is its own method,
+:mod:`timematch.methods.shift_aug`.
 """
 
 from __future__ import annotations
