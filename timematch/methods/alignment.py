@@ -119,9 +119,13 @@ def domain_adversarial_loss(logits: torch.Tensor, n_source: int) -> tuple[torch.
     labels[:n_source] = 1.0
     per_sample = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     loss = 0.5 * (per_sample[:n_source].mean() + per_sample[n_source:].mean())
-    correct = ((logits > 0).float() == labels).float()
-    accuracy = 0.5 * (correct[:n_source].mean() + correct[n_source:].mean())
-    return loss, accuracy.detach()
+    return loss, discriminator_accuracy(logits, n_source)
+
+
+def discriminator_accuracy(logits: torch.Tensor, n_source: int) -> torch.Tensor:
+    """Mean of the source (logit > 0) and target (logit <= 0) accuracies of domain ``logits``."""
+    logits = logits.detach().reshape(-1)
+    return 0.5 * ((logits[:n_source] > 0).float().mean() + (logits[n_source:] <= 0).float().mean())
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

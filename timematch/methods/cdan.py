@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from timematch.methods.alignment import (
-    AdversarialConfig, AdversarialMethod, AlignmentTerms, DomainDiscriminator, conditional_map, entropy, reverse_gradient,
+    AdversarialConfig, AdversarialMethod, AlignmentTerms, DomainDiscriminator, conditional_map, discriminator_accuracy,
+    entropy, reverse_gradient,
 )
 from timematch.methods.base import check_range
 from timematch.methods.registry import register
@@ -67,6 +68,5 @@ class CDAN(AdversarialMethod):
         else:
             weight = None
         loss = F.binary_cross_entropy_with_logits(domain_logits, labels, weight=weight)
-        correct = ((domain_logits > 0).float() == labels).float()
-        accuracy = 0.5 * (correct[:n_source].mean() + correct[n_source:].mean())
+        accuracy = discriminator_accuracy(domain_logits, n_source)
         return AlignmentTerms(loss, {"discriminator_accuracy": float(accuracy), "grl_coefficient": coefficient})
