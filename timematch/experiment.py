@@ -33,9 +33,9 @@ import torch
 from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
 from timematch.data.tiles import resolve_tile
 from timematch.errors import ConfigError, DatasetError
+from timematch.evaluation import evaluate, pick_device, selection_metrics
 from timematch.methods import build_config, get_method, source_model_method
 from timematch.models import build_model
-from timematch.evaluation import evaluate, pick_device, selection_metrics
 from timematch.training import EpochCallback, EpochReport, fit
 
 logger = logging.getLogger("timematch")

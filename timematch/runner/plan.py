@@ -33,7 +33,6 @@ from timematch.runner.scenarios import Scenario
 from timematch.runner.search_space import contains, load_space
 
 
-
 def baseline_method() -> str:
     """The method whose default trial is the source-only baseline (the pretrained source model
     evaluated on the target) and whose training makes the source models: the registered
