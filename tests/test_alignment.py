@@ -120,6 +120,8 @@ def test_alda_corrected_labels_and_threshold():
     ("cdan", {"optimizer": "lbfgs"}, r"optimizer='lbfgs'; valid: adam, sgd"),
     ("cdan_e", {"trade_off": "abc"}, r"CDANEConfig.trade_off='abc' is not a number"),
     ("shift_aug", {"shift_aug_p": 2.0}, r"shift_aug_p=2.0 is out of range"),
+    ("dann", {"grl_max_iters": 2.5}, r"DANNConfig.grl_max_iters=2.5 is not an integer; allowed: \[1, 10000000\]"),
+    ("mmd", {"epochs": 1.5}, r"MMDConfig.epochs=1.5 is not an integer"),
 ])
 def test_bad_competitor_configs_name_the_key_and_range(method, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -51,6 +51,9 @@ def check_range(config: Any, key: str, low: float, high: float, low_open: bool =
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not a number; allowed: [{low}, {high}]")
+    default = getattr(type(config), key, None)
+    if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+        raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not an integer; allowed: [{low}, {high}]")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high or (isinstance(value, float) and math.isnan(value)):
