@@ -286,6 +286,16 @@ def test_ray_version_matches_image_tags_and_dockerfile():
             )
 
 
+def test_project_pins_exactly_the_clusters_ray():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    pins = re.findall(r'"ray\[tune\]([^"]*)"', pyproject)
+    dockerfile = re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    assert pins == [f"=={dockerfile}"], f"pyproject pins ray[tune]{pins}; the cluster runs Ray {dockerfile}"
+    import ray
+
+    assert ray.__version__ == dockerfile, "the installed Ray differs from the cluster's"
+
+
 def test_gpu_workers_request_and_limit_gpus_and_the_head_has_none():
     for document in ray_documents():
         spec = cluster_spec(document)
