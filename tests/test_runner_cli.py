@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -62,13 +63,38 @@ def closed_port() -> int:
     (["--objective", "test_macro_f1"], ["unknown objective", "target_val_f1", "source_val_f1", "target_im_score"]),
     (["--folds", "5"], ["--folds '5'", "n_folds=3"]),
     (["--set", "methods.timematch.epoch=2"], ["unknown config key", "epochs"]),
-    (["--set", "methods.jumbot.epsilon=0"], ["JUMBOTConfig.epsilon=0 is out of range", "allowed: (0.0, 100.0]"]),
-    (["--set", "methods.dann.trade_off=-1"], ["DANNConfig.trade_off=-1 is out of range", "allowed: [0.0, 100.0]"]),
-    (["--set", "methods.alda.lr=0"], ["ALDAConfig.lr=0 is out of range", "allowed: (0.0, 10.0]"]),
+    (["--set", "methods.jumbot.epsilon=0"], ["error: --set methods.jumbot.epsilon=0: ",
+                                             "JUMBOTConfig.epsilon=0 is out of range", "allowed: (0.0, 100.0]"]),
+    (["--set", "methods.dann.trade_off=-1"], ["error: --set methods.dann.trade_off=-1: ",
+                                              "DANNConfig.trade_off=-1 is out of range", "allowed: [0.0, 100.0]"]),
+    (["--set", "data.min_parcels=50", "--set", "methods.alda.lr=0"], ["error: --set methods.alda.lr=0: ",
+                                                                      "ALDAConfig.lr=0 is out of range"]),
+    (["--set", "methods.timematch.lr=abc"], ["error: --set methods.timematch.lr=abc: ", "'abc' is not a number"]),
 ])
 def test_unknown_names_list_the_choices(capsys, args, extra, fragments):
     code, _, err = run(args + extra, capsys)
     assert_one_line_error(code, err, *fragments)
+    if "--set" in extra:
+        assert ".yaml" not in err, "a bad --set is blamed on --set, not on the profile file"
+
+
+def test_resume_after_the_embedded_data_moved_is_one_line(capsys, tmp_path, monkeypatch):
+    from timematch.runner.cli import launch_parser, plan_launch
+
+    results = tmp_path / "results"
+    monkeypatch.delenv("TIMEMATCH_DATA", raising=False)
+    monkeypatch.setenv("TIMEMATCH_CACHE", str(tmp_path / "cache-a"))
+    plan = plan_launch(launch_parser().parse_args(["--scenario", "DK-FR1", "--method", "timematch",
+                                                   "--experiment", "moved"]), REPO)
+    assert plan.synthetic_data
+    launch = results / "moved" / "launches" / "L1"
+    launch.mkdir(parents=True)
+    (launch / "launch.json").write_text(json.dumps({"plan": json.loads(plan.to_json()), "tracking_uri": "sqlite:///x.db"}))
+    (results / "moved" / "LATEST").write_text("L1\n")
+    monkeypatch.setenv("TIMEMATCH_CACHE", str(tmp_path / "cache-b"))
+    code, _, err = run(["--resume", "--experiment", "moved", "--results-dir", str(results)], capsys)
+    assert_one_line_error(code, err, "--resume: launch of experiment 'moved' ran on the embedded dataset at",
+                          str(tmp_path / "cache-a"), "set TIMEMATCH_CACHE back")
 
 
 @pytest.fixture

@@ -227,7 +227,7 @@ def _launches_dir(results: Path, experiment: str) -> Path:
 
 
 def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
-    from timematch.runner.plan import LaunchPlan
+    from timematch.runner.plan import LaunchPlan, check_embedded_root
     from timematch.runner.resources import check_address
     from timematch.runner.tracking import check_tracking
 
@@ -246,6 +246,8 @@ def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
         launch_id = latest.read_text().strip()
         saved = json.loads((launches / launch_id / "launch.json").read_text())
         plan = LaunchPlan.from_json(json.dumps(saved["plan"]))
+        if plan.synthetic_data:
+            check_embedded_root(plan)
         uri = args.tracking_uri or saved["tracking_uri"]
         check_tracking(uri)
         check_address(address)

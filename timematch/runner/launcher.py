@@ -8,7 +8,7 @@ from typing import Any
 
 from timematch.runner import tracking
 from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch
-from timematch.runner.plan import LaunchPlan, describe, get_objective, source_model_path
+from timematch.runner.plan import LaunchPlan, check_embedded_root, describe, get_objective, source_model_path
 from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
 
 
@@ -65,9 +65,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
     if plan.synthetic_data:
         from timematch.data.embedded import ensure_embedded_dataset
 
-        root = ensure_embedded_dataset(progress=_say)
-        if str(root.resolve()) != plan.data_root:
-            raise AssertionError(f"embedded dataset at {root}, plan expects {plan.data_root}")
+        check_embedded_root(plan)
+        ensure_embedded_dataset(progress=_say)
     if launch.address:  # Ray itself retries for up to ~30 s before it gives up on an address
         _say(f"connecting to the Ray cluster at {launch.address} ...")
     cluster = connect(launch.address, verbose=args.verbose)

@@ -244,6 +244,20 @@ class LaunchPlan:
         return cls(**raw)
 
 
+def check_embedded_root(plan: LaunchPlan) -> None:
+    """A launch on the embedded dataset must find it where its plan says (``--resume`` after a
+    change of ``$TIMEMATCH_CACHE`` or of the generator version would train on other data)."""
+    from timematch.data.embedded import embedded_root
+
+    current = str(embedded_root().resolve())
+    if current != plan.data_root:
+        raise ConfigError(
+            f"--resume: launch of experiment {plan.experiment!r} ran on the embedded dataset at {plan.data_root}, "
+            f"but here it is {current} ($TIMEMATCH_CACHE or the generator version changed); set TIMEMATCH_CACHE "
+            "back to the launch's cache, or start a new launch without --resume"
+        )
+
+
 def source_model_path(cache_dir: str | Path, key: str) -> Path:
     """Where the source model with :func:`~timematch.experiment.pretrain_key` ``key`` is cached."""
     return Path(cache_dir) / "source_models" / f"{key}.pt"

@@ -61,8 +61,10 @@ def load_profile(directory: Path, name: str, sets: list[str] | tuple[str, ...] =
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    document = apply_sets(document, sets)
-    return validate_profile(document, name, str(path))
+    profile = validate_profile(document, name, str(path))  # the file alone: its errors name the file
+    for count, item in enumerate(sets, start=1):  # each --set in turn: its errors name the --set
+        profile = validate_profile(apply_sets(document, sets[:count]), name, f"--set {item}")
+    return profile
 
 
 def apply_sets(document: dict[str, Any], sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
