@@ -81,7 +81,8 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
     assert "source models: 2 done" in out and "adaptation: " in out and "0 failed (10 planned)" in out
     assert "gpus per trial 0.5, trials at once 2" in out
 
-    # -- the launch's parent run and the pretraining children
+    # -- the experiment opens in MLflow's model-training view; the launch's parent run and the pretraining children
+    assert MlflowClient(uri).get_experiment_by_name("sweep").tags["mlflow.experimentKind"] == "custom_model_development"
     (parent,) = runs_of(uri, "sweep", "launch")
     assert parent.info.status == "FINISHED" and parent.data.tags["objective"] == "target_val_f1"
     assert parent.data.tags["gpus_per_trial"] == "0.5"

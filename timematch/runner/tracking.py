@@ -110,15 +110,24 @@ def retry(call: Callable[[], T], attempts: int = 6) -> T:
     raise AssertionError("unreachable")
 
 
+#: MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts);
+#: with it, in the model-training view (runs, charts).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment ``name``, created (with its artifact location) when missing."""
+    """The id of experiment ``name``, created (with its artifact location) when missing, and
+    tagged as a model-training experiment."""
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(experiment.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name), tags=EXPERIMENT_KIND)
 
 
 def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuses: tuple[str, ...] = ()) -> Any:
