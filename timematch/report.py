@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from timematch.methods import get_method, method_names, methods_in_table_order
+
 AVERAGE = "Avg"
 
 
 def is_reference(method: str) -> bool:
     """A reference row (the method class says so: source-only, upper bound): never marked best."""
-    from timematch.methods.registry import get_method, method_names
-
     return method in method_names() and bool(get_method(method).reference)
 
 
@@ -69,6 +69,12 @@ def _key(row: Mapping[str, Any]) -> tuple[str, str, int]:
     return str(row["scenario"]), str(row["method"]), int(row["fold"])
 
 
+def is_candidate(row: Mapping[str, Any], objective: str) -> bool:
+    """A row can be selected by ``objective`` when it has a value for it (not missing, not NaN)."""
+    value = row.get(objective)
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def best_trials(rows: Iterable[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
     """Per (scenario, method, fold), the row with the highest ``objective``.
 
@@ -77,9 +83,9 @@ def best_trials(rows: Iterable[Mapping[str, Any]], objective: str) -> list[Mappi
     """
     best: dict[tuple[str, str, int], Mapping[str, Any]] = {}
     for row in sorted(rows, key=lambda r: str(r.get("trial", ""))):
-        value = row.get(objective)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if not is_candidate(row, objective):
             continue
+        value = row[objective]
         key = _key(row)
         if key not in best or value > best[key][objective]:
             best[key] = row
@@ -188,8 +194,6 @@ def _arrow(column: str) -> str:
 def method_order(methods: Iterable[str]) -> list[str]:
     """Methods sorted as in the paper's tables (each method class's ``table_order``);
     unregistered names last, by name."""
-    from timematch.methods.registry import methods_in_table_order
-
     return methods_in_table_order(sorted(set(methods)))
 
 
@@ -205,8 +209,7 @@ def summarize(
     chosen = [row for row in best_trials(rows, objective) if row.get(metric) is not None]
     candidates: dict[tuple[str, str], dict[int, int]] = {}
     for row in rows:
-        value = row.get(objective)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if not is_candidate(row, objective):
             continue
         scenario, method, fold = _key(row)
         per_fold = candidates.setdefault((method, scenario), {})

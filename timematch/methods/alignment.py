@@ -215,7 +215,6 @@ class AlignmentMethod(Method):
     :meth:`alignment_loss`."""
 
     config: AlignmentConfig
-    table_order = 20.0
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)
