@@ -1,10 +1,18 @@
 """Static checks of the Kubernetes manifests in k8s/ and of the image they run; no cluster needed.
 
-RayCluster and RayJob documents are validated against the openAPIV3Schema of the KubeRay
-CRDs copied into k8s/crds/. The API server prunes unknown fields of a custom resource instead
-of rejecting them, and `kubectl apply` reports them as errors (strict field validation); plain
-JSON Schema would let a misspelled field through, so the schema is tightened here to reject
-properties it does not declare. CEL rules (x-kubernetes-validations) are not evaluated.
+Each overlay (k8s/overlays/*) is rendered with ``kubectl kustomize``, exactly what
+``kubectl apply -k`` would send, and every rendered object is checked: core kinds against the
+Kubernetes API schemas of the ``kubernetes-validate`` package (strict: unknown fields are
+errors), RayJob against the openAPIV3Schema of the KubeRay CRDs copied into k8s/crds/. The
+API server prunes unknown fields of a custom resource instead of rejecting them, and
+``kubectl apply`` reports them as errors (strict field validation); plain JSON Schema would let
+a misspelled field through, so the CRD schema is tightened here to reject properties it does
+not declare. CEL rules (x-kubernetes-validations) are not evaluated.
+
+Then the invariants a user relies on: versions agree, GPUs are requested as they are limited,
+no credential is in the repository, every container is limited and meets the "restricted"
+Pod Security Standard, the Tune state and caches are on shared volumes, NetworkPolicies fence
+MLflow and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import fnmatch
 import functools
 import re
 import shlex
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,43 +35,134 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
+OVERLAYS = ("gpu", "cpu-small")
 CRD_FILES = {"RayCluster": K8S / "crds" / "ray.io_rayclusters.yaml", "RayJob": K8S / "crds" / "ray.io_rayjobs.yaml"}
 NAMESPACE = "timematch"
-#: Every Ray process must start with these (a head and a worker in different auth modes cannot join).
-RAY_NODE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+KUBERNETES_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37 ships
 GPU = "nvidia.com/gpu"
+#: Images of the project (built from the Dockerfile), as the overlays name them.
+PROJECT_IMAGE = re.compile(r"(^|/)timematch:")
+#: The Secrets k8s/create-secrets.sh makes, with their keys.
+SECRETS_SCRIPT = K8S / "create-secrets.sh"
 
 Document = dict[str, Any]
 
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def manifest_paths() -> list[Path]:
-    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+kubectl = shutil.which("kubectl")
 
 
 @functools.cache
-def load_manifests() -> tuple[tuple[Path, Document], ...]:
-    """Every document of every manifest under k8s/ (the CRD copies and the kustomization aside)."""
-    documents = []
-    for path in manifest_paths():
-        with path.open() as stream:
-            for document in yaml.safe_load_all(stream):
-                if document is not None:
-                    documents.append((path, document))
-    return tuple(documents)
+def kubectl_problem() -> str | None:
+    """Why the overlays cannot be rendered here, or None."""
+    if kubectl is None:
+        return "kubectl not found: the overlays cannot be rendered (install kubectl 1.27+; .ci/run does)"
+    done = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
+    version = yaml.safe_load(done.stdout or "{}").get("kustomizeVersion", "")
+    if not re.match(r"v?[5-9]\.", version):
+        return f"kubectl's kustomize is {version or 'unknown'}; the overlays need kustomize v5 (kubectl 1.27+)"
+    return None
 
 
-def documents_of_kind(kind: str) -> list[Document]:
-    return [document for _, document in load_manifests() if document.get("kind") == kind]
+# --------------------------------------------------------------------------------------------
+# Rendering
 
 
-def the_document(kind: str, name: str | None = None) -> Document:
-    found = [d for d in documents_of_kind(kind) if name is None or d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind}{f' named {name!r}' if name else ''} under k8s/, found {len(found)}"
+@functools.cache
+def rendered(overlay: str) -> tuple[Document, ...]:
+    """What ``kubectl apply -k k8s/overlays/<overlay>`` would create."""
+    if kubectl_problem():
+        pytest.skip(kubectl_problem())
+    done = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{done.stderr}"
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def of_kind(overlay: str, kind: str) -> list[Document]:
+    return [d for d in rendered(overlay) if d["kind"] == kind]
+
+
+def the(overlay: str, kind: str, name: str | None = None) -> Document:
+    found = [d for d in of_kind(overlay, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind}{f' named {name!r}' if name else ''}, found {len(found)}"
     return found[0]
+
+
+def rayjob(overlay: str) -> Document:
+    return the(overlay, "RayJob")
+
+
+def cluster_spec(document: Document) -> Document:
+    return document["spec"]["rayClusterSpec"]
+
+
+def pod_templates(overlay: str) -> Iterator[tuple[str, Document]]:
+    """(where, pod template) of every pod the overlay makes: workloads and KubeRay's pods."""
+    for document in rendered(overlay):
+        name = f"{document['kind']} {document['metadata']['name']}"
+        if document["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield name, document["spec"]["template"]
+        elif document["kind"] == "RayJob":
+            spec = cluster_spec(document)
+            yield f"{name}: head", spec["headGroupSpec"]["template"]
+            for group in spec["workerGroupSpecs"]:
+                yield f"{name}: worker group {group['groupName']}", group["template"]
+            yield f"{name}: job submitter", document["spec"]["submitterPodTemplate"]
+
+
+def containers(overlay: str) -> Iterator[tuple[str, Document, Document]]:
+    """(where, container, its pod template) of every container, init containers and KubeRay's
+    autoscaler sidecar (which runs in the head pod) included."""
+    for where, template in pod_templates(overlay):
+        for kind in ("initContainers", "containers"):
+            for container in template["spec"].get(kind, []):
+                yield f"{where}: {container['name']}", container, template
+    for document in of_kind(overlay, "RayJob"):
+        spec = cluster_spec(document)
+        if spec.get("enableInTreeAutoscaling"):
+            yield (f"RayJob {document['metadata']['name']}: autoscaler", spec["autoscalerOptions"],
+                   spec["headGroupSpec"]["template"])
+
+
+def ray_node_templates(overlay: str) -> list[tuple[str, Document]]:
+    return [(where, t) for where, t in pod_templates(overlay) if ": head" in where or ": worker group" in where]
+
+
+def env_of(container: Document) -> dict[str, Any]:
+    return {entry["name"]: entry.get("value", entry.get("valueFrom")) for entry in container.get("env", [])}
+
+
+def entrypoint_args(document: Document) -> dict[str, str]:
+    """The ``--option value`` pairs of the RayJob's ``python launch.py`` command (flags map to "")."""
+    words = shlex.split(document["spec"]["entrypoint"])
+    assert words[:2] == ["python", "launch.py"], f"RayJob entrypoint should run launch.py: {words}"
+    options: dict[str, str] = {}
+    rest = words[2:]
+    while rest:
+        option = rest.pop(0)
+        assert option.startswith("--"), f"unexpected word {option!r} in the entrypoint"
+        options[option] = rest.pop(0) if rest and not rest[0].startswith("--") else ""
+    return options
+
+
+def option_value(args: list[str], option: str) -> str:
+    assert option in args, f"{option} missing from {args}"
+    return args[args.index(option) + 1]
+
+
+def mount_of(path: str, container: Document) -> Document:
+    """The mount holding ``path`` (the deepest mount point above it)."""
+    holding = [m for m in container.get("volumeMounts", []) if path == m["mountPath"]
+               or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert holding, f"{path} is on no volume of container {container['name']}"
+    return max(holding, key=lambda m: len(m["mountPath"]))
+
+
+def volume(template: Document, name: str) -> Document:
+    return next(v for v in template["spec"]["volumes"] if v["name"] == name)
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
 
 
 @functools.cache
@@ -116,104 +216,44 @@ def crd_errors(document: Document) -> list[str]:
     ]
 
 
-# --------------------------------------------------------------------------------------------
-# Walking Ray documents
+def core_errors(document: Document) -> list[str]:
+    import kubernetes_validate
 
-
-def cluster_spec(document: Document) -> Document:
-    return document["spec"] if document["kind"] == "RayCluster" else document["spec"]["rayClusterSpec"]
-
-
-def ray_documents() -> list[Document]:
-    return documents_of_kind("RayCluster") + documents_of_kind("RayJob")
-
-
-def ray_pod_templates(document: Document) -> Iterator[tuple[str, Document]]:
-    """(where, pod template) of every pod KubeRay makes from ``document``."""
-    spec = cluster_spec(document)
-    name = document["metadata"]["name"]
-    yield f"{name}: head", spec["headGroupSpec"]["template"]
-    for group in spec.get("workerGroupSpecs", []):
-        yield f"{name}: worker group {group['groupName']}", group["template"]
-    if document["kind"] == "RayJob" and "submitterPodTemplate" in document["spec"]:
-        yield f"{name}: job submitter", document["spec"]["submitterPodTemplate"]
-
-
-def ray_containers(document: Document) -> Iterator[tuple[str, Document]]:
-    """(where, container) of every Ray container: the first of each pod, as KubeRay assumes."""
-    for where, template in ray_pod_templates(document):
-        yield where, template["spec"]["containers"][0]
-
-
-def env_of(container: Document) -> dict[str, str | None]:
-    return {entry["name"]: entry.get("value") for entry in container.get("env", [])}
-
-
-def entrypoint_args(rayjob: Document) -> dict[str, str]:
-    """The ``--option value`` pairs of the RayJob's ``python launch.py`` command (flags map to "")."""
-    words = shlex.split(rayjob["spec"]["entrypoint"])
-    assert words[:2] == ["python", "launch.py"], f"RayJob entrypoint should run launch.py: {words}"
-    options: dict[str, str] = {}
-    rest = words[2:]
-    while rest:
-        option = rest.pop(0)
-        assert option.startswith("--"), f"unexpected word {option!r} in the entrypoint"
-        options[option] = rest.pop(0) if rest and not rest[0].startswith("--") else ""
-    return options
-
-
-def option_value(args: list[str], option: str) -> str:
-    assert option in args, f"{option} missing from {args}"
-    return args[args.index(option) + 1]
+    try:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{'.'.join(map(str, error.path))}: {error.message}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
-# Every manifest
+# Every overlay renders and validates
 
-
-def test_manifests_parse_and_live_in_the_namespace():
-    assert {p.name for p in manifest_paths()} >= {"raycluster.yaml", "rayjob.yaml", "mlflow.yaml", "storage.yaml"}
-    for path, document in load_manifests():
-        where = f"{path.name}: {document.get('kind')} {document.get('metadata', {}).get('name')}"
-        assert {"apiVersion", "kind", "metadata"} <= document.keys(), where
-        assert document["metadata"].get("name"), where
-        assert document["metadata"].get("namespace") == NAMESPACE, f"{where}: namespace should be {NAMESPACE}"
-    names = [(d["kind"], d["metadata"]["name"]) for _, d in load_manifests()]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_into_the_namespace(overlay):
+    kinds = {d["kind"] for d in rendered(overlay)}
+    assert {"Namespace", "Deployment", "Service", "PersistentVolumeClaim", "Job", "NetworkPolicy", "RayJob",
+            "ConfigMap"} <= kinds
+    for document in rendered(overlay):
+        where = f"{document['kind']} {document['metadata']['name']}"
+        if document["kind"] != "Namespace":
+            assert document["metadata"].get("namespace") == NAMESPACE, where
+        assert document["metadata"]["labels"]["app.kubernetes.io/part-of"] == "timematch", where
+    names = [(d["kind"], d["metadata"]["name"]) for d in rendered(overlay)]
     assert len(names) == len(set(names)), f"duplicate objects: {names}"
 
 
-def test_kustomization_lists_everything_but_the_rayjob():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kustomization["namespace"] == NAMESPACE
-    listed = kustomization["resources"]
-    for resource in listed:
-        assert (K8S / resource).is_file(), f"kustomization.yaml lists {resource}, which does not exist"
-    # A RayJob runs as soon as it exists, so it is submitted by hand once the data is in place.
-    expected = {p.name for p in manifest_paths()} - {"rayjob.yaml"}
-    assert set(listed) == expected
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_core_objects_match_the_kubernetes_schemas(overlay):
+    errors = [f"{d['kind']} {d['metadata']['name']}: {e}" for d in rendered(overlay)
+              if not d["apiVersion"].startswith("ray.io/") for e in core_errors(d)]
+    assert not errors, "\n".join(errors)
 
 
-def test_claimed_volumes_exist():
-    claims = {d["metadata"]["name"] for d in documents_of_kind("PersistentVolumeClaim")}
-    templates = [t for d in ray_documents() for _, t in ray_pod_templates(d)]
-    templates += [d["spec"]["template"] for d in documents_of_kind("Deployment")]
-    for template in templates:
-        for volume in template["spec"].get("volumes", []):
-            if "persistentVolumeClaim" in volume:
-                assert volume["persistentVolumeClaim"]["claimName"] in claims, volume
-
-
-# --------------------------------------------------------------------------------------------
-# KubeRay documents against the CRD schema
-
-
-@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
-def test_ray_documents_match_the_kuberay_crd(kind):
-    documents = documents_of_kind(kind)
-    assert documents, f"no {kind} under k8s/"
-    for document in documents:
-        errors = crd_errors(document)
-        assert not errors, f"{kind} {document['metadata']['name']} does not match the CRD:\n" + "\n".join(errors)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjob_matches_the_kuberay_crd(overlay):
+    errors = crd_errors(rayjob(overlay))
+    assert not errors, f"{overlay}: the RayJob does not match the CRD:\n" + "\n".join(errors)
 
 
 _DELETE = object()
@@ -235,151 +275,452 @@ def _set(path: str, value: Any) -> Callable[[Document], None]:
     return mutate
 
 
+CLUSTER = "spec.rayClusterSpec"
 BROKEN = {
-    "replicas as a string": ("RayCluster", _set("spec.workerGroupSpecs.0.replicas", "two")),
-    "rayStartParams value not a string": ("RayCluster", _set("spec.headGroupSpec.rayStartParams.num-cpus", 0)),
-    "worker group without groupName": ("RayCluster", _set("spec.workerGroupSpecs.0.groupName", _DELETE)),
-    "malformed memory quantity": (
-        "RayCluster",
-        _set("spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.memory", "32 GB"),
-    ),
-    "misspelled field": ("RayCluster", _set("spec.rayVerison", "2.60.0")),
-    "entrypoint as a list": ("RayJob", _set("spec.entrypoint", ["python", "launch.py"])),
-    "shutdown flag as a string": ("RayJob", _set("spec.shutdownAfterJobFinishes", "yes")),
-    "nested cluster replicas as a string": ("RayJob", _set("spec.rayClusterSpec.workerGroupSpecs.0.maxReplicas", "4")),
+    "replicas as a string": _set(f"{CLUSTER}.workerGroupSpecs.0.replicas", "two"),
+    "rayStartParams value not a string": _set(f"{CLUSTER}.headGroupSpec.rayStartParams.num-cpus", 0),
+    "worker group without groupName": _set(f"{CLUSTER}.workerGroupSpecs.0.groupName", _DELETE),
+    "malformed memory quantity": _set(f"{CLUSTER}.workerGroupSpecs.0.template.spec.containers.0.resources.limits.memory",
+                                      "32 GB"),
+    "misspelled field": _set(f"{CLUSTER}.rayVerison", "2.60.0"),
+    "unknown auth mode": _set(f"{CLUSTER}.authOptions.mode", "password"),
+    "entrypoint as a list": _set("spec.entrypoint", ["python", "launch.py"]),
+    "shutdown flag as a string": _set("spec.shutdownAfterJobFinishes", "yes"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_crd_validation_rejects_a_broken_copy(case):
-    kind, mutate = BROKEN[case]
-    broken = copy.deepcopy(documents_of_kind(kind)[0])
-    mutate(broken)
-    assert crd_errors(broken), f"validation accepted a {kind} with {case}"
+    broken = copy.deepcopy(rayjob("gpu"))
+    BROKEN[case](broken)
+    assert crd_errors(broken), f"validation accepted a RayJob with {case}"
+
+
+def test_core_validation_rejects_a_broken_copy():
+    deployment = copy.deepcopy(the("gpu", "Deployment", "mlflow"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "2 GB"
+    deployment["spec"]["replicaz"] = 1
+    assert core_errors(deployment)
 
 
 def test_crd_validation_catches_wrong_types_without_the_strict_tightening():
     """The CRD schema itself (not only the added strictness) must reject a wrong type."""
-    broken = copy.deepcopy(documents_of_kind("RayCluster")[0])
-    broken["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
-    validator = jsonschema.Draft4Validator(crd_schema("RayCluster", "v1"))
+    broken = copy.deepcopy(rayjob("gpu"))
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    validator = jsonschema.Draft4Validator(crd_schema("RayJob", "v1"))
     with pytest.raises(jsonschema.ValidationError, match="'two' is not of type 'integer'"):
         validator.validate(broken)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_claimed_volumes_and_referenced_config_exist(overlay):
+    claims = {d["metadata"]["name"] for d in of_kind(overlay, "PersistentVolumeClaim")}
+    config_maps = {d["metadata"]["name"] for d in of_kind(overlay, "ConfigMap")}
+    for where, template in pod_templates(overlay):
+        for entry in template["spec"].get("volumes", []):
+            assert set(entry) - {"name"} <= {"persistentVolumeClaim", "emptyDir", "configMap", "secret"}, (
+                f"{where}: volume {entry['name']} is of a kind the restricted standard or this project does not use")
+            if "persistentVolumeClaim" in entry:
+                assert entry["persistentVolumeClaim"]["claimName"] in claims, f"{where}: {entry}"
+            if "configMap" in entry:
+                assert entry["configMap"]["name"] in config_maps, f"{where}: {entry}"
+
+
 # --------------------------------------------------------------------------------------------
-# Ray versions, images, GPUs, environment
+# Versions and images
 
 
-def test_ray_version_matches_image_tags_and_dockerfile():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    match = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.MULTILINE)
+def dockerfile_ray() -> str:
+    match = re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
     assert match, "Dockerfile should pin Ray with ARG RAY_VERSION=<version>"
-    for document in ray_documents():
-        ray_version = cluster_spec(document)["rayVersion"]
-        assert ray_version == match.group(1), f"{document['metadata']['name']}: rayVersion vs Dockerfile RAY_VERSION"
-        for where, container in ray_containers(document):
-            tag = container["image"].rpartition(":")[2]
+    return match.group(1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_version_is_one_version_everywhere(overlay):
+    """rayVersion, the Dockerfile's Ray, the image tags, the project's pin and the installed Ray."""
+    version = dockerfile_ray()
+    assert cluster_spec(rayjob(overlay))["rayVersion"] == version
+    for where, container, _ in containers(overlay):
+        image = container.get("image")
+        if image and PROJECT_IMAGE.search(image):
+            tag = image.rpartition(":")[2]
             # KubeRay's convention: the tag is the Ray version, optionally with a variant suffix.
-            assert tag == ray_version or tag.startswith(ray_version + "-"), (
-                f"{where}: image {container['image']} does not carry rayVersion {ray_version}"
-            )
-
-
-def test_project_pins_exactly_the_clusters_ray():
-    pyproject = (REPO / "pyproject.toml").read_text()
-    pins = re.findall(r'"ray\[tune\]([^"]*)"', pyproject)
-    dockerfile = re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE).group(1)
-    assert pins == [f"=={dockerfile}"], f"pyproject pins ray[tune]{pins}; the cluster runs Ray {dockerfile}"
+            assert tag == version or tag.startswith(version + "-"), f"{where}: {image} does not carry Ray {version}"
+    pins = re.findall(r'"ray\[tune\]([^"]*)"', (REPO / "pyproject.toml").read_text())
+    assert pins == [f"=={version}"], f"pyproject pins ray[tune]{pins}; the cluster runs Ray {version}"
     import ray
 
-    assert ray.__version__ == dockerfile, "the installed Ray differs from the cluster's"
+    assert ray.__version__ == version, "the installed Ray differs from the cluster's"
+
+
+def test_gpu_overlay_pulls_every_project_image_on_each_start():
+    """A reused tag must not run a stale image: the project's images are pulled on every start,
+    from the registry set once with kustomize ``images:``."""
+    seen = 0
+    for where, container, _ in containers("gpu"):
+        image = container.get("image")
+        if image is None:  # the autoscaler runs the head's image
+            continue
+        if PROJECT_IMAGE.search(image):
+            seen += 1
+            assert image.startswith("registry.example.com/timematch:"), f"{where}: {image} bypasses images:"
+            assert container["imagePullPolicy"] == "Always", f"{where}: imagePullPolicy {container['imagePullPolicy']}"
+        else:
+            assert re.search(r":\d+\.\d+", image), f"{where}: third-party image {image} should pin a minor version"
+    assert seen >= 6
+    workers = cluster_spec(rayjob("gpu"))["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["image"].endswith("-gpu"), "GPU workers run the CUDA build of the image"
+
+
+def test_cpu_small_runs_the_locally_loaded_image():
+    for where, container, _ in containers("cpu-small"):
+        image = container.get("image")
+        if image and PROJECT_IMAGE.search(image):
+            # No registry on a laptop cluster: `kind load` replaces the image under this tag.
+            assert image == f"timematch:{dockerfile_ray()}-local", where
+            assert container["imagePullPolicy"] == "IfNotPresent", where
+
+
+# --------------------------------------------------------------------------------------------
+# GPUs, sizes, the entrypoints
 
 
 def test_gpu_workers_request_and_limit_gpus_and_the_head_has_none():
-    for document in ray_documents():
-        spec = cluster_spec(document)
-        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
-        assert GPU not in head.get("requests", {}) and GPU not in head.get("limits", {})
-        gpu_groups = [g for g in spec["workerGroupSpecs"] if "gpu" in g["groupName"]]
-        assert gpu_groups, f"{document['metadata']['name']}: no GPU worker group"
-        for group in gpu_groups:
-            resources = group["template"]["spec"]["containers"][0]["resources"]
-            requested, limited = resources.get("requests", {}).get(GPU), resources.get("limits", {}).get(GPU)
-            assert requested and limited and int(requested) == int(limited) >= 1, (
-                f"{group['groupName']}: {GPU} must be in requests and limits, equal"
-            )
-            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
-            assert group["maxReplicas"] > group["minReplicas"], "autoscaling needs room between min and max"
-        assert spec.get("enableInTreeAutoscaling") is True
+    spec = cluster_spec(rayjob("gpu"))
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert GPU not in head.get("requests", {}) and GPU not in head.get("limits", {})
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head runs the driver, no trials"
+    (group,) = spec["workerGroupSpecs"]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    requested, limited = resources["requests"].get(GPU), resources["limits"].get(GPU)
+    assert requested and limited and int(requested) == int(limited) >= 1, f"{GPU} must be requested as limited"
+    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert group["maxReplicas"] > group["minReplicas"], "autoscaling needs room between min and max"
+    assert spec["enableInTreeAutoscaling"] is True
+    tolerations = group["template"]["spec"]["tolerations"]
+    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    for _, container, _ in containers("cpu-small"):
+        for part in ("requests", "limits"):
+            assert GPU not in container["resources"].get(part, {})
 
 
-def test_every_ray_container_has_the_node_environment():
-    for document in ray_documents():
-        containers = list(ray_containers(document))
-        autoscaler = cluster_spec(document).get("autoscalerOptions", {})
-        if cluster_spec(document).get("enableInTreeAutoscaling"):
-            containers.append((f"{document['metadata']['name']}: autoscaler", autoscaler))
-        for where, container in containers:
-            env = env_of(container)
-            for name, value in RAY_NODE_ENV.items():
-                assert env.get(name) == value, f"{where}: {name} should be {value!r}, is {env.get(name)!r}"
+def test_gpu_overlay_runs_the_paper_benchmark():
+    job = rayjob("gpu")
+    args = entrypoint_args(job)
+    assert args["--scenario"] == "all" and args["--method"] == "timematch" and args["--profile"] == "paper"
+    assert float(args["--gpus-per-trial"]) == 0.25
+    spec = cluster_spec(job)
+    worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    # 4 trials per GPU need CPUs for 4 trials.
+    assert float(worker["resources"]["limits"]["cpu"]) >= 1 / float(args["--gpus-per-trial"])
+    for where, template in ray_node_templates("gpu"):
+        container = template["spec"]["containers"][0]
+        assert env_of(container)["TIMEMATCH_DATA"] == args["--data-root"] == "/data", where
 
 
-def test_ray_nodes_mount_the_dataset_read_only_and_the_cache():
-    for document in ray_documents():
-        spec = cluster_spec(document)
-        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-        for template in templates:
-            volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-            container = template["spec"]["containers"][0]
-            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-            env = env_of(container)
-            data, cache = mounts[env["TIMEMATCH_DATA"]], mounts[env["TIMEMATCH_CACHE"]]
-            assert data.get("readOnly") is True
-            assert volumes[data["name"]]["persistentVolumeClaim"] == {"claimName": "timematch-data", "readOnly": True}
-            assert not cache.get("readOnly")
-            assert volumes[cache["name"]]["persistentVolumeClaim"]["claimName"] == "timematch-cache"
+def test_cpu_small_is_a_smoke_run_on_the_embedded_data():
+    job = rayjob("cpu-small")
+    args = entrypoint_args(job)
+    assert args["--profile"] == "smoke"
+    assert "--data-root" not in args, "the embedded synthetic data, generated into the cache"
+    assert not of_kind("cpu-small", "PersistentVolumeClaim") or all(
+        d["metadata"]["name"] != "timematch-data" for d in of_kind("cpu-small", "PersistentVolumeClaim"))
+    total_cpu = 0.0
+    for _, container, _ in containers("cpu-small"):
+        cpu = container["resources"]["requests"]["cpu"]
+        total_cpu += float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    replicas = cluster_spec(job)["workerGroupSpecs"][0]["replicas"]
+    assert replicas >= 2, "a smoke run over more than one worker"
+    assert total_cpu <= 8, f"cpu-small requests {total_cpu} CPUs (counting one worker); a laptop has fewer"
 
 
-def test_rayjob_cluster_is_the_standalone_cluster():
-    """k8s/rayjob.yaml carries a copy of k8s/raycluster.yaml's spec; keep them in step."""
-    assert the_document("RayJob")["spec"]["rayClusterSpec"] == the_document("RayCluster")["spec"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjob_ends_and_cleans_up(overlay):
+    spec = rayjob(overlay)["spec"]
+    assert spec["activeDeadlineSeconds"] > 0
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["submissionMode"] == "K8sJobMode"
 
 
 # --------------------------------------------------------------------------------------------
-# The RayJob and the tracking server
+# Shared volumes: results, caches, the dataset
 
 
-def test_rayjob_runs_the_paper_benchmark_inside_the_cluster():
-    rayjob = the_document("RayJob")
-    args = entrypoint_args(rayjob)
-    assert args["--address"] == "auto"
-    assert args["--scenario"] == "all" and args["--method"] == "timematch" and args["--profile"] == "paper"
-    assert float(args["--gpus-per-trial"]) == 0.25
-    head = cluster_spec(rayjob)["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert args["--data-root"] == env_of(head)["TIMEMATCH_DATA"] == "/data"
-    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
-    assert rayjob["spec"]["ttlSecondsAfterFinished"] > 0
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_results_and_cache_are_on_the_shared_volume_on_every_ray_node(overlay):
+    job = rayjob(overlay)
+    args = entrypoint_args(job)
+    claims = {d["metadata"]["name"]: d for d in of_kind(overlay, "PersistentVolumeClaim")}
+    for where, template in ray_node_templates(overlay):
+        container = template["spec"]["containers"][0]
+        env = env_of(container)
+        # Set on the node, so a launch without --results-dir still writes to the volume.
+        assert env["TIMEMATCH_RESULTS"] == args["--results-dir"], where
+        for variable in ("TIMEMATCH_RESULTS", "TIMEMATCH_CACHE"):
+            mount = mount_of(env[variable], container)
+            assert not mount.get("readOnly"), f"{where}: {variable} is read-only"
+            claim = volume(template, mount["name"]).get("persistentVolumeClaim", {}).get("claimName")
+            assert claim == "timematch-cache", f"{where}: {variable}={env[variable]} is not on timematch-cache"
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, (
+            f"{where}: a writable root filesystem lets a path land on one node's disk")
+    cache = claims["timematch-cache"]
+    assert cache["spec"].get("storageClassName"), f"{overlay}: set the storage class of timematch-cache"
+    if overlay == "gpu":  # several nodes: every one of them mounts the cache
+        assert cache["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert claims["timematch-data"]["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert claims["timematch-data"]["spec"]["storageClassName"] == cache["spec"]["storageClassName"]
 
 
-def test_tracking_uri_reaches_the_mlflow_service():
-    tracking_uri = entrypoint_args(the_document("RayJob"))["--tracking-uri"]
-    for document in ray_documents():
-        for where, container in ray_containers(document):
-            if "MLFLOW_TRACKING_URI" in env_of(container):
-                assert env_of(container)["MLFLOW_TRACKING_URI"] == tracking_uri, where
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_dataset_is_read_only_wherever_it_is_read(overlay):
+    writers = []
+    for where, template in pod_templates(overlay):
+        data = [v["name"] for v in template["spec"].get("volumes", [])
+                if v.get("persistentVolumeClaim", {}).get("claimName") == "timematch-data"]
+        for name in data:
+            if where == "Job timematch-dataset":
+                writers.append(where)
+                continue
+            assert volume(template, name)["persistentVolumeClaim"].get("readOnly") is True, where
+            for kind in ("initContainers", "containers"):
+                for container in template["spec"].get(kind, []):
+                    for mount in container.get("volumeMounts", []):
+                        if mount["name"] == name:
+                            assert mount.get("readOnly") is True, f"{where}: {container['name']} mounts data writable"
+    assert writers == (["Job timematch-dataset"] if overlay == "gpu" else [])
+
+
+def test_the_head_waits_for_the_dataset_job():
+    loader = the("gpu", "Job", "timematch-dataset")
+    script = "\n".join(loader["spec"]["template"]["spec"]["containers"][0]["command"])
+    marker = re.search(r"marker=(\S+)", script).group(1)
+    head = cluster_spec(rayjob("gpu"))["headGroupSpec"]["template"]["spec"]
+    (wait,) = head["initContainers"]
+    assert marker in " ".join(wait["command"])
+    assert "wget -c" in script, "a retried pod continues the download"
+    assert loader["spec"]["backoffLimit"] > 0 and loader["spec"]["activeDeadlineSeconds"] > 0
+    assert cluster_spec(rayjob("gpu"))["workerGroupSpecs"][0]["replicas"] == 0, "no GPU idles while data loads"
+
+
+# --------------------------------------------------------------------------------------------
+# Pod security, limits
+
+
+def _pod_and_container(template: Document, container: Document, key: str) -> Any:
+    """A security setting, the container's overriding the pod's."""
+    own = container.get("securityContext", {})
+    return own[key] if key in own else template["spec"].get("securityContext", {}).get(key)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_meets_the_restricted_pod_security_standard(overlay):
+    namespace = the(overlay, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    checked = 0
+    for where, container, template in containers(overlay):
+        own = container.get("securityContext", {})
+        assert own.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+        assert own.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities not dropped"
+        assert not own.get("capabilities", {}).get("add"), f"{where}: adds capabilities"
+        assert own.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem"
+        assert not own.get("privileged"), where
+        assert _pod_and_container(template, container, "runAsNonRoot") is True, f"{where}: runAsNonRoot"
+        user = _pod_and_container(template, container, "runAsUser")
+        assert isinstance(user, int) and user > 0, f"{where}: runAsUser {user!r} (a numeric non-root user)"
+        seccomp = _pod_and_container(template, container, "seccompProfile") or {}
+        assert seccomp.get("type") == "RuntimeDefault", f"{where}: seccomp {seccomp}"
+        for mount in container.get("volumeMounts", []):
+            assert any(v["name"] == mount["name"] for v in template["spec"]["volumes"]), f"{where}: {mount}"
+        checked += 1
+    assert checked >= 8  # postgres, mlflow (+ its wait), runner Job, head, autoscaler, worker, submitter
+    for where, template in pod_templates(overlay):
+        spec = template["spec"]
+        assert not (spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC")), where
+        assert spec.get("automountServiceAccountToken") is False, f"{where}: no pod here talks to the API server"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_and_limits(overlay):
+    for where, container, _ in containers(overlay):
+        resources = container.get("resources", {})
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory"} <= resources.get(part, {}).keys(), f"{where}: {part} need cpu and memory"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_postgres_runs_as_its_own_user(overlay):
+    template = the(overlay, "Deployment", "mlflow-postgres")["spec"]["template"]
+    security = template["spec"]["securityContext"]
+    assert security["runAsUser"] == security["fsGroup"] == 999  # the official image's postgres user
+    mounts = {m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+    assert {"/var/lib/postgresql/data", "/var/run/postgresql", "/tmp"} <= mounts  # where it writes
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials and authentication
+
+
+def script_secrets() -> dict[str, set[str]]:
+    """Secret name -> keys, from the ``secret NAME KEY=... KEY=...`` lines of create-secrets.sh."""
+    found: dict[str, set[str]] = {}
+    for line in SECRETS_SCRIPT.read_text().splitlines():
+        match = re.match(r"^secret (\S+) (.+)$", line)
+        if match:
+            found[match.group(1)] = set(re.findall(r'"?(\S+?)=', match.group(2)))
+    return found
+
+
+def secret_refs(overlay: str) -> Iterator[tuple[str, str, str]]:
+    for where, container, _ in containers(overlay):
+        for entry in container.get("env", []):
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                yield where, ref["name"], ref["key"]
+        for source in container.get("envFrom", []):
+            assert "secretRef" not in source, f"{where}: name the keys it needs"
+
+
+def test_no_credential_is_in_the_repository():
+    for path in sorted(K8S.rglob("*")):
+        if path.is_file() and "crds" not in path.parts:
+            text = path.read_text()
+            assert not re.search(r"^kind:\s*Secret\b", text, re.MULTILINE), f"{path}: a Secret with values"
+            assert "stringData" not in text and "change-me" not in text, path
+    for overlay in OVERLAYS:
+        assert not of_kind(overlay, "Secret"), f"{overlay} renders a Secret"
+        for where, container, _ in containers(overlay):
+            for entry in container.get("env", []):
+                if re.search(r"PASSWORD|TOKEN|SECRET", entry["name"]):
+                    assert "valueFrom" in entry and "value" not in entry, f"{where}: {entry['name']} inline"
+            for word in container.get("args", []) + container.get("command", []):
+                assert not re.search(r"://[^/$@]+:[^/$@]+@", word), f"{where}: a password in {word}"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "RAY_AUTH_MODE=disabled" not in dockerfile
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_secret_used_is_one_the_script_makes(overlay):
+    made = script_secrets()
+    assert set(made) == {"timematch-postgres", "timematch-mlflow-admin", "timematch-mlflow-runner",
+                         "timematch-ray-token"}
+    used = set()
+    for where, name, key in secret_refs(overlay):
+        assert key in made.get(name, set()), f"{where}: Secret {name} key {key} is not made by create-secrets.sh"
+        used.add(name)
+    auth = cluster_spec(rayjob(overlay))["authOptions"]
+    assert auth["mode"] == "token" and "auth_token" in made[auth["secretName"]]  # KubeRay reads auth_token
+    used.add(auth["secretName"])
+    assert used == set(made)
+    subprocess.run(["bash", "-n", str(SECRETS_SCRIPT)], check=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_and_mlflow_require_logins(overlay):
+    for where, container, _ in containers(overlay):
+        assert env_of(container).get("RAY_AUTH_MODE") in (None, "token"), f"{where}: Ray auth must stay on"
+    submitter = rayjob(overlay)["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    assert env_of(submitter)["RAY_AUTH_MODE"] == "token"
+    for where, template in ray_node_templates(overlay):
+        env = env_of(template["spec"]["containers"][0])
+        assert env["MLFLOW_TRACKING_USERNAME"]["secretKeyRef"]["name"] == "timematch-mlflow-runner", where
+        assert env["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["name"] == "timematch-mlflow-runner", where
+    server = the(overlay, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    container = server["containers"][0]
+    assert option_value(container["args"], "--app-name") == "basic-auth"
+    env = env_of(container)
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["secretKeyRef"]["name"] == "timematch-mlflow-admin"
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" in env
+    config = mount_of(env["MLFLOW_AUTH_CONFIG_PATH"], container)
+    ini = the(overlay, "ConfigMap", volume({"spec": server}, config["name"])["configMap"]["name"])
+    text = ini["data"][Path(env["MLFLOW_AUTH_CONFIG_PATH"]).name]
+    assert "admin_password" not in text and "authenticate_request_basic_auth" in text
+    auth_db = re.search(r"database_uri = sqlite:///(\S+)", text).group(1)
+    mount = mount_of(auth_db, container)
+    assert "persistentVolumeClaim" in volume({"spec": server}, mount["name"]), "users must survive a restart"
+    runner = the(overlay, "Job", "mlflow-runner-user")["spec"]["template"]["spec"]["containers"][0]
+    assert runner["command"][:3] == ["python", "-m", "timematch.runner.accounts"]
+
+
+def test_the_image_has_what_the_pods_run():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\}$", dockerfile, re.MULTILINE)
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile
+    assert re.search(r'"torch==\$\{TORCH_VERSION\}"', dockerfile), "torch must be installed pinned"
+    assert "ray[default," in dockerfile, "KubeRay probes and RayJob submission need ray[default]"
+    assert re.search(r"install .*\bwget\b", dockerfile), "KubeRay's probes and the dataset Job run wget"
+    assert 'pip install ".[server]"' in dockerfile, "MLflow's basic-auth app and psycopg2"
+    assert re.search(r"^USER 1000:1000$", dockerfile, re.MULTILINE), "a numeric user, for runAsNonRoot"
+    assert "TIMEMATCH_RESULTS=/cache/results" in dockerfile
+
+
+# --------------------------------------------------------------------------------------------
+# Network policies
+
+
+def selects(selector: Document, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"selector form not modelled here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def allowed_sources(overlay: str, target: str, port: int) -> set[str]:
+    """The pods (by where) that may open ``port`` on the pods of ``target`` (a where)."""
+    templates = dict(pod_templates(overlay))
+    labels = templates[target]["metadata"]["labels"]
+    policies = [p for p in of_kind(overlay, "NetworkPolicy") if selects(p["spec"]["podSelector"], labels)
+                and "Ingress" in p["spec"]["policyTypes"]]
+    assert policies, f"no NetworkPolicy covers {target}: it accepts anything"
+    sources = set()
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from", []):
+                if "namespaceSelector" in peer:
+                    continue  # other namespaces: checked separately
+                sources |= {where for where, t in templates.items() if selects(peer["podSelector"],
+                                                                                t["metadata"]["labels"])}
+    return sources
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_fence_mlflow_postgres_and_ray(overlay):
+    job = f"RayJob {rayjob(overlay)['metadata']['name']}"
+    ray_pods = {f"{job}: head", f"{job}: worker group {cluster_spec(rayjob(overlay))['workerGroupSpecs'][0]['groupName']}"}
+    assert allowed_sources(overlay, "Deployment mlflow", 5000) == ray_pods | {f"{job}: job submitter",
+                                                                             "Job mlflow-runner-user"}
+    assert allowed_sources(overlay, "Deployment mlflow-postgres", 5432) == {"Deployment mlflow"}
+    for target in ray_pods:
+        assert allowed_sources(overlay, target, 6379) == ray_pods | {f"{job}: job submitter"}
+    deny = [p for p in of_kind(overlay, "NetworkPolicy") if p["spec"]["podSelector"] == {}]
+    assert deny and not deny[0]["spec"].get("ingress"), "a default deny for what no policy names"
+    # From other namespaces: only the KubeRay operator, only to the dashboard (job submission).
+    for policy in of_kind(overlay, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            if any("namespaceSelector" in peer for peer in rule.get("from", [])):
+                assert [p["port"] for p in rule["ports"]] == [8265], policy["metadata"]["name"]
+                for peer in rule["from"]:
+                    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+
+
+# --------------------------------------------------------------------------------------------
+# The tracking server
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tracking_uri_reaches_the_mlflow_service(overlay):
+    tracking_uri = entrypoint_args(rayjob(overlay))["--tracking-uri"]
+    for where, template in ray_node_templates(overlay):
+        assert env_of(template["spec"]["containers"][0])["MLFLOW_TRACKING_URI"] == tracking_uri, where
     url = urlparse(tracking_uri)
-    service_name = url.hostname.split(".")[0]
-    service = the_document("Service", service_name)
+    service = the(overlay, "Service", url.hostname.split(".")[0])
     port = next((p for p in service["spec"]["ports"] if p["port"] == url.port), None)
-    assert port, f"Service {service_name} has no port {url.port} ({tracking_uri})"
-
-    deployment = the_document("Deployment", "mlflow")
+    assert port, f"Service {service['metadata']['name']} has no port {url.port} ({tracking_uri})"
+    deployment = the(overlay, "Deployment", "mlflow")
     template = deployment["spec"]["template"]
     labels = template["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items(), "Service mlflow does not select the mlflow pods"
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     container = template["spec"]["containers"][0]
     container_ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
     target = port["targetPort"]
@@ -394,53 +735,30 @@ def test_tracking_uri_reaches_the_mlflow_service():
 
 
 def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume():
-    template = the_document("Deployment", "mlflow")["spec"]["template"]
+    template = the("gpu", "Deployment", "mlflow")["spec"]["template"]
     container = template["spec"]["containers"][0]
     args, env = container["args"], env_of(container)
     assert option_value(args, "--workers") == "1"
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
-    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert "--serve-artifacts" in args
     destination = option_value(args, "--artifacts-destination")
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert destination in mounts, f"--artifacts-destination {destination} is not a mounted volume"
-
-    backend = urlparse(option_value(args, "--backend-store-uri").replace("$(", "").replace(")", ""))
+    assert "persistentVolumeClaim" in volume(template, mount_of(destination, container)["name"])
+    backend = urlparse(option_value(args, "--backend-store-uri"))
     assert backend.scheme == "postgresql+psycopg2"  # SQLAlchemy 2.1 maps bare postgresql:// to psycopg 3
-    postgres = the_document("Service", backend.hostname)
+    assert backend.password == "$(POSTGRES_PASSWORD)" and "POSTGRES_PASSWORD" in env
+    postgres = the("gpu", "Service", backend.hostname)
     assert backend.port in {p["port"] for p in postgres["spec"]["ports"]}
-    secret = the_document("Secret", "mlflow-postgres")
-    for entry in container["env"]:
-        ref = entry.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"], entry
-    postgres_container = the_document("Deployment", "mlflow-postgres")["spec"]["template"]["spec"]["containers"][0]
-    assert postgres_container["envFrom"] == [{"secretRef": {"name": "mlflow-postgres"}}]
-
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert "psycopg2-binary" in dockerfile, "the MLflow server runs the project image: it needs psycopg2-binary"
-    assert container["image"].rpartition(":")[0] == "timematch"
 
 
-def test_deployments_select_their_own_pods():
-    for deployment in documents_of_kind("Deployment"):
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployments_select_their_own_pods(overlay):
+    for deployment in of_kind(overlay, "Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), deployment["metadata"]["name"]
 
 
 # --------------------------------------------------------------------------------------------
-# The image and the local tracking store
-
-
-def test_dockerfile_installs_what_kuberay_needs():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM \$\{PYTHON_IMAGE\}$", dockerfile, re.MULTILINE)
-    assert "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile
-    assert re.search(r'"torch==\$\{TORCH_VERSION\}"', dockerfile), "torch must be installed pinned"
-    assert re.search(r"ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu", dockerfile)
-    assert "ray[default," in dockerfile, "KubeRay probes and RayJob submission need ray[default]"
-    assert re.search(r"install .*\bwget\b", dockerfile), "KubeRay's probes run wget"
-    assert "pip install ." in dockerfile
+# The local tracking server
 
 
 def test_mlflow_folder_is_not_a_package():
@@ -452,5 +770,5 @@ def test_mlflow_server_script_is_valid_bash():
     script = REPO / "mlflow" / "server.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert "sqlite:///$store_dir/mlflow.db" in text and "--workers 1" in text
-    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in text
+    assert "--workers 1" in text and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in text
+    assert "--app-name basic-auth" in text

@@ -92,6 +92,7 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
     for run in pretrain:
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert "final_source_val_f1" in run.data.metrics
+        assert len(run.data.tags["ray_node_id"]) >= 16 and run.data.tags["ray_node_address"]
     models = sorted((cache / "source_models").glob("*.pt"))
     assert len(models) == 2
     stamps = {p: p.stat().st_mtime_ns for p in models}
@@ -114,6 +115,8 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
         assert set(run.data.params) == set(config_fields(tags["method"]))
         assert tags["device"].startswith("cuda:") if torch.cuda.is_available() else tags["device"] == "cpu"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "target_val_f1")][0] == 1
+    # one Ray node here: every trial and source model ran on it, and says so
+    assert len({r.data.tags["ray_node_id"] for r in adapt + pretrain}) == 1
     for run in finished:
         metrics = run.data.metrics
         assert {"test_macro_f1", "test_accuracy", "test_kappa", "final_target_val_f1"} <= set(metrics)

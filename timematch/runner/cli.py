@@ -108,7 +108,9 @@ def launch_parser() -> argparse.ArgumentParser:
         "MLflow tracking URI, e.g. http://127.0.0.1:5000 (bash mlflow/server.sh) (default: "
         "$MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow/mlflow.db)"))
     where.add_argument("--experiment", help="MLflow experiment (one per launch name) (default: timematch-<profile>)")
-    where.add_argument("--results-dir", help="Tune state and reports: <dir>/<experiment>/ (default: <repo>/results)")
+    where.add_argument("--results-dir", help=(
+        "Tune state (trial checkpoints, --resume) and reports: <dir>/<experiment>/; on a cluster of several "
+        "machines it must be storage every node mounts (default: $TIMEMATCH_RESULTS, else <repo>/results)"))
     control = parser.add_argument_group("control")
     control.add_argument("--resume", action="store_true", help=(
         "continue the last launch of --experiment where it stopped (its saved plan; finished trials are "
@@ -130,7 +132,7 @@ def report_parser() -> argparse.ArgumentParser:
         "the launch to tabulate: its id (printed at its start; results/<experiment>/launches/) or 'all' to pool "
         "every launch of the experiment, which makes each cell a best-of-all-their-trials (default: the latest)"))
     parser.add_argument("--results-dir", help=(
-        "where report.md/.html/.png go: <dir>/<experiment>/ (default: <repo>/results)"))
+        "where report.md/.html/.png go: <dir>/<experiment>/ (default: $TIMEMATCH_RESULTS, else <repo>/results)"))
     return parser
 
 
@@ -158,7 +160,10 @@ def _experiment_name(args: argparse.Namespace) -> str:
 
 
 def _results_dir(args: argparse.Namespace, root: Path) -> Path:
-    return Path(args.results_dir).expanduser().resolve() if args.results_dir else root / "results"
+    """``--results-dir``, else ``$TIMEMATCH_RESULTS`` (set on every node of the k8s/ clusters to a
+    shared volume), else ``<repo>/results``."""
+    chosen = args.results_dir or os.environ.get("TIMEMATCH_RESULTS")
+    return Path(chosen).expanduser().resolve() if chosen else root / "results"
 
 
 def _tracking_uri(args: argparse.Namespace, root: Path) -> str:
@@ -321,7 +326,7 @@ def report_command(args: argparse.Namespace, root: Path) -> int:
         if not experiments:
             raise ConfigError(f"no experiment in {uri} yet; run a launch first")
         experiment = experiments[0].name
-    results = Path(args.results_dir).expanduser().resolve() if args.results_dir else root / "results"
+    results = _results_dir(args, root)
     report = build_report(uri, experiment, results, args.objective, launch_id=args.launch)
     print(f"{experiment} ({report.runs} finished trials)\n")
     print(report.markdown)

@@ -89,7 +89,7 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         _say(("resuming launch " if launch.resumed else "launch ") + launch.launch_id)
         _say(describe(plan, shown, cached) + "\n")
         context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
-                               resources.cpus)
+                               resources.cpus, tracking.credentials())
         storage = launch.directory / "tune"
         summaries = [run_pretrain_stage(plan, context, resources, storage)]
         summaries.append(run_adapt_stage(plan, context, resources, storage, resume=launch.resumed))

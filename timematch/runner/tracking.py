@@ -45,21 +45,35 @@ def default_tracking_uri(project_root: Path) -> str:
     return f"sqlite:///{(Path(project_root) / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+#: How a client authenticates to an MLflow server (MLflow's own variables, read by every
+#: MLflow client): basic auth (the server's ``basic-auth`` app) or a bearer token.
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def credentials() -> dict[str, str]:
+    """The MLflow credentials of this process's environment (to hand to the trials)."""
+    import os
+
+    return {name: os.environ[name] for name in CREDENTIAL_VARIABLES if os.environ.get(name)}
+
+
+def _authorization(found: Mapping[str, str]) -> dict[str, str]:
+    import base64
+
+    if "MLFLOW_TRACKING_TOKEN" in found:
+        return {"Authorization": f"Bearer {found['MLFLOW_TRACKING_TOKEN']}"}
+    if "MLFLOW_TRACKING_USERNAME" in found:
+        pair = f"{found['MLFLOW_TRACKING_USERNAME']}:{found.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+    return {}
+
+
 def check_tracking(uri: str) -> None:
-    """Fail fast on a tracking server that does not answer, or a SQLite path that cannot exist."""
+    """Fail fast on a tracking server that does not answer or refuses this user, or a SQLite
+    path that cannot exist (before anything is trained)."""
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=CHECK_TIMEOUT_S) as response:
-                if response.status != 200:
-                    raise ConfigError(f"--tracking-uri {uri}: {url} answered HTTP {response.status}")
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise ConfigError(
-                f"--tracking-uri {uri}: the MLflow server does not answer ({reason}); start it "
-                "(bash mlflow/server.sh) or leave --tracking-uri out to use the local SQLite store"
-            ) from None
+        _check_server(uri)
     elif scheme == "sqlite":
         path = sqlite_path(uri)
         if path is not None:
@@ -72,6 +86,50 @@ def check_tracking(uri: str) -> None:
             f"--tracking-uri {uri}: MLflow 3 no longer writes plain file stores; use "
             "sqlite:////abs/path/mlflow.db or an http(s):// tracking server"
         )
+
+
+def _check_server(uri: str) -> None:
+    base = uri.rstrip("/")
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=CHECK_TIMEOUT_S) as response:
+            if response.status != 200:
+                raise ConfigError(f"--tracking-uri {uri}: {base}/health answered HTTP {response.status}")
+    except urllib.error.HTTPError as err:
+        raise ConfigError(f"--tracking-uri {uri}: {base}/health answered HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"--tracking-uri {uri}: the MLflow server does not answer ({reason}); start it "
+            "(bash mlflow/server.sh) or leave --tracking-uri out to use the local SQLite store"
+        ) from None
+    # /health answers everyone; an API call shows whether this user may use the server.
+    found = credentials()
+    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers=_authorization(found))
+    user = found.get("MLFLOW_TRACKING_USERNAME")
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            if user or "MLFLOW_TRACKING_TOKEN" in found:
+                who = f"user {user!r}" if user else "the token in MLFLOW_TRACKING_TOKEN"
+                raise ConfigError(
+                    f"--tracking-uri {uri}: the MLflow server rejected {who} (HTTP 401: wrong user name or "
+                    "password); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from None
+            raise ConfigError(
+                f"--tracking-uri {uri}: the MLflow server requires a login (HTTP 401); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        if err.code == 403:
+            raise ConfigError(
+                f"--tracking-uri {uri}: the MLflow server denies user {user!r} access (HTTP 403); ask its "
+                "admin for permission"
+            ) from None
+        raise ConfigError(f"--tracking-uri {uri}: {base} answered HTTP {err.code} to an API call") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ConfigError(f"--tracking-uri {uri}: the MLflow API does not answer ({getattr(err, 'reason', err)})") from None
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -158,13 +216,14 @@ def run_tags(stage: str, scenario: str, source: str, target: str, method: str, f
 
 def open_run(mlflow_client, experiment_id: str, key_tags: Mapping[str, str], tags: Mapping[str, str],
              params: Mapping[str, Any], run_name: str, parent_run_id: str | None,
-             reuse_finished: bool = True) -> tuple[str, bool]:
+             reuse_finished: bool = True, refresh: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """Continue the run identified by ``key_tags`` (a retried or resumed trial), else create it.
 
     Returns ``(run_id, finished)``: ``finished`` when that run already completed (with
-    ``reuse_finished=False`` a completed run is left alone and a new one created).
+    ``reuse_finished=False`` a completed run is left alone and a new one created). A continued
+    run gets the tags of ``refresh`` anew (where this attempt runs: another node, maybe).
     """
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
     statuses = () if reuse_finished else ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
     existing = find_run(mlflow_client, experiment_id, key_tags, statuses)
@@ -176,9 +235,10 @@ def open_run(mlflow_client, experiment_id: str, key_tags: Mapping[str, str], tag
         if "error" in existing.data.tags:
             retry(lambda: mlflow_client.delete_tag(run_id, "error"))
         attempt = int(existing.data.tags.get("attempt", "1")) + 1
-        retry(lambda: mlflow_client.set_tag(run_id, "attempt", str(attempt)))
+        fresh = [RunTag(k, str(v)) for k, v in {**(refresh or {}), "attempt": attempt}.items()]
+        retry(lambda: mlflow_client.log_batch(run_id, tags=fresh))
         return run_id, False
-    all_tags = {**tags, **key_tags, "attempt": "1"}
+    all_tags = {**tags, **(refresh or {}), **key_tags, "attempt": "1"}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = retry(lambda: mlflow_client.create_run(experiment_id, tags=all_tags, run_name=run_name))

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,26 @@ class TrialContext:
     parent_run_id: str
     launch_id: str
     cpus_per_trial: float
+    #: The driver's MLflow credentials (``MLFLOW_TRACKING_USERNAME`` ...), checked against the
+    #: server at start-up; trials on other nodes do not inherit the driver's environment.
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-def _threads(context: TrialContext) -> None:
+def _start(context: TrialContext) -> None:
+    """Set up this worker process for a trial: threads, and the launch's MLflow credentials."""
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    os.environ.update(context.credentials)
+
+
+def _placement_tags() -> dict[str, str]:
+    """Where this trial runs: the Ray node (id and address), the host, and the device."""
+    import socket
+
+    import ray
+
+    return {"ray_node_id": ray.get_runtime_context().get_node_id(),
+            "ray_node_address": ray.util.get_node_ip_address(),
+            "host": socket.gethostname(), "device": _device_tag()}
 
 
 def _device_tag() -> str:
@@ -74,7 +90,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Train (or finish training) one source model and store it under the cache."""
-    _threads(context)
+    _start(context)
     plan = context.plan
     task = plan.task(config["task"])
     path = source_model_path(plan.cache_dir, task.key)
@@ -86,12 +102,12 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     tags = tracking.run_tags(
         "pretrain", ",".join(task.scenarios), short_name(task.source), "", spec.method, task.fold,
         "source_val_f1", False, launch_id=context.launch_id, model=spec.model, seed=spec.seed,
-        source_model_path=str(path), device=_device_tag(),
+        source_model_path=str(path),
     )
     run_id, _ = tracking.open_run(
         client, context.experiment_id, {"pretrain_key": task.key}, tags,
         plan.resolved_pretrain_config(), f"pretrain {task.id}", context.parent_run_id,
-        reuse_finished=False,
+        reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
     try:
@@ -127,7 +143,7 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     """One trial: adapt the group's source model with ``config["params"]``, evaluate, log, report."""
-    _threads(context)
+    _start(context)
     plan = context.plan
     group = plan.group(config["group"])
     params = dict(config.get("params") or {})
@@ -139,11 +155,11 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         "adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short, group.method,
         group.fold, objective.name, objective.uses_target_labels, launch_id=context.launch_id, group=group.id,
         trial_id=trial_id, baseline="true" if group.baseline else None, sampled=json.dumps(params) if params else None,
-        pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile, device=_device_tag(),
+        pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile,
     )
     run_id, finished = tracking.open_run(
         client, context.experiment_id, {"trial_key": f"{context.launch_id}/{trial_id}"}, tags, resolved,
-        f"{group.id} {trial_id}", context.parent_run_id,
+        f"{group.id} {trial_id}", context.parent_run_id, refresh=_placement_tags(),
     )
     if finished:  # completed before an interruption that Tune had not recorded yet
         tune.report(_logged_final(client, run_id, objective.name, resolved["epochs"]))
