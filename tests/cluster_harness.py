@@ -174,10 +174,11 @@ def start_postgres(services: Services, database: str = "mlflow") -> str:
 # -- MLflow ---------------------------------------------------------------------------------
 
 
-def start_mlflow(services: Services, store: str, auth_db: str | None = None) -> str:
+def start_mlflow(services: Services, store: str, auth_db: str | None = None, port: int | None = None) -> str:
     """``mlflow/server.sh --auth`` on ``store`` (artifacts served by the server); creates the
-    runner user; returns the server's URL."""
-    port = free_port()
+    runner user; returns the server's URL. Started again on the same ``port`` and store, it is
+    the same server back (a restart)."""
+    port = port or free_port()
     artifacts = services.root / "mlflow" / "artifacts"
     artifacts.parent.mkdir(parents=True, exist_ok=True)
     argv = ["bash", str(REPO / "mlflow" / "server.sh"), "--store", store, "--artifacts", str(artifacts),

@@ -15,3 +15,7 @@ class ConfigError(TimeMatchError, ValueError):
 
 class TrainingError(TimeMatchError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class StorageError(TimeMatchError):
+    """A cache or dataset cannot be written: the disk is full or not writable."""

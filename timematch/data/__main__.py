@@ -45,6 +45,28 @@ def tile_info(root: Path, tile: str, merge_seasons: bool = False) -> dict:
     }
 
 
+def verify_tile(root: Path, tile: str, show_progress: bool = True) -> list[str]:
+    """Read every parcel array of a tile (what packing does); one line per bad parcel: its path
+    and what is wrong."""
+    from timematch.errors import DatasetError
+
+    reader = TileReader(root, tile)
+    bad = []
+    count = len(reader)
+    step = max(1, count // 20)
+    for index in range(count):
+        try:
+            reader.read_parcel(index)
+        except DatasetError as err:
+            bad.append(str(err))
+        if show_progress and (index + 1 == count or (index + 1) % step == 0):
+            done = (index + 1) / count
+            bar = "#" * int(30 * done)
+            print(f"\r  verifying {tile}: [{bar:30s}] {index + 1}/{count} parcels, {len(bad)} bad",
+                  end="\n" if index + 1 == count else "", file=sys.stderr, flush=True)
+    return bad
+
+
 def print_info(name: str, info: dict) -> None:
     px = info["pixels_per_parcel"]
     print(f"{name}  ({info['path']})")
@@ -68,12 +90,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not tiles:
         raise TimeMatchError(f"{root}: no tile found (expected <country>/<tile>/<year>/meta/metadata.pkl)")
     result = {tile: tile_info(root, tile, args.merge_seasons) for tile in tiles}
+    bad: dict[str, list[str]] = {}
+    if args.verify:
+        for tile in tiles:
+            bad[tile] = verify_tile(root, tile, show_progress=not args.json)
+            result[tile]["bad_parcels"] = bad[tile]
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         for tile, info in result.items():
             print_info(tile, info)
-    return 0
+            if args.verify:
+                print(f"  verified: {info['parcels'] - len(bad[tile])} of {info['parcels']} parcel arrays read "
+                      f"and match the metadata" + (f"; {len(bad[tile])} BAD:" if bad[tile] else ""))
+                for line in bad[tile]:
+                    print(f"    {line}")
+    return 1 if any(bad.values()) else 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -110,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--tile", action="append", help="only this tile (short name or country/tile/year); repeatable")
     info.add_argument("--json", action="store_true", help="print one JSON object keyed by tile")
     info.add_argument("--merge-seasons", action="store_true", help="merge spring/winter variants of a crop")
+    info.add_argument("--verify", action="store_true",
+                      help="read every parcel array and check it against the metadata; list the bad ones "
+                           "and exit 1 when there is one")
     info.set_defaults(func=cmd_info)
     synth = sub.add_parser("synth", help="write the synthetic benchmark dataset in the published format")
     synth.add_argument("--root", required=True, help="folder to write the four tiles into")

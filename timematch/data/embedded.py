@@ -6,13 +6,14 @@ tells a complete dataset from an interrupted one, which is regenerated.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from timematch.data.tiles import default_cache_dir
+from timematch.diskspace import is_disk_full, no_space, require_space
+from timematch.locks import cache_lock
 
 MARKER = ".complete.json"
 
@@ -33,15 +34,21 @@ def ensure_embedded_dataset(
     root = embedded_root(cache_dir, seed)
     if (root / MARKER).is_file():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f"{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock(root):
         if (root / MARKER).is_file():
             return root
         if root.exists():
             shutil.rmtree(root)  # an interrupted generation
+        what = "the embedded synthetic dataset"
+        require_space(root.parent, synthetic.EMBEDDED_BYTES, what)
         if progress:
             progress(f"generating the embedded synthetic dataset into {root} (first use only) ...")
-        summary = synthetic.generate_dataset(root, seed=seed, progress=progress)
-        (root / MARKER).write_text(json.dumps(summary, default=str, indent=1))
+        try:
+            summary = synthetic.generate_dataset(root, seed=seed, progress=progress)
+            (root / MARKER).write_text(json.dumps(summary, default=str, indent=1))
+        except BaseException as err:  # a half-written dataset is never used, nor left to fill the disk
+            shutil.rmtree(root, ignore_errors=True)
+            if is_disk_full(err):
+                raise no_space(root.parent, synthetic.EMBEDDED_BYTES, what) from None
+            raise
     return root

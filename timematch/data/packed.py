@@ -15,7 +15,6 @@ modification times of the metadata and of every parcel array) changes.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +31,9 @@ import numpy as np
 from timematch.data.classes import normalize_code
 from timematch.data.format import N_BANDS, TileReader
 from timematch.data.tiles import default_cache_dir
+from timematch.diskspace import is_disk_full, no_space, require_space, reserve
 from timematch.errors import DatasetError
+from timematch.locks import cache_lock
 
 CACHE_VERSION = 1
 _ARRAYS = ("pixels", "offsets", "geom", "ids", "blocks", "codes", "positions")
@@ -123,10 +124,8 @@ class PackedTile:
         target = base / "packed" / f"{reader.tile.replace('/', '_')}-{key}"
         stamp = fingerprint(reader)
         if not _is_current(target, stamp):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Trials on one machine may open the same tile at once: one builds, the others wait.
-            with open(target.parent / f"{target.name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            # Trials may open the same tile at once: one builds, the others wait.
+            with cache_lock(target):
                 if not _is_current(target, stamp):
                     build(reader, target, stamp, progress)
         return cls._load(target, reader.tile, reader.country)
@@ -160,11 +159,18 @@ def build(
     offsets = np.concatenate([[0], np.cumsum(n_pixels)]).astype(np.int64)
     n_dates = len(reader.dates)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # What a build killed mid-way (SIGKILL, SIGBUS) left: the caller holds the tile's lock, so no
+    # other build of this tile is running.
+    for stale in target.parent.glob(f".{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shape = (int(offsets[-1]), n_dates, N_BANDS)
+    what = f"the packed cache of {reader.tile}"
+    pixel_bytes = int(np.prod(shape)) * np.dtype(np.uint16).itemsize
+    require_space(target.parent, pixel_bytes, what)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        pixels = np.lib.format.open_memmap(
-            tmp / "pixels.npy", mode="w+", dtype=np.uint16, shape=(int(offsets[-1]), n_dates, N_BANDS)
-        )
+        pixels = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint16, shape=shape)
+        reserve(tmp / "pixels.npy", pixels.offset + pixel_bytes, what)
 
         def copy(i: int) -> None:
             pixels[offsets[i] : offsets[i + 1]] = reader.read_parcel(i).transpose(2, 0, 1)
@@ -204,8 +210,10 @@ def build(
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise no_space(target.parent, pixel_bytes, what) from None
         raise
     if progress:
         progress(f"packed {reader.tile} in {time.perf_counter() - started:.1f} s -> {target}")

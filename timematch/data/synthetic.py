@@ -84,6 +84,9 @@ from timematch.errors import ConfigError, DatasetError
 
 #: Bumped whenever the same seed would produce different bytes (the embedded cache keys on it).
 GENERATOR_VERSION = 2
+#: The embedded dataset's size on disk (``du -sb`` of v2-seed0, measured on 2026-12-02): what
+#: generating it needs free, checked before it starts.
+EMBEDDED_BYTES = 211_053_785
 GROUND_TRUTH_FILE = "synthetic_ground_truth.json"
 #: Acquisition dates per tile in 2017, as published.
 TILE_CALENDAR_SIZES: dict[str, int] = {"DK": 52, "FR1": 62, "FR2": 39, "AT1": 58}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from timematch.runner import tracking
@@ -14,6 +17,17 @@ from timematch.runner.resources import Cluster, connect, disconnect, trial_resou
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+def pack_tiles(plan: LaunchPlan) -> None:
+    """Pack (and so read and check) every tile the launch needs, here, before any trial starts:
+    a bad parcel or metadata file is one error naming the file (exit 2), not a failure inside
+    every trial; the trials then memory-map the packed caches."""
+    from timematch.data.packed import PackedTile
+
+    tiles = sorted({tile for scenario in plan.scenarios for tile in (scenario.source, scenario.target)})
+    for tile in tiles:
+        PackedTile.open(plan.data_root, tile, Path(plan.cache_dir), progress=_say)
 
 
 def _parent_params(plan: LaunchPlan) -> dict[str, Any]:
@@ -56,17 +70,42 @@ def _save_launch(launch: Launch, experiment_id: str) -> None:
     (launch.directory.parent.parent / "LATEST").write_text(launch.launch_id + "\n")
 
 
+def _run_stages(plan: LaunchPlan, context, resources, storage: Path, resumed: bool) -> list:
+    from timematch.runner.stages import (
+        StageSummary, link_source_runs, run_adapt_stage, run_pretrain_stage, without_failed_sources,
+    )
+
+    summaries = [run_pretrain_stage(plan, context, resources, storage)]
+    link_source_runs(plan, context)
+    adapt_plan, not_started = without_failed_sources(plan)
+    if adapt_plan.groups:
+        adapt = run_adapt_stage(adapt_plan, dataclasses.replace(context, plan=adapt_plan), resources, storage,
+                                resume=resumed)
+    else:
+        adapt = StageSummary("adaptation")
+    adapt.planned = plan.n_trials
+    adapt.not_started = not_started
+    summaries.append(adapt)
+    return summaries
+
+
 def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, Any, Any]) -> int:
     from timematch.runner.reporting import NoFinishedTrial, build_report
-    from timematch.runner.stages import run_adapt_stage, run_pretrain_stage
     from timematch.runner.trainables import TrialContext
 
     plan = launch.plan
+    # Named in the messages of a tracking server that stops answering; MLflow's own silent HTTP
+    # retries made short, so the waiting is bounded and said (tracking.retry).
+    os.environ["MLFLOW_TRACKING_URI"] = launch.tracking_uri
+    for name, value in tracking.CLIENT_HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
     if plan.synthetic_data:
         from timematch.data.embedded import ensure_embedded_dataset
 
         check_embedded_root(plan)
         ensure_embedded_dataset(progress=_say)
+    if not str(launch.address or "").startswith("ray://"):  # through Ray Client the data is the cluster's
+        pack_tiles(plan)
     if launch.address:  # Ray itself retries for up to ~30 s before it gives up on an address
         _say(f"connecting to the Ray cluster at {launch.address} ...")
     cluster = connect(launch.address, verbose=args.verbose)
@@ -88,11 +127,12 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
                  "results": str(launch.directory)}
         _say(("resuming launch " if launch.resumed else "launch ") + launch.launch_id)
         _say(describe(plan, shown, cached) + "\n")
+        events = launch.directory / "events.log"
         context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
-                               resources.cpus, tracking.credentials())
+                               resources.cpus, tracking.credentials(), str(events), tracking.patience())
         storage = launch.directory / "tune"
-        summaries = [run_pretrain_stage(plan, context, resources, storage)]
-        summaries.append(run_adapt_stage(plan, context, resources, storage, resume=launch.resumed))
+        with tracking.EventTail(events, _say):
+            summaries = _run_stages(plan, context, resources, storage, launch.resumed)
         failed = sum(len(s.failed) for s in summaries)
         _say("\n" + "\n".join(line for s in summaries for line in s.lines()))
         client = tracking.client(launch.tracking_uri)

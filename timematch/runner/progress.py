@@ -172,8 +172,8 @@ class RunStatusCallback(Callback):
 
     def _key_tags(self, trial) -> dict[str, str]:
         if self.key == "pretrain_key":
-            return {"pretrain_key": trial.config["task"]}
-        return {"trial_key": f"{self.launch_id}/{trial.trial_id}"}
+            return tracking.pretrain_run_key(trial.config["task"])
+        return tracking.adapt_run_key(self.launch_id, trial.trial_id)
 
     @_never_raise
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

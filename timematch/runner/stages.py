@@ -10,6 +10,7 @@ interrupted launch (``--resume``) without re-running finished trials.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class StageSummary:
     stopped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (trial, error)
     skipped: list[str] = field(default_factory=list)  # cached source models
+    not_started: list[tuple[str, str]] = field(default_factory=list)  # (trial group, why)
     interrupted: int = 0  # runs of trials that a killed launch started and Tune never recorded
 
     def lines(self) -> list[str]:
@@ -42,6 +44,7 @@ class StageSummary:
                f"{len(self.failed)} failed" + (f", {len(self.skipped)} reused from the cache" if self.skipped else "")
                + f" ({self.planned} planned)"]
         out += [f"  FAILED {name}: {error}" for name, error in self.failed]
+        out += [f"  SKIPPED {name}: {why}" for name, why in self.not_started]
         if self.interrupted:
             out.append(f"  {self.interrupted} run(s) of trials interrupted before Tune recorded them were "
                        "closed as KILLED (tag interrupted=true); their slots ran as new trials")
@@ -93,6 +96,28 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
         else:
             summary.done.append(label)
     return summary
+
+
+def without_failed_sources(plan: LaunchPlan) -> tuple[LaunchPlan, list[tuple[str, str]]]:
+    """The plan less the trial groups whose source model is missing after stage 1 (its training
+    failed), and those groups with the reason: they are not started."""
+    missing = {t.key: t.id for t in plan.pretrain_tasks if not source_model_path(plan.cache_dir, t.key).is_file()}
+    skipped = [(g.id, f"not started: its source model {missing[g.pretrain_key]} failed to train")
+               for g in plan.groups if g.pretrain_key in missing]
+    if not skipped:
+        return plan, []
+    return dataclasses.replace(plan, groups=[g for g in plan.groups if g.pretrain_key not in missing]), skipped
+
+
+def link_source_runs(plan: LaunchPlan, context: TrialContext) -> None:
+    """Tag the launch's run with the pretraining run of each source model it uses
+    (``source_run <source>/fold<k>``), trained by this launch or reused from an earlier one."""
+    client = tracking.client(context.tracking_uri)
+    for task in plan.pretrain_tasks:
+        run = tracking.find_source_run(client, task.key)
+        if run is not None:
+            tracking.retry(lambda r=run, t=task: client.set_tag(
+                context.parent_run_id, f"source_run {t.id}", r.info.run_id))
 
 
 def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources, storage: Path,

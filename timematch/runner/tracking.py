@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from timematch.errors import ConfigError
+from timematch.errors import ConfigError, TimeMatchError
 
 CHECK_TIMEOUT_S = 3.0
 #: Requirements written with logged models: writing them skips MLflow's slow inference.
@@ -154,18 +154,152 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def retry(call: Callable[[], T], attempts: int = 6) -> T:
-    """Retry a store call that lost a race for the SQLite write lock (trials log concurrently)."""
+#: How long a trial or the driver waits for a tracking server that does not answer before it
+#: gives up naming it ($TIMEMATCH_TRACKING_PATIENCE_S); the trial then fails (Tune retries it)
+#: and ``--resume`` finishes the sweep once the server is back.
+PATIENCE_S = 600.0
+PATIENCE_VARIABLE = "TIMEMATCH_TRACKING_PATIENCE_S"
+#: MLflow's own HTTP retries, made short in trial processes so that :func:`retry` decides (and
+#: says) how long to wait; MLflow's default retries silently for minutes.
+CLIENT_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+#: The file a trial appends its tracking messages to (the driver shows them: worker output is
+#: not forwarded without --verbose); unset in the driver, which prints them itself.
+EVENTS_VARIABLE = "TIMEMATCH_EVENTS_FILE"
+
+
+def say(message: str) -> None:
+    """Show ``message`` on the launch's terminal, from the driver or from a trial."""
+    import os
+    import socket
+    import sys
+
+    events = os.environ.get(EVENTS_VARIABLE)
+    if not events:
+        print(message, file=sys.stderr, flush=True)
+        return
+    line = f"{message} (on {socket.gethostname()}, pid {os.getpid()})\n"
+    try:
+        with open(events, "a") as handle:  # one short append: whole lines, whatever the writers
+            handle.write(line)
+    except OSError:
+        print(message, file=sys.stderr, flush=True)
+
+
+class EventTail:
+    """The driver's side of :func:`say`: a thread printing the lines trials append to ``path``."""
+
+    def __init__(self, path: Path, show: Callable[[str], None], every_s: float = 1.0) -> None:
+        import threading
+
+        self.path, self.show, self.every_s = Path(path), show, every_s
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="timematch-events", daemon=True)
+
+    def __enter__(self) -> "EventTail":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._read()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._read()
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as handle:
+            handle.seek(self.offset)
+            text = handle.read()
+        complete = text[: text.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            self.show(f"[trial] {line}")
+
+
+class TrackingUnavailable(TimeMatchError):
+    """The tracking server did not answer within the patience."""
+
+
+def _server_down(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    return any(word in text for word in ("connection refused", "max retries exceeded", "connectionerror",
+                                         "failed to establish a new connection", "read timed out",
+                                         "remote end closed connection", "connection reset", "bad gateway",
+                                         "service unavailable", "503", "502"))
+
+
+def patience() -> float:
+    """``$TIMEMATCH_TRACKING_PATIENCE_S``, else :data:`PATIENCE_S`."""
+    import os
+
+    try:
+        return float(os.environ.get(PATIENCE_VARIABLE, PATIENCE_S))
+    except ValueError:
+        return PATIENCE_S
+
+
+def retry(call: Callable[[], T], attempts: int = 6, what: str = "") -> T:
+    """Run a tracking call; retry one that lost a race for the SQLite write lock (trials log
+    concurrently), and one that found the tracking server down: back-off 2, 4, ... 30 s, each
+    wait said on the terminal, for up to ``$TIMEMATCH_TRACKING_PATIENCE_S`` (600 s), then
+    :class:`TrackingUnavailable` naming the server."""
+    import os
+
     delay = 0.2
     for attempt in range(attempts):
         try:
             return call()
-        except Exception as err:  # noqa: BLE001 - only lock errors are retried
+        except Exception as err:  # noqa: BLE001 - only lock and connection errors are retried
+            if _server_down(err):
+                return _wait_for_server(call, err, what)
             if "locked" not in str(err).lower() or attempt == attempts - 1:
                 raise
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def _wait_for_server(call: Callable[[], T], first: BaseException, what: str) -> T:
+    import os
+
+    server = os.environ.get("MLFLOW_TRACKING_URI") or "the tracking server"
+    patience_s = patience()
+    started = time.monotonic()
+    delay, err = 2.0, first
+    while True:
+        waited = time.monotonic() - started
+        if waited + delay > patience_s:
+            raise TrackingUnavailable(
+                f"the MLflow server {server} has not answered for {waited:.0f} s "
+                f"({type(err).__name__}); giving up{f' on {what}' if what else ''}. Start it again and "
+                "continue with: python launch.py --resume"
+            ) from None
+        say(f"[tracking] the MLflow server {server} does not answer ({_short(err)}); retrying in {delay:.0f} s "
+            f"(waited {waited:.0f} s of {patience_s:.0f} s)")
+        time.sleep(delay)
+        try:
+            result = call()
+        except Exception as again:  # noqa: BLE001
+            if not _server_down(again):
+                raise
+            err = again
+            delay = min(delay * 2, 30.0)
+            continue
+        say(f"[tracking] the MLflow server {server} answers again after {time.monotonic() - started:.0f} s")
+        return result
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[-1] if text else type(err).__name__)[:160]
 
 
 #: MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts);
@@ -175,7 +309,21 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The id of experiment ``name``, created (with its artifact location) when missing, and
-    tagged as a model-training experiment."""
+    tagged as a model-training experiment.
+
+    On SQLite the first call of a launch creates (or migrates) the store's schema: two launches
+    starting at once on a new file would race through MLflow's migrations, so they take turns.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return _ensure_experiment(uri, name)
+    from timematch.locks import cache_lock
+
+    with cache_lock(path):
+        return _ensure_experiment(uri, name)
+
+
+def _ensure_experiment(uri: str, name: str) -> str:
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
@@ -186,6 +334,35 @@ def ensure_experiment(uri: str, name: str) -> str:
                 mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name), tags=EXPERIMENT_KIND)
+
+
+def pretrain_run_key(key: str) -> dict[str, str]:
+    """The tags that find the pretraining run of source model ``key``: adaptation runs carry
+    ``pretrain_key`` too (the model they start from), so the stage is part of the key."""
+    return {"stage": "pretrain", "pretrain_key": key}
+
+
+def adapt_run_key(launch_id: str, trial_id: str) -> dict[str, str]:
+    """The tags that find the run of one adaptation trial of a launch."""
+    return {"stage": "adapt", "trial_key": f"{launch_id}/{trial_id}"}
+
+
+def logged_steps(mlflow_client, run_id: str, key: str) -> set[int]:
+    """The steps at which metric ``key`` is already in the run's history."""
+    return {m.step for m in retry(lambda: mlflow_client.get_metric_history(run_id, key))}
+
+
+def find_source_run(mlflow_client, key: str) -> Any:
+    """The finished pretraining run of source model ``key``, in any experiment (a later
+    launch of another name reuses the cached model), or None."""
+    from mlflow.entities import ViewType
+
+    experiments = retry(lambda: mlflow_client.search_experiments(view_type=ViewType.ALL, max_results=1000))
+    clauses = " and ".join(f"tags.{k} = '{_quote(v)}'" for k, v in pretrain_run_key(key).items())
+    runs = retry(lambda: mlflow_client.search_runs(
+        [e.experiment_id for e in experiments], filter_string=f"{clauses} and attributes.status = 'FINISHED'",
+        max_results=1, order_by=["attributes.start_time DESC"]))
+    return runs[0] if runs else None
 
 
 def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuses: tuple[str, ...] = ()) -> Any:
@@ -282,9 +459,13 @@ def finish_with_model(uri: str, run_id: str, model, name: str = "model") -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):  # its exit marks the run FINISHED
-        info = mlflow.pytorch.log_model(
-            model, name=name, serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
-        )
-        mlflow.set_tag("model_uri", info.model_uri)
-    return info.model_uri
+
+    def log() -> str:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):  # its exit marks the run FINISHED
+            info = mlflow.pytorch.log_model(
+                model, name=name, serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
+            )
+            mlflow.set_tag("model_uri", info.model_uri)
+        return info.model_uri
+
+    return retry(log, what="logging the model")

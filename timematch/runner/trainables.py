@@ -35,6 +35,7 @@ from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, TrialGroup, get_objective, source_model_path
 from timematch.evaluation import pick_device
+from timematch.locks import cache_lock
 
 STATE_FILE = "state.pt"
 TEST_PREFIX = "test_"
@@ -53,12 +54,23 @@ class TrialContext:
     #: The driver's MLflow credentials (``MLFLOW_TRACKING_USERNAME`` ...), checked against the
     #: server at start-up; trials on other nodes do not inherit the driver's environment.
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Where trials write what the driver must show (a tracking server not answering): a file
+    #: in the launch's results folder, which every node shares; the driver prints new lines.
+    events_path: str = ""
+    #: How long trials wait for a tracking server that does not answer (the driver's setting).
+    tracking_patience_s: float = tracking.PATIENCE_S
 
 
 def _start(context: TrialContext) -> None:
     """Set up this worker process for a trial: threads, and the launch's MLflow credentials."""
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
     os.environ.update(context.credentials)
+    os.environ["MLFLOW_TRACKING_URI"] = context.tracking_uri  # named when the server does not answer
+    if context.events_path:
+        os.environ[tracking.EVENTS_VARIABLE] = context.events_path
+    os.environ[tracking.PATIENCE_VARIABLE] = str(context.tracking_patience_s)
+    for name, value in tracking.CLIENT_HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 def _placement_tags() -> dict[str, str]:
@@ -94,9 +106,17 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     plan = context.plan
     task = plan.task(config["task"])
     path = source_model_path(plan.cache_dir, task.key)
-    if path.is_file():  # trained meanwhile by another launch
-        tune.report({"reused": 1.0, "final": 1.0})
-        return
+    # One training per source model, whatever the number of launches: a second launch that
+    # needs it waits here for the first's, then reuses it.
+    with cache_lock(path):
+        if path.is_file():  # trained meanwhile by another launch
+            tune.report({"reused": 1.0, "final": 1.0})
+            return
+        _train_source_model(task, path, context)
+
+
+def _train_source_model(task, path: Path, context: TrialContext) -> None:
+    plan = context.plan
     spec = plan.pretrain_spec(task)
     client = tracking.client(context.tracking_uri)
     tags = tracking.run_tags(
@@ -105,16 +125,22 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
         source_model_path=str(path),
     )
     run_id, _ = tracking.open_run(
-        client, context.experiment_id, {"pretrain_key": task.key}, tags,
+        client, context.experiment_id, tracking.pretrain_run_key(task.key), tags,
         plan.resolved_pretrain_config(), f"pretrain {task.id}", context.parent_run_id,
         reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
     try:
         resume_state = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
-        if resume_state is not None:  # re-log what the interrupted attempt trained (same steps, same values)
-            for entry in resume_state.get("history", []):
-                tracking.log_metrics(client, run_id, _numbers(entry["metrics"]), step=int(entry["epoch"]))
+        if resume_state is not None:
+            # The epochs the interrupted attempt trained: logged once. A continued run has
+            # them already; a new run (the old one was deleted) gets them now.
+            history = resume_state.get("history", [])
+            first = next(iter(history[0]["metrics"]), None) if history else None
+            have = tracking.logged_steps(client, run_id, first) if first else set()
+            for entry in history:
+                if int(entry["epoch"]) not in have:
+                    tracking.log_metrics(client, run_id, _numbers(entry["metrics"]), step=int(entry["epoch"]))
 
         def on_epoch(report, state) -> None:
             metrics = _numbers(report.metrics)
@@ -130,7 +156,8 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
                              step=len(pretrained.history))
         model = build_model(spec.model, num_classes=len(pretrained.classes))
         model.load_state_dict(pretrained.state_dict)
-        client.log_dict(run_id, {"classes": pretrained.classes, "key": pretrained.key}, "source_model.json")
+        described = {"classes": pretrained.classes, "key": pretrained.key}
+        tracking.retry(lambda: client.log_dict(run_id, described, "source_model.json"))
         tracking.finish_with_model(context.tracking_uri, run_id, model.eval())
         tune.report({"source_val_f1": pretrained.source_val_f1, "best_epoch": pretrained.best_epoch, "final": 1.0})
     except Exception as err:
@@ -158,7 +185,7 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile,
     )
     run_id, finished = tracking.open_run(
-        client, context.experiment_id, {"trial_key": f"{context.launch_id}/{trial_id}"}, tags, resolved,
+        client, context.experiment_id, tracking.adapt_run_key(context.launch_id, trial_id), tags, resolved,
         f"{group.id} {trial_id}", context.parent_run_id, refresh=_placement_tags(),
     )
     if finished:  # completed before an interruption that Tune had not recorded yet
@@ -235,18 +262,19 @@ def _log_artifacts(client, run_id: str, result: ExperimentResult, logs: list[str
     spec = result.spec
     title = f"{spec.method}: {short_name(spec.source)} -> {short_name(spec.target)}, fold {spec.fold}"
     figure = plot_confusion(result.confusion, result.classes, title=f"{title} (target test)")
-    client.log_figure(run_id, figure, "plots/confusion_matrix.png")
+    tracking.retry(lambda: client.log_figure(run_id, figure, "plots/confusion_matrix.png"))
     plt.close(figure)
-    client.log_dict(run_id, {"classes": result.classes, "matrix": result.confusion.tolist()}, "confusion_matrix.json")
-    client.log_dict(run_id, _plain(result.report), "per_class_report.json")
-    client.log_text(run_id, per_class_csv(result.report), "per_class_report.csv")
+    matrix = {"classes": result.classes, "matrix": result.confusion.tolist()}
+    tracking.retry(lambda: client.log_dict(run_id, matrix, "confusion_matrix.json"))
+    tracking.retry(lambda: client.log_dict(run_id, _plain(result.report), "per_class_report.json"))
+    tracking.retry(lambda: client.log_text(run_id, per_class_csv(result.report), "per_class_report.csv"))
     if result.shift_scores:
         figure = plot_shift_scores(result.shift_scores, title=f"{title}: shift scores")
-        client.log_figure(run_id, figure, "plots/shift_scores.png")
+        tracking.retry(lambda: client.log_figure(run_id, figure, "plots/shift_scores.png"))
         plt.close(figure)
-        client.log_dict(run_id, _plain(result.shift_scores), "shift_scores.json")
+        tracking.retry(lambda: client.log_dict(run_id, _plain(result.shift_scores), "shift_scores.json"))
     if logs:
-        client.log_text(run_id, "\n".join(logs) + "\n", "epoch_logs.txt")
+        tracking.retry(lambda: client.log_text(run_id, "\n".join(logs) + "\n", "epoch_logs.txt"))
 
 
 def _plain(value: Any) -> Any:
