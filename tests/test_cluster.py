@@ -56,15 +56,6 @@ def deployment(tmp_path_factory):
         services.stop()
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from timematch.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(root, parcels_per_tile=200, tiles=["DK", "FR1", "FR2"])
-    return root
-
-
 def launch(deployment: Deployment, args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environment = runner_env(**deployment.ray.env, TIMEMATCH_CACHE=str(tmp_path / "cache"))
     environment.update(env)
