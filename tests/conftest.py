@@ -1,10 +1,17 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# Property-based tests (tests/test_fuzz.py): repeatable in CI, no example database in the
+# checkout; HYPOTHESIS_PROFILE=explore draws ten times as many examples, at random.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=1000, database=None, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -164,3 +164,37 @@ def test_sweep_on_three_nodes_logs_every_run_and_model_to_the_server(deployment,
         logits, _ = model(pixels, mask, positions)
     classes = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/confusion_matrix.json")["classes"]
     assert logits.shape == (2, len(classes)) and torch.isfinite(logits).all()
+
+
+def test_a_worker_node_lost_mid_sweep_its_trials_finish_on_the_others(deployment, data_root, tmp_path, as_runner):
+    """SIGKILL of a worker node (its ``ray start``, raylet and trial processes) while trials run:
+    Ray declares the node dead, Tune retries its trials from their checkpoints on the remaining
+    nodes, and the sweep completes. Last in this module: the cluster has one node less after it."""
+    environment = runner_env(**deployment.ray.env, TIMEMATCH_CACHE=str(tmp_path / "cache"))
+    argv = [sys.executable, "launch.py", "--address", deployment.ray.address, "--tracking-uri",
+            deployment.tracking_uri, "--results-dir", str(tmp_path / "results"),
+            *smoke(data_root, "node-lost"), "--set", "methods.timematch.epochs=6", "--set",
+            "methods.fixmatch.epochs=6"]
+    process = subprocess.Popen(argv, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    seen: list[str] = []
+    killed = False
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            words = line.split("]", 1)[-1].split()
+            if not killed and words[:1] == ["epoch"] and "fold0" in line and "pretrain" not in line:
+                deployment.services.kill("ray-worker-2")  # adaptation trials are running: a node goes
+                killed = True
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    out = "".join(seen)
+    assert killed and process.returncode == 0, out[-4000:]
+    experiment = as_runner.get_experiment_by_name("node-lost")
+    adapt = [r for r in as_runner.search_runs([experiment.experiment_id], max_results=100)
+             if r.data.tags.get("stage") == "adapt"]
+    assert len(adapt) == 4 and all(r.info.status == "FINISHED" for r in adapt), [r.info.status for r in adapt]
+    print(f"\nnode lost: {sum('retry' in line for line in seen)} trial retries; "
+          f"attempts {sorted(r.data.tags['attempt'] for r in adapt)}")

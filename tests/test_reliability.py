@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from timematch import training
 from timematch.runner import tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,6 +234,38 @@ def test_a_failed_source_model_skips_its_adaptation_trials(ray_address, data_roo
     (pretrain,) = runs(uri_of(tmp_path), "no-source", "pretrain")
     assert pretrain.info.status == "FAILED" and pretrain.data.tags["attempt"] == "2"
     assert not runs(uri_of(tmp_path), "no-source", "adapt")
+
+
+# -- numerical faults ------------------------------------------------------------------------
+
+
+def test_a_nan_loss_stops_its_trial_with_epoch_step_and_checkpoint_and_the_sweep_goes_on(data_root, tmp_path):
+    """$TIMEMATCH_INJECT_NAN makes FixMatch's loss NaN at epoch 2, step 1, in a real sweep: that
+    trial fails saying where and what was kept, its retry ends at once instead of diverging
+    again, TimeMatch's trial finishes and the report is written. A launch-owned local Ray
+    (no --address) so the trials inherit the variable."""
+    argv = launch_argv("", data_root, tmp_path, "nan", "--method", "timematch,fixmatch", "--set",
+                       "methods.fixmatch.epochs=3")
+    argv.remove("--address")
+    argv.remove("")
+    env = {**env_with(tmp_path / "cache"), training.INJECT_NAN_VARIABLE: "fixmatch:2:1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]  # a trial failed; the sweep did not stop
+    failed = [line for line in out.splitlines() if "FAILED" in line and "fixmatch" in line]
+    assert failed and "loss became nan at epoch 2, step 1; the last checkpoint holds epoch 1" in failed[0], out[-8000:]
+    assert "adaptation: 1 done" in out and "1 failed" in out and "| timematch |" in out, out[-3000:]
+    uri = uri_of(tmp_path)
+    by_method = {r.data.tags["method"]: r for r in runs(uri, "nan", "adapt")}
+    assert by_method["timematch"].info.status == "FINISHED"
+    diverged = by_method["fixmatch"]
+    assert diverged.info.status == "FAILED", diverged.info.status
+    tags = diverged.data.tags
+    assert (tags["diverged_epoch"], tags["diverged_step"]) == ("2", "1") and tags["attempt"] == "2"
+    assert "not retried" in tags["error"]  # the retry refused to train into the same NaN
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(diverged.info.run_id, "train_loss")]
+    assert steps == [1], f"the good epoch logged once: {steps}"
+    assert not [r for r in runs(uri, "nan") if r.info.status == "RUNNING"]
 
 
 # -- tracking server down ----------------------------------------------------------------

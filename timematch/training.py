@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from timematch.errors import TrainingError
+from timematch.errors import NonFiniteLoss
 from timematch.evaluation import selection_metrics, to_torch
 
 @dataclass(frozen=True)
@@ -110,13 +111,28 @@ class Prefetcher:
                 self._thread.join(timeout=0.05)
 
 
+#: Fault injection for the reliability tests (RELIABILITY.md): ``METHOD:EPOCH:STEP`` makes the
+#: loss of that training step of that method NaN, as a diverging run's would become.
+INJECT_NAN_VARIABLE = "TIMEMATCH_INJECT_NAN"
+
+
+def injected_nan(method: str) -> tuple[int, int] | None:
+    """(epoch, step) at which ``$TIMEMATCH_INJECT_NAN`` poisons ``method``'s loss, if it does."""
+    value = os.environ.get(INJECT_NAN_VARIABLE, "")
+    name, _, where = value.partition(":")
+    epoch, _, step = where.partition(":")
+    if name != method or not (epoch.isdigit() and step.isdigit()):
+        return None
+    return int(epoch), int(step)
+
+
 def check_finite(loss: torch.Tensor, epoch: int, step: int, saved: str) -> None:
     """Stop on a NaN or infinite loss, saying where and what was kept."""
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise TrainingError(
+        raise NonFiniteLoss(
             f"loss became {value} at epoch {epoch}, step {step}; {saved}. "
-            "Lower the learning rate or check the input normalisation."
+            "Lower the learning rate or check the input normalisation.", epoch, step, saved,
         )
 
 
@@ -195,6 +211,7 @@ def fit(
         best = dict(resume_state["best"])
         start = int(resume_state["epoch"]) + 1
     timings = {"step_seconds": 0.0, "data_wait_seconds": 0.0, "steps": 0}
+    poison = injected_nan(method.name)
 
     def state(epoch: int) -> dict[str, Any]:
         return {
@@ -226,6 +243,8 @@ def fit(
                 context = StepContext(epoch, step, steps, total_steps, saved)
                 tensors = {name: to_torch(part, device) for name, part in batch.items()}
                 loss, step_logs = method.training_step(tensors, context)
+                if poison == (epoch, step):
+                    loss = loss * float("nan")
                 check_finite(loss, epoch, step, saved)
                 if not method.manual_optimization:
                     for optimizer in optimizers.values():

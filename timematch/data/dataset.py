@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from timematch.checks import check_choice, check_flag, check_range
 from timematch.data.classes import PUBLISHED_MIN_PARCELS, UNKNOWN, CropCodes, label_indices, select_classes
 from timematch.data.packed import PackedTile
 from timematch.data.splits import Split, make_split
@@ -48,18 +49,14 @@ class DataConfig:
     eval_pixel_budget: int = 128 * 512  # pixel slots per evaluation batch
 
     def __post_init__(self) -> None:
-        checks = {
-            "min_parcels": self.min_parcels >= 1,
-            "n_folds": self.n_folds >= 1,
-            "pixels_per_parcel": self.pixels_per_parcel >= 2,
-            "timesteps": self.timesteps >= 1,
-            "eval_pixel_budget": self.eval_pixel_budget >= 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"data config {key}={getattr(self, key)!r} is out of range")
-        if self.normalization not in NORMALIZATIONS:
-            raise ConfigError(f"data config normalization={self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+        check_range(self, "min_parcels", 1, 10_000_000)
+        check_flag(self, "merge_seasons")
+        check_range(self, "n_folds", 1, 100)
+        check_range(self, "split_seed", 0, 2**32 - 1)
+        check_range(self, "pixels_per_parcel", 2, 100_000)
+        check_range(self, "timesteps", 1, 10_000)
+        check_choice(self, "normalization", NORMALIZATIONS)
+        check_range(self, "eval_pixel_budget", 1, 2**31 - 1)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":

@@ -86,21 +86,73 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(meta["parcels"], (list, tuple)) or not meta["parcels"]:
         raise DatasetError(f"{path}: metadata 'parcels' must be a non-empty list")
     for i, parcel in enumerate(meta["parcels"]):
-        if not isinstance(parcel, dict) or any(k not in parcel for k in PARCEL_KEYS):
-            raise DatasetError(f"{path}: parcel {i} must be a dict with keys {list(PARCEL_KEYS)}, found {parcel!r:.200}")
-    dates = list(meta["dates"])
+        problem = _parcel_problem(parcel)
+        if problem:
+            raise DatasetError(f"{path}: parcel {i} {problem}")
+    lengths = {len(p["geometric_features"]) for p in meta["parcels"]}
+    if len(lengths) > 1:
+        raise DatasetError(f"{path}: parcels disagree on the number of geometric_features ({sorted(lengths)})")
+    try:
+        start = parse_date(meta["start_date"])
+        dates = [parse_date(d) for d in _sequence(meta["dates"])]
+    except DatasetError as err:
+        raise DatasetError(f"{path}: {err}") from None
     if not dates or any(b <= a for a, b in zip(dates, dates[1:])):
         raise DatasetError(f"{path}: 'dates' must be a non-empty, strictly increasing list of yyyymmdd dates")
+    if dates[0] < start:
+        raise DatasetError(f"{path}: the first date {dates[0]:%Y%m%d} is before start_date {start:%Y%m%d}")
     return meta
 
 
+def _sequence(value: Any) -> list[Any]:
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise DatasetError(f"'dates' must be a list of yyyymmdd dates, found {type(value).__name__}")
+    return list(value)
+
+
+def _parcel_problem(parcel: Any) -> str | None:
+    """What is wrong with one metadata parcel entry, or None."""
+    if not isinstance(parcel, dict) or any(k not in parcel for k in PARCEL_KEYS):
+        return f"must be a dict with keys {list(PARCEL_KEYS)}, found {parcel!r:.200}"
+    label = parcel["label"]
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, str, float, np.integer, np.floating)) or (
+            isinstance(label, (float, np.floating)) and not float(label).is_integer()):
+        return f"has label {label!r:.80}: expected a national crop code (an int or a string)"
+    count = parcel["n_pixels"]
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < 1:
+        return f"has n_pixels={count!r:.80}, expected an int >= 1"
+    features = parcel["geometric_features"]
+    try:
+        values = np.asarray(features, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.ndim != 1 or not (np.abs(values) < np.finfo(np.float32).max).all():
+        return f"has geometric_features={features!r:.80}, expected a list of finite numbers"
+    for key in ("id", "block"):  # optional
+        value = parcel.get(key, 0)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or abs(value) >= 2**63:
+            return f"has {key}={value!r:.80}, expected an integer"
+    return None
+
+
 def parse_date(value: Any) -> dt.date:
-    """A yyyymmdd int or string as a date."""
-    text = str(int(value)) if not isinstance(value, str) else value.strip()
+    """A yyyymmdd int or string (or a date) as a date."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        text = str(int(value))
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise DatasetError(f"date {value!r:.60} is not in yyyymmdd form")
     try:
         return dt.datetime.strptime(text, "%Y%m%d").date()
     except ValueError:
-        raise DatasetError(f"date {value!r} is not in yyyymmdd form") from None
+        raise DatasetError(f"date {value!r:.60} is not in yyyymmdd form") from None
 
 
 def date_positions(dates: list[Any], start_date: Any) -> np.ndarray:
@@ -153,7 +205,7 @@ class TileReader:
 
     @property
     def dates(self) -> list[int]:
-        return [int(d) for d in self.metadata["dates"]]
+        return [int(f"{parse_date(d):%Y%m%d}") for d in _sequence(self.metadata["dates"])]
 
     @cached_property
     def positions(self) -> np.ndarray:
@@ -174,6 +226,8 @@ class TileReader:
             array = np.asarray(zarr.open_array(str(path), mode="r")[...])
         except Exception as err:
             raise DatasetError(f"{path}: corrupt or unreadable zarr array ({type(err).__name__}: {err})") from None
+        if array.dtype != np.uint16:
+            raise DatasetError(f"{path}: dtype {array.dtype}, expected uint16 reflectances (the published format)")
         expected = (len(self.dates), N_BANDS, int(self.parcels[index]["n_pixels"]))
         if array.shape != expected:
             raise DatasetError(

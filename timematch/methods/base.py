@@ -28,7 +28,6 @@ source model: the source-only baseline), ``starts_from_source`` and ``select_bes
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,37 +36,12 @@ import torch
 from torch import nn
 
 from timematch.data.dataset import Domain
+from timematch.checks import check_choice, check_flag, check_range
 from timematch.errors import ConfigError
 from timematch.training import StepContext, check_finite
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "inverse_decay", "constant")
-
-
-def check_range(config: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise :class:`ConfigError` naming ``key`` and its allowed range when out of it."""
-    value = getattr(config, key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not a number; allowed: [{low}, {high}]")
-    default = getattr(type(config), key, None)
-    if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
-        raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not an integer; allowed: [{low}, {high}]")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high or (isinstance(value, float) and math.isnan(value)):
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        raise ConfigError(
-            f"{type(config).__name__}.{key}={value!r} is out of range; allowed: {left}{low}, {high}{right}"
-        )
-
-
-def check_choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
-    value = getattr(config, key)
-    if value not in choices:
-        raise ConfigError(f"{type(config).__name__}.{key}={value!r}; valid: {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +84,7 @@ class TrainConfig:
         check_range(self, "lr_gamma", 0.0, 1.0)
         check_range(self, "lr_decay", 0.0, 10.0)
         check_range(self, "backbone_lr_scale", 0.0, 10.0)
+        check_flag(self, "nesterov")
         if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
             raise ConfigError(f"{type(self).__name__}: nesterov=True needs momentum > 0 (got {self.momentum})")
 

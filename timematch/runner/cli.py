@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -136,6 +137,11 @@ def report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """An error message on one line: line breaks (a YAML parser's, a pasted value's) become spaces."""
+    return re.sub(r"\s*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*", " ", message).strip()
+
+
 def main(argv: list[str] | None = None, project_root: Path | None = None) -> int:
     """Entry point of ``launch.py``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None, project_root: Path | None = None) -> int
             return report_command(report_parser().parse_args(argv[1:]), root)
         return launch_command(launch_parser().parse_args(argv), root)
     except TimeMatchError as err:
-        print(f"launch.py: error: {err}", file=sys.stderr)
+        print(f"launch.py: error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as err:
         print(f"launch.py: interrupted; {err or 'continue with --resume'}", file=sys.stderr)

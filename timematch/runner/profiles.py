@@ -63,7 +63,7 @@ def load_profile(directory: Path, name: str, sets: list[str] | tuple[str, ...] =
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     profile = validate_profile(document, name, str(path))  # the file alone: its errors name the file
     for count, item in enumerate(sets, start=1):  # each --set in turn: its errors name the --set
-        profile = validate_profile(apply_sets(document, sets[:count]), name, f"--set {item}")
+        profile = validate_profile(apply_sets(document, sets[:count]), name, f"--set {item if item.isprintable() else repr(item)}")
     return profile
 
 
@@ -122,8 +122,9 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
                 f"{where}: methods.{method}: set the source model's training under 'pretrain:' "
                 "(the source-only baseline is the pretrained source model)"
             )
+        values = _mapping(overrides, f"methods.{method}", where)
         try:
-            build_config(method, _mapping(overrides, f"methods.{method}", where))
+            build_config(method, values)
         except ConfigError as err:
             raise ConfigError(f"{where}: methods.{method}: {err}") from None
     scheduler = _mapping(document.get("scheduler"), "scheduler", where)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from timematch.errors import ConfigError, TimeMatchError
+from timematch.errors import ConfigError, NonFiniteLoss, TimeMatchError
 
 CHECK_TIMEOUT_S = 3.0
 #: Requirements written with logged models: writing them skips MLflow's slow inference.
@@ -229,11 +229,13 @@ class TrackingUnavailable(TimeMatchError):
 
 
 def _server_down(err: BaseException) -> bool:
+    """Whether ``err`` says the tracking server did not answer (not that it refused a request)."""
     text = f"{type(err).__name__}: {err}".lower()
     return any(word in text for word in ("connection refused", "max retries exceeded", "connectionerror",
                                          "failed to establish a new connection", "read timed out",
                                          "remote end closed connection", "connection reset", "bad gateway",
-                                         "service unavailable", "503", "502"))
+                                         "service unavailable")) or bool(
+        re.search(r"(error code|status code|status|http) 50[234]\b", text))
 
 
 def patience() -> float:
@@ -409,8 +411,8 @@ def open_run(mlflow_client, experiment_id: str, key_tags: Mapping[str, str], tag
         if existing.info.status == "FINISHED":
             return run_id, True
         retry(lambda: mlflow_client.update_run(run_id, status="RUNNING"))
-        if "error" in existing.data.tags:
-            retry(lambda: mlflow_client.delete_tag(run_id, "error"))
+        if "error" in existing.data.tags and "diverged_epoch" not in existing.data.tags:
+            retry(lambda: mlflow_client.delete_tag(run_id, "error"))  # a divergence's stays: it is refused
         attempt = int(existing.data.tags.get("attempt", "1")) + 1
         fresh = [RunTag(k, str(v)) for k, v in {**(refresh or {}), "attempt": attempt}.items()]
         retry(lambda: mlflow_client.log_batch(run_id, tags=fresh))
@@ -441,12 +443,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def mark_failed(mlflow_client, run_id: str, error: str, traceback_text: str | None = None) -> None:
-    """Tag a run with its error (first 5000 characters) and end it as FAILED."""
+def mark_failed(mlflow_client, run_id: str, err: BaseException | str, traceback_text: str | None = None) -> None:
+    """Tag a run with its error (first 5000 characters) and end it as FAILED.
+
+    A non-finite loss also tags where it happened (``diverged_epoch``, ``diverged_step``):
+    a retry of the trial then ends at once (:func:`refuse_if_diverged`) instead of training
+    into the same divergence again.
+    """
+    error = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
     retry(lambda: mlflow_client.set_tag(run_id, "error", error[:5000]))
+    if isinstance(err, NonFiniteLoss):
+        for key, value in (("diverged_epoch", err.epoch), ("diverged_step", err.step)):
+            retry(lambda k=key, v=value: mlflow_client.set_tag(run_id, k, str(v)))
     if traceback_text:
         retry(lambda: mlflow_client.log_text(run_id, traceback_text, "error.txt"))
     retry(lambda: mlflow_client.set_terminated(run_id, status="FAILED"))
+
+
+def refuse_if_diverged(mlflow_client, run_id: str) -> None:
+    """Raise the recorded :class:`NonFiniteLoss` again when an earlier attempt of this run diverged."""
+    tags = retry(lambda: mlflow_client.get_run(run_id)).data.tags
+    if "diverged_epoch" in tags:
+        epoch, step = int(tags["diverged_epoch"]), int(tags.get("diverged_step", 0))
+        error, note = tags.get("error", "").removeprefix("NonFiniteLoss: "), " (not retried: it would diverge again)"
+        raise NonFiniteLoss(error if error.endswith(note) else error + note, epoch, step, "")
 
 
 def finish_with_model(uri: str, run_id: str, model, name: str = "model") -> str:

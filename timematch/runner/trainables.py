@@ -131,6 +131,7 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     )
     partial = path.with_name(path.stem + ".partial.pt")
     try:
+        tracking.refuse_if_diverged(client, run_id)
         resume_state = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
         if resume_state is not None:
             # The epochs the interrupted attempt trained: logged once. A continued run has
@@ -161,7 +162,7 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
         tracking.finish_with_model(context.tracking_uri, run_id, model.eval())
         tune.report({"source_val_f1": pretrained.source_val_f1, "best_epoch": pretrained.best_epoch, "final": 1.0})
     except Exception as err:
-        tracking.mark_failed(client, run_id, f"{type(err).__name__}: {err}", traceback.format_exc())
+        tracking.mark_failed(client, run_id, err, traceback.format_exc())
         raise
 
 
@@ -192,6 +193,7 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         tune.report(_logged_final(client, run_id, objective.name, resolved["epochs"]))
         return
     try:
+        tracking.refuse_if_diverged(client, run_id)
         checkpoint = tune.get_checkpoint()
         resume_state = None
         if checkpoint is not None:
@@ -223,7 +225,7 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         selection = {name: final[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in final}
         tune.report({**final, **selection, "epoch": last_epoch, "final": 1.0, "mlflow_run_id": run_id})
     except Exception as err:
-        tracking.mark_failed(client, run_id, f"{type(err).__name__}: {err}", traceback.format_exc())
+        tracking.mark_failed(client, run_id, err, traceback.format_exc())
         raise
 
 

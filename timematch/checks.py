@@ -1,0 +1,41 @@
+"""Range and choice checks of config dataclasses: one line naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from timematch.errors import ConfigError
+
+
+def check_range(config: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise :class:`ConfigError` naming ``key`` and its allowed range when out of it."""
+    value = getattr(config, key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not a number; allowed: [{low}, {high}]")
+    default = getattr(type(config), key, None)
+    if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+        raise ConfigError(f"{type(config).__name__}.{key}={value!r} is not an integer; allowed: [{low}, {high}]")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or (isinstance(value, float) and math.isnan(value)):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ConfigError(
+            f"{type(config).__name__}.{key}={value!r} is out of range; allowed: {left}{low}, {high}{right}"
+        )
+
+
+def check_choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, key)
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{type(config).__name__}.{key}={value!r}; valid: {', '.join(choices)}")
+
+
+def check_flag(config: Any, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``key`` is true or false."""
+    value = getattr(config, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{type(config).__name__}.{key}={value!r} must be true or false")
