@@ -116,6 +116,67 @@ def test_driver_killed_during_pretraining_resumes_with_every_epoch_logged_once(r
     assert not [r for r in runs(uri, "kill-pretrain") if r.info.status == "RUNNING"]
 
 
+def _kill_when(argv: list[str], env: dict[str, str], seen_line) -> list[str]:
+    """Run a launch and SIGKILL it at the first line for which ``seen_line`` is true."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    watchdog = threading.Timer(400, process.kill)
+    watchdog.start()
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if seen_line(line):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    return seen
+
+
+def _resume_to_one_clean_record(argv: list[str], env: dict[str, str], tmp_path: Path, experiment: str) -> str:
+    """``--resume`` the killed launch: every planned trial done once, nothing RUNNING, the report whole."""
+    resumed = subprocess.run(argv[:argv.index("--profile")] + ["--resume", "--experiment", experiment,
+                                                               "--results-dir", str(tmp_path / "results")],
+                             capture_output=True, text=True, env=env, timeout=600)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming launch" in out and "adaptation: 1 done" in out and "| timematch |" in out, out[-3000:]
+    assert (tmp_path / "results" / experiment / "report.md").is_file()
+    uri = uri_of(tmp_path)
+    by_stage = {stage: runs(uri, experiment, stage) for stage in ("launch", "pretrain", "adapt")}
+    assert [len(by_stage[s]) for s in ("launch", "pretrain", "adapt")] == [1, 1, 1], by_stage
+    assert all(r.info.status == "FINISHED" for group in by_stage.values() for r in group)
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(by_stage["adapt"][0].info.run_id, "train_loss")]
+    assert sorted(steps) == sorted(set(steps)), f"an epoch logged twice: {steps}"
+    return out
+
+
+def test_driver_killed_while_it_generates_the_embedded_data_resumes(ray_address, tmp_path):
+    """No --data-root: the launch generates the embedded dataset into a fresh cache and is killed
+    part-way; --resume regenerates it (the half-written one is never used) and runs the sweep."""
+    argv = launch_argv(ray_address, None, tmp_path, "kill-generate")
+    env = env_with(tmp_path / "cache")
+    seen = _kill_when(argv, env, lambda line: "generating the embedded synthetic dataset" in line)
+    assert not runs(uri_of(tmp_path), "kill-generate"), "nothing started before the data was there"
+    assert not list((tmp_path / "cache" / "synthetic").glob("*/.complete.json")), "".join(seen)
+    _resume_to_one_clean_record(argv, env, tmp_path, "kill-generate")
+    assert list((tmp_path / "cache" / "synthetic").glob("*/.complete.json"))
+
+
+def test_driver_killed_during_the_report_resumes_to_a_complete_report(ray_address, data_root, tmp_path):
+    """Killed once every trial is done, as it builds the report: --resume runs nothing again
+    (attempt 1 everywhere), writes the report and ends the launch run FINISHED."""
+    argv = launch_argv(ray_address, data_root, tmp_path, "kill-report")
+    env = env_with(tmp_path / "cache")
+    _kill_when(argv, env, lambda line: line.startswith("adaptation: "))  # the summary, just before the report
+    assert not (tmp_path / "results" / "kill-report" / "report.md").exists()
+    out = _resume_to_one_clean_record(argv, env, tmp_path, "kill-report")
+    assert "start " not in out, "a finished trial ran again"
+    assert all(r.data.tags["attempt"] == "1" for r in runs(uri_of(tmp_path), "kill-report", "adapt"))
+
+
 def test_two_launches_at_once_train_a_source_model_once_on_a_new_sqlite_store(ray_address, data_root, tmp_path):
     env = env_with(tmp_path / "cache")
     assert not (tmp_path / "mlflow").exists()  # a new store: both launches create its schema at once

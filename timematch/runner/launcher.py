@@ -61,7 +61,9 @@ def _open_parent(launch: Launch, experiment_id: str, cluster: Cluster, resources
     return run.info.run_id
 
 
-def _save_launch(launch: Launch, experiment_id: str) -> None:
+def _save_launch(launch: Launch, experiment_id: str | None) -> None:
+    """Record the launch for ``--resume``: first before any work (a launch killed while it
+    generates or packs data resumes too), again once its MLflow parent run exists."""
     launch.directory.mkdir(parents=True, exist_ok=True)
     record = {"launch_id": launch.launch_id, "experiment": launch.plan.experiment, "tracking_uri": launch.tracking_uri,
               "experiment_id": experiment_id, "parent_run_id": launch.parent_run_id,
@@ -99,6 +101,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
     os.environ["MLFLOW_TRACKING_URI"] = launch.tracking_uri
     for name, value in tracking.CLIENT_HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
+    if not launch.resumed:
+        _save_launch(launch, None)
     if plan.synthetic_data:
         from timematch.data.embedded import ensure_embedded_dataset
 
