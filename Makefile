@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 RUN_ARGS ?= --scenario all --method timematch
 PYTEST_ARGS ?=
+# make ui STORE=results/mlflow.db (a path or sqlite:///...; default mlflow/mlflow.db); UI_ARGS: more server.sh options
+STORE ?=
+UI_ARGS ?=
 
 .PHONY: install run test ui bench clean
 
@@ -28,7 +31,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ui: install
-	PATH="$(abspath $(BIN)):$$PATH" bash mlflow/server.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash mlflow/server.sh $(if $(STORE),--store "$(STORE)") $(UI_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/data_loading.py

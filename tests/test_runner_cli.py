@@ -145,7 +145,7 @@ def test_unreachable_tracking_server(capsys, args):
 
 def test_missing_data(capsys, args, data_root, tmp_path):
     code, _, err = run(args + ["--data-root", str(tmp_path / "nowhere")], capsys)
-    assert_one_line_error(code, err, "no such directory")
+    assert_one_line_error(code, err, "no such directory; leave --data-root out to use the embedded synthetic")
     shutil.rmtree(data_root / TILES["AT1"])
     code, _, err = run(args + ["--scenario", "DK-AT1"], capsys)
     assert_one_line_error(code, err, "missing tile(s) austria/33UVP/2017", "tiles found: denmark/32VNH/2017")
@@ -172,7 +172,7 @@ def test_report_of_an_unknown_experiment(capsys, tmp_path):
 
     MlflowClient(uri).create_experiment("other")
     code, _, err = run(["report", "--experiment", "nope", "--tracking-uri", uri], capsys)
-    assert_one_line_error(code, err, "no MLflow experiment 'nope'", "experiments there: other")
+    assert_one_line_error(code, err, "--experiment: no MLflow experiment 'nope'", "experiments there: other")
 
 
 def test_dry_run_prints_the_plan(capsys, args):

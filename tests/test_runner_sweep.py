@@ -76,10 +76,11 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
     adapt = runs_of(uri, "sweep", "adapt")
     assert len(adapt) == 2 * 2 * 2 + 2
     assert len({r.data.tags["trial_key"] for r in adapt}) == len(adapt)
-    finished = [r for r in adapt if r.info.status == "FINISHED"]
-    stopped = [r for r in adapt if r.info.status == "KILLED"]
-    assert len(finished) + len(stopped) == len(adapt)
-    assert all(r.data.tags.get("stopped_early") == "asha" for r in stopped)
+    assert all(r.info.status == "FINISHED" for r in adapt)  # stopped by ASHA is not a failure
+    stopped = [r for r in adapt if r.data.tags.get("stopped_early") == "asha"]
+    finished = [r for r in adapt if r not in stopped]
+    assert all(int(r.data.tags["epochs_run"]) < int(r.data.params["epochs"]) for r in stopped)
+    assert all("test_macro_f1" not in r.data.metrics for r in stopped)
     client = MlflowClient(uri)
     from timematch.methods import config_fields
 
@@ -242,11 +243,10 @@ def test_killed_launch_resumes_without_rerunning_or_losing_anything(ray_address,
     adapt = [r for r in after.values() if r.data.tags.get("stage") == "adapt"]
     assert len({r.data.tags["trial_key"] for r in adapt}) == len(adapt)  # one run per trial
     assert not [r for r in adapt if r.info.status == "RUNNING"]
-    completed = [r for r in adapt if r.info.status == "FINISHED"
-                 or (r.info.status == "KILLED" and r.data.tags.get("stopped_early") == "asha")]
+    completed = [r for r in adapt if r.info.status == "FINISHED"]
     assert len(completed) == 4  # every planned trial (3 searched + the baseline) exactly once
     for run in completed:
-        if run.info.status == "FINISHED":
+        if run.data.tags.get("stopped_early") != "asha":
             assert "test_macro_f1" in run.data.metrics
         if run.data.tags["trial_key"] in finished_before:  # finished before the kill: not run again
             assert run.data.tags["attempt"] == "1"

@@ -148,7 +148,9 @@ class ExperimentResult:
     ``report`` the per-class precision/recall/F1/support; ``confusion`` the confusion
     matrix (rows true, columns predicted, in ``classes`` order); ``shift_scores`` for
     shift-estimating methods: one entry per estimation with ``shifts``, ``scores``,
-    ``estimator`` and ``estimate``.
+    ``estimator`` and ``estimate``; ``normalizer`` the band statistics the model reads its
+    inputs with (:meth:`Normalizer.to_dict`), which prediction needs
+    (:class:`timematch.serving.ParcelPredictor`).
     """
 
     spec: ExperimentSpec
@@ -161,6 +163,7 @@ class ExperimentResult:
     config: dict[str, Any]
     shift_scores: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    normalizer: dict[str, Any] = field(default_factory=dict)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -303,7 +306,7 @@ def run_experiment(
     return ExperimentResult(
         spec=spec, classes=list(source.classes), metrics=metrics, report=test["report"],
         confusion=test["confusion"], history=history, model=model, config=dataclasses.asdict(config),
-        shift_scores=info.get("shift_scores", []), timings=timings,
+        shift_scores=info.get("shift_scores", []), timings=timings, normalizer=target.normalizer.to_dict(),
     )
 
 

@@ -14,6 +14,8 @@ order a launch uses them:
 - :mod:`~timematch.runner.search`: Optuna TPE and ASHA per (scenario, method, fold) group
   inside one Tuner;
 - :mod:`~timematch.runner.trainables`: what a trial runs, in a Ray worker;
+- :mod:`~timematch.runner.serving`: a trial's model as a self-contained MLflow pyfunc
+  classifier of raw parcels;
 - :mod:`~timematch.runner.progress`: terminal progress and run bookkeeping on the driver;
 - :mod:`~timematch.runner.reporting`: the results table from MLflow.
 """

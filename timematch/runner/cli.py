@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import secrets
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from timematch.errors import ConfigError, TimeMatchError
 from timematch.runner.launch_state import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, Launch  # noqa: F401
 
 TILE_MARKER = "meta/metadata.pkl"
+MAX_SEED = 999_999  # Optuna seeds each group's sampler with seed * 1000 + group, below numpy's 2**32
+LAUNCH_ID = re.compile(r"[A-Za-z0-9_.-]+")  # launch ids are YYYYmmdd-HHMMSS-xxxx; 'all' fits too
 
 DESCRIPTION = """\
 Run TimeMatch experiments: train the source models, search each method's hyper-parameters
@@ -34,36 +39,84 @@ and print the paper-style table.
   python launch.py report [--experiment NAME]        # the table of an experiment, from MLflow
 """
 
+EPILOG = f"""\
+subcommands:
+  report  the paper-style table of an experiment, from MLflow (its options: python launch.py report --help)
+          python launch.py report --experiment timematch-quick --launch all
+
+exit codes:
+  {EXIT_OK:<4} done (with --dry-run: everything named is valid and the plan is printed)
+  {EXIT_TRIALS_FAILED:<4} the launch finished but some trials failed (tagged in MLflow); also a crash, with a traceback
+  {EXIT_USAGE:<4} bad input, checked before anything runs: an option, a --set, a profile or search-space file,
+       the data root, the Ray address, the tracking store; or a dataset or disk found unusable later.
+       One line on stderr says what is wrong, where it came from and what is valid
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C); continue with --resume
+"""
+
 
 def _number_or_auto(text: str) -> float | str:
+    """An argparse type: ``auto`` or a finite number >= 0."""
     if text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', got {text!r}")
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (``high`` None: no upper bound)."""
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value: int | None = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _name(text: str) -> str:
+    """An argparse type: a non-empty name on one line (an MLflow experiment)."""
+    if not text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a non-empty name on one line, got {text!r}")
+    return text
+
+
+def _launch_id(text: str) -> str:
+    if not LAUNCH_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected a launch id (results/<experiment>/launches/, e.g. 20260102-030405-ab12) or 'all', got {text!r}"
+        )
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit code 2, like every other bad input
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+@contextmanager
+def _named(option: str) -> Iterator[None]:
+    """A :class:`ConfigError` raised while reading ``option`` names it, unless it names an option already."""
+    try:
+        yield
+    except ConfigError as err:
+        if str(err).startswith("--"):
+            raise
+        raise ConfigError(f"{option}: {err}") from None
 
 
 def launch_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="launch.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="launch.py", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to run")
     what.add_argument("--scenario", default="all", help=(
         "'all' (the five paper scenarios of experiments/scenarios.yaml: DK-FR1, DK-FR2, DK-AT1, FR1-DK, FR1-FR2), "
@@ -77,7 +130,7 @@ def launch_parser() -> argparse.ArgumentParser:
         "3 folds), 'smoke' (tiny, for tests) (default: quick)"))
     what.add_argument("--folds", help=(
         "number of folds N (folds 0..N-1) or a comma list like 0,2 (default: the profile's)"))
-    what.add_argument("--trials", type=_count, help=(
+    what.add_argument("--trials", type=_integer(0), help=(
         "Optuna trials per scenario x method x fold; the first is the defaults; 0 = defaults only "
         "(default: the profile's)"))
     what.add_argument("--no-search", action="store_true", help="published/profile defaults only (same as --trials 0)")
@@ -88,7 +141,8 @@ def launch_parser() -> argparse.ArgumentParser:
         "trial selection metric: target_val_f1 (macro F1 on the target validation split; uses target "
         "labels, runs are tagged so), source_val_f1 or target_im_score (no target labels) "
         "(default: target_val_f1)"))
-    what.add_argument("--seed", type=int, default=0, help="training and sampler seed (default: 0)")
+    what.add_argument("--seed", type=_integer(0, MAX_SEED), default=0, help=(
+        f"training and sampler seed, 0..{MAX_SEED} (default: 0)"))
     what.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=(
         "override one profile entry, e.g. --set methods.timematch.epochs=5 --set data.min_parcels=20 "
         "(repeatable)"))
@@ -108,7 +162,8 @@ def launch_parser() -> argparse.ArgumentParser:
     where.add_argument("--tracking-uri", help=(
         "MLflow tracking URI, e.g. http://127.0.0.1:5000 (bash mlflow/server.sh) (default: "
         "$MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow/mlflow.db)"))
-    where.add_argument("--experiment", help="MLflow experiment (one per launch name) (default: timematch-<profile>)")
+    where.add_argument("--experiment", type=_name, help=(
+        "MLflow experiment (one per launch name) (default: timematch-<profile>)"))
     where.add_argument("--results-dir", help=(
         "Tune state (trial checkpoints, --resume) and reports: <dir>/<experiment>/; on a cluster of several "
         "machines it must be storage every node mounts (default: $TIMEMATCH_RESULTS, else <repo>/results)"))
@@ -124,12 +179,14 @@ def launch_parser() -> argparse.ArgumentParser:
 def report_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launch.py report", description=(
         "Print and write the paper-style table of an experiment from MLflow: rows methods, columns "
-        "scenarios + average, test macro F1 mean ± std over folds of the best trial per fold by the objective."))
-    parser.add_argument("--experiment", help="MLflow experiment (default: the most recently updated one)")
+        "scenarios + average, test macro F1 mean ± std over folds of the best trial per fold by the objective."),
+        epilog=f"exit codes: {EXIT_OK} written, {EXIT_USAGE} bad input (one line on stderr), "
+               f"{EXIT_INTERRUPTED} interrupted")
+    parser.add_argument("--experiment", type=_name, help="MLflow experiment (default: the most recently updated one)")
     parser.add_argument("--tracking-uri", help=(
         "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local SQLite store)"))
     parser.add_argument("--objective", help="selection metric (default: the one the launch used)")
-    parser.add_argument("--launch", help=(
+    parser.add_argument("--launch", type=_launch_id, help=(
         "the launch to tabulate: its id (printed at its start; results/<experiment>/launches/) or 'all' to pool "
         "every launch of the experiment, which makes each cell a best-of-all-their-trials (default: the latest)"))
     parser.add_argument("--results-dir", help=(
@@ -169,7 +226,16 @@ def _results_dir(args: argparse.Namespace, root: Path) -> Path:
     """``--results-dir``, else ``$TIMEMATCH_RESULTS`` (set on every node of the k8s/ clusters to a
     shared volume), else ``<repo>/results``."""
     chosen = args.results_dir or os.environ.get("TIMEMATCH_RESULTS")
-    return Path(chosen).expanduser().resolve() if chosen else root / "results"
+    if not chosen:
+        return root / "results"
+    path = Path(chosen).expanduser().resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        source = "--results-dir" if args.results_dir else "$TIMEMATCH_RESULTS"
+        raise ConfigError(
+            f"{source} {chosen}: {existing} is not a writable directory; pass a directory you can write to"
+        )
+    return path
 
 
 def _tracking_uri(args: argparse.Namespace, root: Path) -> str:
@@ -187,8 +253,8 @@ def resolve_data_root(data_root: str | None, remote: bool = False) -> tuple[Path
     if chosen:
         path = Path(chosen).expanduser().resolve()
         if not path.is_dir() and not remote:
-            source = "--data-root" if data_root else "$TIMEMATCH_DATA"
-            raise ConfigError(f"{source} {chosen}: no such directory")
+            source, fix = ("--data-root", "leave --data-root out") if data_root else ("$TIMEMATCH_DATA", "unset it")
+            raise ConfigError(f"{source} {chosen}: no such directory; {fix} to use the embedded synthetic dataset")
         return path, False
     from timematch.data.embedded import embedded_root
 
@@ -213,10 +279,14 @@ def plan_launch(args: argparse.Namespace, root: Path) -> Any:
     from timematch.runner.profiles import load_profile
     from timematch.runner.scenarios import load_scenarios, parse_scenarios
 
-    scenarios = parse_scenarios(args.scenario, load_scenarios(root / "experiments" / "scenarios.yaml"))
-    methods = parse_methods(args.method)
+    known = load_scenarios(root / "experiments" / "scenarios.yaml")
+    with _named("--scenario"):
+        scenarios = parse_scenarios(args.scenario, known)
+    with _named("--method"):
+        methods = parse_methods(args.method)
     profile = load_profile(root / "experiments" / "profiles", args.profile, args.set)
-    get_objective(args.objective)
+    with _named("--objective"):
+        get_objective(args.objective)
     trials = 0 if args.no_search else (args.trials if args.trials is not None else profile.trials)
     folds = parse_folds(args.folds, profile, profile.data_config().n_folds)
     remote = str(args.address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://")
@@ -310,21 +380,22 @@ def launch_command(args: argparse.Namespace, root: Path) -> int:
 
 
 def report_command(args: argparse.Namespace, root: Path) -> int:
-    from timematch.runner.reporting import build_report
+    from timematch.runner.plan import get_objective
+    from timematch.runner.reporting import build_report, experiment_id
     from timematch.runner.resources import quiet_logs, set_environment
     from timematch.runner.tracking import check_tracking, client, default_tracking_uri, sqlite_path
 
     set_environment()
     quiet_logs(verbose=False)
+    if args.objective is not None:
+        with _named("--objective"):
+            get_objective(args.objective)
+    results = _results_dir(args, root)
     uri = args.tracking_uri or default_tracking_uri(root)
     check_tracking(uri)
     store = sqlite_path(uri)
     if store is not None and not store.is_file():
         raise ConfigError(f"no MLflow store at {store} (tracking URI {uri}); run a launch first or pass --tracking-uri")
-    if args.objective is not None:
-        from timematch.runner.plan import get_objective
-
-        get_objective(args.objective)
     experiment = args.experiment
     if experiment is None:
         experiments = [e for e in client(uri).search_experiments(order_by=["last_update_time DESC"])
@@ -332,7 +403,9 @@ def report_command(args: argparse.Namespace, root: Path) -> int:
         if not experiments:
             raise ConfigError(f"no experiment in {uri} yet; run a launch first")
         experiment = experiments[0].name
-    results = _results_dir(args, root)
+    else:
+        with _named("--experiment"):
+            experiment_id(uri, experiment)
     report = build_report(uri, experiment, results, args.objective, launch_id=args.launch)
     print(f"{experiment} ({report.runs} finished trials)\n")
     print(report.markdown)

@@ -47,6 +47,8 @@ def _open_parent(launch: Launch, experiment_id: str, cluster: Cluster, resources
     if launch.parent_run_id:
         tracking.retry(lambda: client.update_run(launch.parent_run_id, status="RUNNING"))
         tracking.retry(lambda: client.set_tag(launch.parent_run_id, "resumed", "true"))
+        if "interrupted" in tracking.retry(lambda: client.get_run(launch.parent_run_id)).data.tags:
+            tracking.retry(lambda: client.delete_tag(launch.parent_run_id, "interrupted"))
         return launch.parent_run_id
     plan = launch.plan
     objective = get_objective(plan.objective)
@@ -92,7 +94,7 @@ def _run_stages(plan: LaunchPlan, context, resources, storage: Path, resumed: bo
 
 
 def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, Any, Any]) -> int:
-    from timematch.runner.reporting import NoFinishedTrial, build_report
+    from timematch.runner.reporting import NoFinishedTrial, build_report, register_best_models
     from timematch.runner.trainables import TrialContext
 
     plan = launch.plan
@@ -144,19 +146,26 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
             report = build_report(launch.tracking_uri, plan.experiment, launch.directory.parent.parent.parent,
                                   plan.objective, launch_id=launch.launch_id)
             _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}")
+            registered = register_best_models(launch.tracking_uri, plan.experiment, report, plan.objective,
+                                              launch.launch_id)
+            if registered:
+                _say(f"registered (alias 'best', by {plan.objective}): {', '.join(registered)}")
         except NoFinishedTrial as err:  # only this case has no table; any other error surfaces
             _say(f"\nno report: {err}")
-        for key, value in (("trials_done", sum(len(s.done) for s in summaries[1:])),
-                           ("trials_stopped_early", sum(len(s.stopped) for s in summaries)),
-                           ("trials_failed", failed)):
+        counts = {"trials_done": sum(len(s.done) for s in summaries[1:]),
+                  "trials_stopped_early": sum(len(s.stopped) for s in summaries),
+                  "trials_failed": failed}
+        for key, value in counts.items():
             tracking.retry(lambda k=key, v=value: client.set_tag(launch.parent_run_id, k, str(v)))
+        tracking.log_metrics(client, launch.parent_run_id, counts, step=tracking.FINAL_STEP)
         tracking.retry(lambda: client.set_terminated(launch.parent_run_id, status="FINISHED"))
         _say(f"MLflow: {launch.tracking_uri}, experiment {plan.experiment!r}, launch run {launch.parent_run_id}")
+        _say(f"in the UI: {tracking.ui_address(launch.tracking_uri, experiment_id, launch.parent_run_id)}")
         return EXIT_TRIALS_FAILED if failed else EXIT_OK
     except KeyboardInterrupt:
         if launch.parent_run_id:
-            client = tracking.client(launch.tracking_uri)
-            tracking.retry(lambda: client.set_terminated(launch.parent_run_id, status="KILLED"))
+            tracking.mark_interrupted(tracking.client(launch.tracking_uri), experiment_id, launch.launch_id,
+                                      launch.parent_run_id)
         raise KeyboardInterrupt(f"continue with: python launch.py --resume --experiment {plan.experiment}") from None
     finally:
         disconnect(cluster)

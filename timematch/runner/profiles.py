@@ -9,12 +9,14 @@ resources and retries. ``--set section.key=value`` on the command line changes o
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from timematch.checks import check_flags
 from timematch.data.dataset import DataConfig
 from timematch.errors import ConfigError
 from timematch.methods import build_config, get_method, method_names, source_model_method
@@ -52,19 +54,26 @@ def profile_names(directory: Path) -> list[str]:
 
 def load_profile(directory: Path, name: str, sets: list[str] | tuple[str, ...] = ()) -> Profile:
     """Read, override (``sets``: ``section.key=value``) and validate profile ``name``."""
+    names = profile_names(directory)
+    if name not in names:  # a name, not a path: experiments/profiles/<name>.yaml
+        raise ConfigError(f"--profile: unknown profile {name!r}; valid profiles: {', '.join(names) or 'none'}")
     path = Path(directory) / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown profile {name!r}; valid profiles: {', '.join(profile_names(directory))}")
+    where = f"profile file {path}"
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{where}: not valid YAML ({err})") from None
     if not isinstance(document, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    profile = validate_profile(document, name, str(path))  # the file alone: its errors name the file
+        raise ConfigError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
+    profile = validate_profile(document, name, where)  # the file alone: its errors name the file
     for count, item in enumerate(sets, start=1):  # each --set in turn: its errors name the --set
-        profile = validate_profile(apply_sets(document, sets[:count]), name, f"--set {item if item.isprintable() else repr(item)}")
+        profile = validate_profile(apply_sets(document, sets[:count]), name, _set_label(item))
     return profile
+
+
+def _set_label(item: str) -> str:
+    """Where an override came from, as errors name it: ``--set KEY=VALUE`` (quoted if unprintable)."""
+    return f"--set {item if item.isprintable() else repr(item)}"
 
 
 def apply_sets(document: dict[str, Any], sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -74,9 +83,9 @@ def apply_sets(document: dict[str, Any], sets: list[str] | tuple[str, ...]) -> d
         dotted, sep, raw = item.partition("=")
         keys = [k for k in dotted.strip().split(".") if k]
         if not sep or not keys:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. methods.timematch.epochs=5")
+            raise ConfigError(f"{_set_label(item)}: expected SECTION.KEY=VALUE, e.g. methods.timematch.epochs=5")
         if keys[0] not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: unknown profile section {keys[0]!r}; valid: {', '.join(SECTIONS)}")
+            raise ConfigError(f"{_set_label(item)}: unknown profile section {keys[0]!r}; valid: {', '.join(SECTIONS)}")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -87,7 +96,7 @@ def apply_sets(document: dict[str, Any], sets: list[str] | tuple[str, ...]) -> d
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {key!r} is not a section")
+                raise ConfigError(f"{_set_label(item)}: {key!r} is not a section")
             node = child
         node[keys[-1]] = value
     return document
@@ -109,7 +118,7 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
         raise ConfigError(f"{where}: folds={folds} but the data has n_folds={data_config.n_folds}")
     pretrain = _mapping(document.get("pretrain"), "pretrain", where)
     try:
-        build_config(source_model_method().name, pretrain)
+        check_flags(build_config(source_model_method().name, pretrain))
     except ConfigError as err:
         raise ConfigError(f"{where}: pretrain: {err}") from None
     methods = _mapping(document.get("methods"), "methods", where)
@@ -124,26 +133,35 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
             )
         values = _mapping(overrides, f"methods.{method}", where)
         try:
-            build_config(method, values)
+            check_flags(build_config(method, values))
         except ConfigError as err:
             raise ConfigError(f"{where}: methods.{method}: {err}") from None
     scheduler = _mapping(document.get("scheduler"), "scheduler", where)
     _only(scheduler, SCHEDULER_KEYS, "scheduler", where)
     _count(scheduler.get("grace_period", 1), "scheduler.grace_period", where, minimum=1)
     reduction = scheduler.get("reduction_factor", 2)
-    if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or reduction <= 1:
+    if not _finite(reduction) or reduction <= 1:
         raise ConfigError(f"{where}: scheduler.reduction_factor={reduction!r} must be a number > 1")
     resources = _mapping(document.get("resources"), "resources", where)
     _only(resources, RESOURCE_KEYS, "resources", where)
-    for key in RESOURCE_KEYS:
+    for key in ("cpus_per_trial", "gpus_per_trial"):
         value = resources.get(key, "auto")
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        if value != "auto" and (not _finite(value) or value < 0):
             raise ConfigError(f"{where}: resources.{key}={value!r} must be 'auto' or a number >= 0")
+    concurrent = resources.get("max_concurrent_per_group", "auto")
+    if concurrent != "auto" and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
+        raise ConfigError(
+            f"{where}: resources.max_concurrent_per_group={concurrent!r} must be 'auto' or an integer >= 1"
+        )
     return Profile(
         name=name, description=str(document.get("description", "")), folds=folds, trials=trials,
         data=data, pretrain=pretrain, methods={m: dict(o or {}) for m, o in methods.items()},
         scheduler=scheduler, resources=resources, retries=retries,
     )
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _count(value: Any, key: str, where: str, minimum: int) -> int:

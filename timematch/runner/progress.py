@@ -5,7 +5,8 @@ is stopped early or fails, the best trial so far of each group, and every
 ``status_every_s`` seconds a count of running, finished and failed trials.
 
 :class:`RunStatusCallback` closes the MLflow runs that a trial could not close itself: a
-trial stopped by ASHA (ended as KILLED, tagged ``stopped_early=asha``) or one that died
+trial stopped by ASHA (ended as FINISHED: it did what the scheduler asked, tagged
+``stopped_early=asha`` and ``epochs_run``; the report leaves it out, as it has no test metrics) or one that died
 (ended as FAILED with its error, also when it failed before it could open its run).
 
 Both are pickled with the Tuner (``Tuner.restore`` brings them back), so they hold no
@@ -180,8 +181,12 @@ class RunStatusCallback(Callback):
         client = tracking.client(self.tracking_uri)
         run = tracking.find_run(client, self.experiment_id, self._key_tags(trial), ("RUNNING",))
         if run is not None:  # the trial reported and was stopped before it finished
-            tracking.retry(lambda: client.set_tag(run.info.run_id, "stopped_early", "asha"))
-            tracking.retry(lambda: client.set_terminated(run.info.run_id, status="KILLED"))
+            from mlflow.entities import RunTag
+
+            epochs = (trial.last_result or {}).get("epoch", "?")
+            stopped = [RunTag("stopped_early", "asha"), RunTag("epochs_run", str(epochs))]
+            tracking.retry(lambda: client.log_batch(run.info.run_id, tags=stopped))
+            tracking.retry(lambda: client.set_terminated(run.info.run_id, status="FINISHED"))
 
     @_never_raise
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from timematch.errors import ConfigError
-from timematch.report import ResultTable, plot_methods, summarize
+from timematch.report import AVERAGE, ResultTable, best_trials, plot_methods, summarize
 from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, get_objective
 
@@ -29,6 +29,8 @@ class Report:
     markdown: str
     files: list[Path]
     runs: int
+    rows: list[dict[str, Any]]
+    launch_run_id: str | None = None
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -80,7 +82,8 @@ def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[di
             if "test_macro_f1" not in metrics:
                 continue
             row = {"scenario": tags.get("scenario"), "method": tags.get("method"), "fold": int(tags.get("fold", 0)),
-                   "trial": tags.get("trial_key", run.info.run_id), "run_id": run.info.run_id}
+                   "trial": tags.get("trial_key", run.info.run_id), "run_id": run.info.run_id,
+                   "model_uri": tags.get("classifier_uri") or tags.get("model_uri")}
             row.update({k: v for k, v in metrics.items() if k.startswith("test_")})
             row.update({name: metrics[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in metrics})
             rows.append(row)
@@ -135,7 +138,46 @@ def build_report(uri: str, experiment: str, results_dir: Path, objective: str | 
         client = tracking.client(uri)
         for path in files:
             tracking.retry(lambda p=path: client.log_artifact(launch.info.run_id, str(p), "report"))
-    return Report(table, markdown, files, len(rows))
+        tracking.log_metrics(client, launch.info.run_id, report_metrics(table, len(rows)), step=tracking.FINAL_STEP)
+    return Report(table, markdown, files, len(rows), rows, launch.info.run_id if launch is not None else None)
+
+
+def report_metrics(table: ResultTable, n_rows: int) -> dict[str, float]:
+    """The report's numbers as metrics of the launch run, so launches compare like trials do:
+    ``avg_<metric>/<method>``, ``<metric>/<scenario>/<method>`` (x100, as in the table) and
+    ``report_trials`` (the finished trials it selected from)."""
+    metrics: dict[str, float] = {"report_trials": float(n_rows)}
+    for method in table.methods:
+        for column in table.columns:
+            value = table.value(method, column)
+            if value.n:
+                name = f"avg_{table.metric}/{method}" if column == AVERAGE else f"{table.metric}/{column}/{method}"
+                metrics[name] = 100.0 * value.mean
+    return metrics
+
+
+def register_best_models(uri: str, experiment: str, report: Report, objective: str, launch_id: str) -> list[str]:
+    """Register, per (scenario, method), the model of the best trial by ``objective`` in the
+    Model Registry as ``<experiment>.<scenario>.<method>``, alias ``best`` pointing at it.
+
+    ``objective`` is the launch's selection rule (never the test split); reference methods
+    (the upper bound) are registered too, tagged as such. Returns the names registered.
+    """
+    client = tracking.client(uri)
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in best_trials(report.rows, objective):
+        key = (str(row["scenario"]), str(row["method"]))
+        if row.get("model_uri") and (key not in best or row[objective] > best[key][objective]):
+            best[key] = row
+    names = []
+    for (scenario, method), row in sorted(best.items()):
+        name = f"{_safe(experiment)}.{scenario}.{method}"
+        tags = {"objective": objective, objective: f"{row[objective]:.4f}", "fold": str(row["fold"]),
+                "launch_id": launch_id, "trial_key": str(row["trial"]),
+                "description": f"{method} adapted for {scenario}; the best trial of launch {launch_id} by {objective}"}
+        tracking.register_best(client, name, str(row["model_uri"]), str(row["run_id"]), tags)
+        names.append(name)
+    return names
 
 
 def _safe(name: str) -> str:

@@ -21,6 +21,7 @@ directory to resume and one stream of progress.
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -29,6 +30,20 @@ from ray.tune.search.optuna import OptunaSearch
 
 from timematch.runner.plan import LaunchPlan, TrialGroup
 from timematch.runner.search_space import to_optuna
+
+
+def optuna_storage(path: Path):
+    """The persistent Optuna storage of an experiment's searches (SQLite at ``path``): one study
+    per (launch, group), named ``<launch id> <group>``, which ``optuna-dashboard sqlite:///PATH``
+    opens. Created under a lock: two launches may start at once on one results folder."""
+    import optuna
+
+    from timematch.locks import cache_lock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(path):
+        return optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
 
 
 class _FixedConfig(Searcher):
@@ -44,17 +59,21 @@ class _FixedConfig(Searcher):
 class GroupedSearch(Searcher):
     """Trials of every group of a plan; each config is ``{"group": id, "params": {...}}``."""
 
-    def __init__(self, plan: LaunchPlan, max_concurrent_per_group: int, seed: int = 0) -> None:
+    def __init__(self, plan: LaunchPlan, max_concurrent_per_group: int, seed: int = 0,
+                 optuna_db: Path | None = None, launch_id: str = "") -> None:
         super().__init__(metric=plan.objective, mode="max")
         self._order = [g.id for g in plan.groups]
         self._remaining = {g.id: g.trials for g in plan.groups}
         self._searchers: dict[str, Searcher] = {}
+        storage = optuna_storage(optuna_db) if optuna_db is not None else None
         for index, group in enumerate(plan.groups):
-            self._searchers[group.id] = self._make(plan, group, index, seed, max_concurrent_per_group)
+            study = f"{launch_id} {group.id}".strip()
+            self._searchers[group.id] = self._make(plan, group, index, seed, max_concurrent_per_group, storage, study)
         self._owner: dict[str, str] = {}
 
     @staticmethod
-    def _make(plan: LaunchPlan, group: TrialGroup, index: int, seed: int, max_concurrent: int) -> Searcher:
+    def _make(plan: LaunchPlan, group: TrialGroup, index: int, seed: int, max_concurrent: int,
+              storage: Any = None, study: str | None = None) -> Searcher:
         if not group.searched:
             return _FixedConfig()
         import optuna
@@ -64,6 +83,7 @@ class GroupedSearch(Searcher):
             space=to_optuna(group.space), metric=plan.objective, mode="max",
             sampler=optuna.samplers.TPESampler(seed=seed * 1000 + index),
             points_to_evaluate=[default] if default else None,
+            storage=storage, study_name=study if storage is not None else None,
         )
         return ConcurrencyLimiter(searcher, max_concurrent=max(1, min(max_concurrent, group.trials)))
 

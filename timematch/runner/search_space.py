@@ -20,6 +20,7 @@ from typing import Any
 import optuna.distributions as od
 import yaml
 
+from timematch.checks import check_flags
 from timematch.errors import ConfigError
 from timematch.methods import build_config, config_fields
 
@@ -35,17 +36,18 @@ def space_path(directory: Path, method: str) -> Path:
 def load_space(directory: Path, method: str) -> dict[str, dict[str, Any]]:
     """The validated search space of ``method`` as plain dicts (JSON-serialisable)."""
     path = space_path(directory, method)
+    where = f"search-space file {path}"
     if not path.is_file():
         have = sorted(p.stem for p in Path(directory).glob("*.yaml"))
         raise ConfigError(
-            f"{path}: no search space for method {method!r} (spaces exist for: {', '.join(have) or 'none'}); "
-            "write one or run it with --no-search"
+            f"{where}: not found; no search space for method {method!r} (spaces exist for: "
+            f"{', '.join(have) or 'none'}); write one or run it with --no-search"
         )
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return validate_space(document, method, str(path))
+        raise ConfigError(f"{where}: not valid YAML ({err})") from None
+    return validate_space(document, method, where)
 
 
 def validate_space(document: Any, method: str, where: str = "search space") -> dict[str, dict[str, Any]]:
@@ -112,7 +114,7 @@ def _validate_one(spec: Any, key: str, default: Any, method: str, where: str) ->
 def _check_value(method: str, key: str, value: Any, where: str) -> None:
     """The method's own config must accept every value the space can produce (checked at the ends)."""
     try:
-        build_config(method, {key: value})
+        check_flags(build_config(method, {key: value}))
     except ConfigError as err:
         raise ConfigError(f"{where}: value {value!r} is rejected by the method's config ({err})") from None
     except TypeError as err:

@@ -26,6 +26,8 @@ from timematch.runner.search import GroupedASHA, GroupedSearch
 from timematch.runner.trainables import TrialContext, adapt_trial, pretrain_trial
 
 ADAPT_DIR = "adapt"
+#: results/<experiment>/optuna.db: the Optuna studies of every launch of the experiment
+OPTUNA_DB = "optuna.db"
 
 
 @dataclass
@@ -142,7 +144,9 @@ def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialRes
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=GroupedSearch(plan, resources.max_concurrent_per_group, seed=plan.seed),
+                search_alg=GroupedSearch(plan, resources.max_concurrent_per_group, seed=plan.seed,
+                                         optuna_db=storage.parent.parent.parent / OPTUNA_DB,
+                                         launch_id=context.launch_id),
                 scheduler=GroupedASHA(plan, int(scheduler.get("grace_period", 1)),
                                       float(scheduler.get("reduction_factor", 2))),
                 # a worker process serves several trials in turn: it saves each trial the start of a

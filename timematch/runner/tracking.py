@@ -4,10 +4,16 @@
 - one child run per trial (``stage=adapt``) and per source-model training
   (``stage=pretrain``), tagged ``stage, scenario, source, target, method, fold, objective``
   (+ ``selection_uses_target_labels``, ``launch_id``, ``group``, ``trial_key``);
+- run names ``<scenario> <method> f<fold> <trial>`` (``pretrain <tile> f<fold>``): the
+  start of a truncated column still tells runs apart;
 - params: the full resolved method config; metrics per epoch (step = epoch), then the
-  final selection metrics (``final_<name>``) and the target test metrics; artifacts: the
-  model (``mlflow.pytorch.load_model``), confusion-matrix and shift-score plots, the
-  per-class report (JSON and CSV).
+  final selection metrics (``final_<name>``), the target test metrics and timings once, at
+  :data:`FINAL_STEP` for every method (MLflow's chart view shows them as bars per run);
+  pretraining runs log source metrics only; the launch run logs the report's numbers;
+- a trial stopped by ASHA is FINISHED, tagged ``stopped_early=asha`` and ``epochs_run``;
+- artifacts: the model (``mlflow.pytorch.load_model``) and a self-contained parcel
+  classifier (``mlflow.pyfunc``), confusion-matrix and shift-score plots, the per-class
+  report (JSON and CSV); the data as a dataset input; system metrics.
 
 Runs are addressed by explicit ids through :class:`mlflow.MlflowClient` (trial processes
 never depend on a global active run), and found again by tag, so a retried or resumed
@@ -29,6 +35,9 @@ from urllib.parse import urlparse
 from timematch.errors import ConfigError, NonFiniteLoss, TimeMatchError
 
 CHECK_TIMEOUT_S = 3.0
+#: The step of every metric logged once per run (final, selection, test, timings, a launch's
+#: report): one x for every method, whatever its number of epochs.
+FINAL_STEP = 0
 #: Requirements written with logged models: writing them skips MLflow's slow inference.
 PIP_REQUIREMENTS = ["torch", "numpy", "timematch"]
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -85,6 +94,11 @@ def check_tracking(uri: str) -> None:
         raise ConfigError(
             f"--tracking-uri {uri}: MLflow 3 no longer writes plain file stores; use "
             "sqlite:////abs/path/mlflow.db or an http(s):// tracking server"
+        )
+    elif not scheme.startswith(("postgresql", "mysql", "mssql", "databricks")):
+        raise ConfigError(
+            f"--tracking-uri {uri}: unknown scheme {scheme!r}; use sqlite:////abs/path/mlflow.db, an http(s):// "
+            "tracking server or a database URI (postgresql://...)"
         )
 
 
@@ -378,6 +392,84 @@ def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuse
     return next((run for run in runs if not statuses or run.info.status in statuses), None)
 
 
+def trial_run_name(scenario: str, method: str, fold: int, trial_id: str) -> str:
+    return f"{scenario} {method} f{fold} {trial_id}"
+
+
+def pretrain_run_name(tile: str, fold: int) -> str:
+    return f"pretrain {tile} f{fold}"
+
+
+def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where a researcher sees the experiment (or one run) in MLflow's UI: the server's own
+    page, or, for a SQLite store, the page ``make ui STORE=...`` serves."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"{uri.rstrip('/')}/{page}"
+    path = sqlite_path(uri)
+    return f"http://127.0.0.1:5000/{page} (start the UI with: make ui STORE={path or uri})"
+
+
+def log_dataset(mlflow_client, run_id: str, name: str, digest: str, source: Mapping[str, Any],
+                profile: Mapping[str, Any], context: str) -> None:
+    """Record the data a run used as an MLflow dataset input: which tile and split, its sizes
+    and the cache's fingerprint (``digest``), not the pixels."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest[:36], source_type="timematch",
+                      source=json.dumps(dict(source), default=str), profile=json.dumps(dict(profile), default=str))
+    retry(lambda: mlflow_client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]))
+
+
+class SystemMetrics:
+    """MLflow's system metrics (CPU, memory, and GPU utilisation and memory where NVML sees a
+    GPU) of this process's machine, sampled into a run while the ``with`` block runs."""
+
+    def __init__(self, uri: str, run_id: str, every_s: float = 5.0) -> None:
+        self.uri, self.run_id, self.every_s = uri, run_id, every_s
+        self.monitor = None
+
+    def __enter__(self) -> "SystemMetrics":
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.every_s, resume_logging=True,
+                                            tracking_uri=self.uri)
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        monitor = self.monitor
+        if monitor is None:
+            return
+        monitor.finish()
+        try:  # the samples since the last publication (all of them in a run shorter than every_s)
+            tail = monitor.aggregate_metrics()
+            if tail:
+                monitor.publish_metrics(tail)
+                monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - system metrics never fail a trial
+            say(f"[tracking] system metrics of run {self.run_id} not logged: {_short(err)}")
+
+
+def register_best(mlflow_client, name: str, model_uri: str, run_id: str, tags: Mapping[str, str],
+                  alias: str = "best") -> int:
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        retry(lambda: mlflow_client.create_registered_model(name, description=tags.get("description")))
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    version = retry(lambda: mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags)))
+    retry(lambda: mlflow_client.set_registered_model_alias(name, alias, version.version))
+    return int(version.version)
+
+
 def _quote(value: str) -> str:
     return str(value).replace("'", "\\'")
 
@@ -413,6 +505,8 @@ def open_run(mlflow_client, experiment_id: str, key_tags: Mapping[str, str], tag
         retry(lambda: mlflow_client.update_run(run_id, status="RUNNING"))
         if "error" in existing.data.tags and "diverged_epoch" not in existing.data.tags:
             retry(lambda: mlflow_client.delete_tag(run_id, "error"))  # a divergence's stays: it is refused
+        if "interrupted" in existing.data.tags:  # continued now
+            retry(lambda: mlflow_client.delete_tag(run_id, "interrupted"))
         attempt = int(existing.data.tags.get("attempt", "1")) + 1
         fresh = [RunTag(k, str(v)) for k, v in {**(refresh or {}), "attempt": attempt}.items()]
         retry(lambda: mlflow_client.log_batch(run_id, tags=fresh))
@@ -460,6 +554,17 @@ def mark_failed(mlflow_client, run_id: str, err: BaseException | str, traceback_
     retry(lambda: mlflow_client.set_terminated(run_id, status="FAILED"))
 
 
+def mark_interrupted(mlflow_client, experiment_id: str, launch_id: str, parent_run_id: str) -> None:
+    """End the launch run and its RUNNING trial runs as KILLED, tagged ``interrupted=true``
+    (Ctrl-C): ``--resume`` continues each of them in the same run."""
+    found = retry(lambda: mlflow_client.search_runs(
+        [experiment_id], f"tags.launch_id = '{_quote(launch_id)}' and attributes.status = 'RUNNING'",
+        max_results=1000))
+    for run_id in {parent_run_id, *(run.info.run_id for run in found)}:
+        retry(lambda r=run_id: mlflow_client.set_tag(r, "interrupted", "true"))
+        retry(lambda r=run_id: mlflow_client.set_terminated(r, status="KILLED"))
+
+
 def refuse_if_diverged(mlflow_client, run_id: str) -> None:
     """Raise the recorded :class:`NonFiniteLoss` again when an earlier attempt of this run diverged."""
     tags = retry(lambda: mlflow_client.get_run(run_id)).data.tags
@@ -469,23 +574,16 @@ def refuse_if_diverged(mlflow_client, run_id: str) -> None:
         raise NonFiniteLoss(error if error.endswith(note) else error + note, epoch, step, "")
 
 
-def finish_with_model(uri: str, run_id: str, model, name: str = "model") -> str:
-    """Log ``model`` as the run's last artifact and end the run FINISHED; returns the model URI.
+def finish_with_models(uri: str, run_id: str, predictor, input_example: Mapping[str, Any]) -> dict[str, str]:
+    """Log the run's models as its last artifacts and end it FINISHED; returns their URIs.
 
-    Pickle serialisation, so ``mlflow.pytorch.load_model`` returns the module itself
-    (importable from :mod:`timematch`); explicit pip requirements, since inferring them
-    costs seconds per model.
+    ``parcel_classifier`` (:mod:`timematch.runner.serving`): a pyfunc model that predicts
+    class names and probabilities from raw parcels with nothing else on disk (its weights,
+    classes, band statistics and positional settings travel with it, nothing is unpickled);
+    ``pytorch_module``: the module itself (``mlflow.pytorch.load_model``). Explicit pip
+    requirements, since inferring them costs seconds per model.
     """
-    import mlflow
+    from timematch.runner.serving import log_parcel_model
 
-    mlflow.set_tracking_uri(uri)
-
-    def log() -> str:
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):  # its exit marks the run FINISHED
-            info = mlflow.pytorch.log_model(
-                model, name=name, serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
-            )
-            mlflow.set_tag("model_uri", info.model_uri)
-        return info.model_uri
-
-    return retry(log, what="logging the model")
+    return retry(lambda: log_parcel_model(uri, run_id, predictor, dict(input_example),
+                                          pip_requirements=PIP_REQUIREMENTS), what="logging the model")

@@ -30,7 +30,9 @@ from timematch.data.tiles import short_name
 from timematch.experiment import (
     ExperimentResult, PretrainedSource, atomic_torch_save, pretrain_source, run_experiment,
 )
+from timematch.data.dataset import Normalizer
 from timematch.models import build_model
+from timematch.serving import ParcelPredictor, example_input
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, TrialGroup, get_objective, source_model_path
@@ -97,6 +99,29 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _source_only(metrics: dict[str, Any]) -> dict[str, float]:
+    """A pretraining epoch's metrics without the target criteria: its "target" is the source
+    tile itself, so they would fill the target columns with source values."""
+    return {k: v for k, v in _numbers(metrics).items() if not k.startswith("target_")}
+
+
+def _log_data(client, run_id: str, plan: LaunchPlan, tiles: list[tuple[str, str]], fold: int) -> None:
+    """Each tile a run uses as an MLflow dataset input: tile, fold, split sizes, cache fingerprint."""
+    from timematch.data.packed import PackedTile
+    from timematch.data.splits import make_split
+
+    data = plan.data_config()
+    for tile, role in tiles:
+        packed = PackedTile.open(plan.data_root, tile, plan.cache_dir)
+        manifest = json.loads((packed.path / "manifest.json").read_text())
+        split = make_split(len(packed), fold, data.split_seed, packed.tile, data.n_folds)
+        sizes = {part: int(len(split.part(part))) for part in ("train", "val", "test")}
+        tracking.log_dataset(
+            client, run_id, f"{packed.tile} fold{fold}", str(manifest.get("fingerprint", packed.path.name)),
+            {"data_root": plan.data_root, "tile": packed.tile, "cache": str(packed.path)},
+            {"fold": fold, "parcels": len(packed), "dates": packed.n_dates, **sizes}, role)
+
+
 # -- stage 1: source models -------------------------------------------------------------
 
 
@@ -126,12 +151,13 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     )
     run_id, _ = tracking.open_run(
         client, context.experiment_id, tracking.pretrain_run_key(task.key), tags,
-        plan.resolved_pretrain_config(), f"pretrain {task.id}", context.parent_run_id,
-        reuse_finished=False, refresh=_placement_tags(),
+        plan.resolved_pretrain_config(), tracking.pretrain_run_name(short_name(task.source), task.fold),
+        context.parent_run_id, reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
     try:
         tracking.refuse_if_diverged(client, run_id)
+        _log_data(client, run_id, plan, [(task.source, "train")], task.fold)
         resume_state = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
         if resume_state is not None:
             # The epochs the interrupted attempt trained: logged once. A continued run has
@@ -141,25 +167,29 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
             have = tracking.logged_steps(client, run_id, first) if first else set()
             for entry in history:
                 if int(entry["epoch"]) not in have:
-                    tracking.log_metrics(client, run_id, _numbers(entry["metrics"]), step=int(entry["epoch"]))
+                    tracking.log_metrics(client, run_id, _source_only(entry["metrics"]), step=int(entry["epoch"]))
 
         def on_epoch(report, state) -> None:
-            metrics = _numbers(report.metrics)
+            metrics = _source_only(report.metrics)
             tracking.log_metrics(client, run_id, metrics, step=report.epoch)
             atomic_torch_save(state(), partial)
             tune.report({**metrics, "epoch": report.epoch})
 
-        pretrained = pretrain_source(spec, on_epoch, resume_state)
+        with tracking.SystemMetrics(context.tracking_uri, run_id):
+            pretrained = pretrain_source(spec, on_epoch, resume_state)
         pretrained.save(path)
         partial.unlink(missing_ok=True)
         tracking.log_metrics(client, run_id, {"best_epoch": pretrained.best_epoch,
                                               "final_source_val_f1": pretrained.source_val_f1},
-                             step=len(pretrained.history))
+                             step=tracking.FINAL_STEP)
         model = build_model(spec.model, num_classes=len(pretrained.classes))
         model.load_state_dict(pretrained.state_dict)
         described = {"classes": pretrained.classes, "key": pretrained.key}
         tracking.retry(lambda: client.log_dict(run_id, described, "source_model.json"))
-        tracking.finish_with_model(context.tracking_uri, run_id, model.eval())
+        predictor = ParcelPredictor(model.eval(), list(pretrained.classes), Normalizer.from_dict(pretrained.normalizer),
+                                    info={"model": spec.model, "method": "pretrain", "source": spec.source,
+                                          "fold": spec.fold, "key": pretrained.key})
+        tracking.finish_with_models(context.tracking_uri, run_id, predictor, example_input(plan.data_root, spec.source))
         tune.report({"source_val_f1": pretrained.source_val_f1, "best_epoch": pretrained.best_epoch, "final": 1.0})
     except Exception as err:
         tracking.mark_failed(client, run_id, err, traceback.format_exc())
@@ -187,13 +217,16 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     )
     run_id, finished = tracking.open_run(
         client, context.experiment_id, tracking.adapt_run_key(context.launch_id, trial_id), tags, resolved,
-        f"{group.id} {trial_id}", context.parent_run_id, refresh=_placement_tags(),
+        tracking.trial_run_name(group.scenario.name, group.method, group.fold, trial_id), context.parent_run_id,
+        refresh=_placement_tags(),
     )
     if finished:  # completed before an interruption that Tune had not recorded yet
         tune.report(_logged_final(client, run_id, objective.name, resolved["epochs"]))
         return
     try:
         tracking.refuse_if_diverged(client, run_id)
+        _log_data(client, run_id, plan, [(group.scenario.source, "train"), (group.scenario.target, "target")],
+                  group.fold)
         checkpoint = tune.get_checkpoint()
         resume_state = None
         if checkpoint is not None:
@@ -217,11 +250,14 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
                 tune.report({**metrics, "epoch": report.epoch},
                             checkpoint=tune.Checkpoint.from_directory(directory))
 
-        result = run_experiment(plan.spec(group, params), pretrained, on_epoch, resume_state)
+        with tracking.SystemMetrics(context.tracking_uri, run_id):
+            result = run_experiment(plan.spec(group, params), pretrained, on_epoch, resume_state)
         final = final_metrics(result)
-        tracking.log_metrics(client, run_id, {**final, **_numbers(result.timings)}, step=last_epoch)
+        tracking.log_metrics(client, run_id, {**final, **_numbers(result.timings)}, step=tracking.FINAL_STEP)
         _log_artifacts(client, run_id, result, logs)
-        tracking.finish_with_model(context.tracking_uri, run_id, result.model)
+        predictor = ParcelPredictor.from_result(result, trial=trial_id, launch_id=context.launch_id)
+        tracking.finish_with_models(context.tracking_uri, run_id, predictor,
+                                    example_input(plan.data_root, group.scenario.target))
         selection = {name: final[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in final}
         tune.report({**final, **selection, "epoch": last_epoch, "final": 1.0, "mlflow_run_id": run_id})
     except Exception as err:
