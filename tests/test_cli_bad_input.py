@@ -38,6 +38,7 @@ LAUNCH_CASES = [
     ("--objective", ["--objective", "test_macro_f1"], ["unknown objective", "target_val_f1", "target_im_score"]),
     ("--seed", ["--seed", "-1"], ["expected an integer in [0, 999999]"]),
     ("--seed", ["--seed", "1.5"], ["expected an integer in [0, 999999]"]),
+    ("--seeds", ["--seeds", "0"], ["expected an integer in [1, 100]"]),
     ("--set", ["--set", "methods.timematch.lr=abc"], ["'abc' is not a number", "allowed:"]),
     ("--data-root", ["--data-root", "{tmp}/nowhere"], ["no such directory",
                                                        "leave --data-root out to use the embedded synthetic dataset"]),

@@ -68,6 +68,18 @@ def test_final_metrics_sit_at_one_step_for_every_method(sweep):
     assert steps == [1, 2, 3]  # per-epoch metrics stay per epoch
 
 
+def test_every_criterion_is_logged_every_epoch(sweep):
+    from timematch.runner.plan import OBJECTIVES
+
+    _, client, _, runs, _ = sweep
+    timematch = next(r for r in runs["adapt"] if r.data.tags["method"] == "timematch"
+                     and "test_macro_f1" in r.data.metrics)
+    for name in OBJECTIVES:
+        steps = [m.step for m in client.get_metric_history(timematch.info.run_id, name)]
+        assert sorted(steps) == [1, 2, 3], name
+        assert f"final_{name}" in timematch.data.metrics
+
+
 def test_pretraining_logs_source_metrics_only(sweep):
     _, _, _, runs, _ = sweep
     (pretrain,) = runs["pretrain"]
@@ -90,7 +102,12 @@ def test_the_launch_run_carries_the_report_numbers(sweep):
         assert metrics[f"test_macro_f1/DK-FR1/{method}"] == metrics[f"avg_test_macro_f1/{method}"]
     assert metrics["report_trials"] == len(finished)
     assert metrics["trials_failed"] == 0 and metrics["trials_done"] + metrics["trials_stopped_early"] == 4
-    assert (tmp / "results" / "record" / "report.md").is_file()
+    report = (tmp / "results" / "record" / "report.md").read_text()
+    gap = report[report.index("Selection gap"):]
+    header = next(line for line in gap.splitlines() if line.startswith("| Method |"))
+    for criterion in ("target_val_f1 (oracle)", "source_val_f1", "target_im_score", "target_entropy", "dev", "snd",
+                      "few_shot_target_f1", "best possible (reference)"):
+        assert criterion in header, header
 
 
 def test_every_run_records_its_data_and_system_metrics(sweep):

@@ -138,3 +138,54 @@ def test_reference_rows_are_never_best_and_the_selection_counts_are_stated():
            "timematch 1 x 1." in markdown
     assert "Reference rows (source_only) are never marked best." in markdown
     assert table.trials_per_fold[("dann", "A-B")] == (2, 1)
+
+
+def test_the_selection_gap_shows_what_each_criterion_costs_against_the_oracle_and_the_best_possible():
+    from timematch.report import BEST_POSSIBLE, selection_gap
+
+    rows = []
+    for scenario in ("DK-FR1", "FR1-FR2"):
+        for trial, test in enumerate([0.2, 0.5, 0.7, 0.4]):
+            rows.append({"scenario": scenario, "method": "timematch", "fold": 0, "trial": f"t{trial}",
+                         "test_macro_f1": test, "target_val_f1": test - 0.05 * (trial == 2),  # the oracle errs once
+                         "target_entropy": test,  # ranks the trials as the test split does
+                         "snd": -test})  # ranks them backwards
+    gap = selection_gap(rows, ["target_entropy", "snd", "dev"])
+    assert gap.criteria == ["target_val_f1", "target_entropy", "snd"]  # dev: no values, left out
+    assert gap.average[("timematch", BEST_POSSIBLE)] == pytest.approx(0.7)
+    assert gap.average[("timematch", "target_entropy")] == pytest.approx(0.7)
+    assert gap.average[("timematch", "snd")] == pytest.approx(0.2)
+    assert gap.correlation[("timematch", "target_entropy")] == pytest.approx((1.0, 2))
+    assert gap.correlation[("timematch", "snd")] == pytest.approx((-1.0, 2))
+    text = gap.to_markdown()
+    assert "target_val_f1 (oracle)" in text and "best possible (reference)" in text
+    assert "| timematch | 70.0 (ρ +1.00) | 70.0 (ρ +1.00) | 20.0 (ρ -1.00) | 70.0 |" in text
+
+
+def test_the_paired_comparison_counts_wins_over_folds_and_seeds():
+    from timematch.report import paired_comparison
+
+    rows = []
+    for fold in (0, 1):
+        for seed in (0, 1):
+            for method, test in (("timematch", 0.6 + 0.01 * seed), ("fixmatch", 0.5), ("mmd", 0.6 + 0.01 * seed)):
+                rows.append({"scenario": "DK-FR1", "method": method, "fold": fold, "seed": seed,
+                             "trial": f"{method}{fold}{seed}", "target_val_f1": 0.5, "test_macro_f1": test})
+    rows.append({"scenario": "DK-FR1", "method": "dann", "fold": 0, "seed": 0, "trial": "d", "target_val_f1": 0.5,
+                 "test_macro_f1": 0.7})
+    paired = paired_comparison(rows, "target_val_f1")
+    by_other = {row[1]: row for row in paired.rows}
+    assert by_other["fixmatch"][2:5] == (4, 0, 0) and by_other["fixmatch"][5] == pytest.approx(0.105)
+    assert 0 < by_other["fixmatch"][6] <= 0.125  # Wilcoxon, 4 pairs all won: the exact two-sided p is 0.125
+    assert by_other["mmd"][2:5] == (0, 0, 4) and math.isnan(by_other["mmd"][6])  # all ties: no test
+    assert by_other["dann"][2:5] == (0, 1, 0) and math.isnan(by_other["dann"][6])  # one pair: no test
+    assert "| DK → FR1 | fixmatch | 4 | 0 | 0 | +10.5 | 0.125 |" in paired.to_markdown()
+
+
+def test_cells_are_over_folds_times_seeds_with_the_count():
+    rows = [{"scenario": "DK-FR1", "method": "timematch", "fold": f, "seed": s, "trial": f"t{f}{s}",
+             "target_val_f1": 0.5, "test_macro_f1": 0.1 * (f + 2 * s)} for f in (0, 1) for s in (0, 1)]
+    table = summarize(rows, "target_val_f1")
+    assert table.value("timematch", "DK-FR1").n == 4
+    assert table.value("timematch", "DK-FR1").mean == pytest.approx(0.15)
+    assert "folds x seeds (folds 0, 1; seeds 0, 1: 4 per cell)" in table.caption()

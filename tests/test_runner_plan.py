@@ -245,13 +245,32 @@ def test_missing_search_space_file(tmp_path):
 
 
 def _request(tmp_path, named, scenarios="DK-FR1,FR1-FR2", methods="timematch,fixmatch", profile="smoke",
-             folds=(0,), trials=2, baseline=True, sets=(), spaces=SPACES):
+             folds=(0,), trials=2, baseline=True, sets=(), spaces=SPACES, seed=0, seeds=1):
     return PlanRequest(
         experiment="t", scenarios=parse_scenarios(scenarios, named), methods=parse_methods(methods),
         profile=load_profile(PROFILES, profile, list(sets)), folds=list(folds), trials=trials,
-        objective="target_val_f1", seed=0, data_root=tmp_path / "data", cache_dir=tmp_path / "cache",
-        spaces_dir=spaces, baseline=baseline,
+        objective="target_val_f1", seed=seed, data_root=tmp_path / "data", cache_dir=tmp_path / "cache",
+        spaces_dir=spaces, baseline=baseline, seeds=seeds,
     )
+
+
+def test_seeds_repeat_every_group_and_source_model_with_their_own_seed(tmp_path, named):
+    one = build_plan(_request(tmp_path, named, seed=7))
+    two = build_plan(_request(tmp_path, named, seed=7, seeds=2))
+    assert len(two.groups) == 2 * len(one.groups) and len(two.pretrain_tasks) == 2 * len(one.pretrain_tasks)
+    assert {g.seed for g in two.groups} == {7, 8} and all(g.seed is None for g in one.groups)
+    assert "DK-FR1/timematch/fold0/seed8" in {g.id for g in two.groups}
+    assert len({g.id for g in two.groups}) == len(two.groups)
+    for group in two.groups:  # each seed its own source model, its training seeded so
+        assert plan_seed(two, group) == group.seed and group.pretrain_key == pretrain_key(two.spec(group))
+    assert len({t.key for t in two.pretrain_tasks}) == len(two.pretrain_tasks)
+    assert LaunchPlan.from_json(two.to_json()).groups == two.groups  # --resume replays it
+    with pytest.raises(ConfigError, match="--seeds 0: at least 1"):
+        build_plan(_request(tmp_path, named, seeds=0))
+
+
+def plan_seed(plan, group) -> int:
+    return plan.spec(group).seed
 
 
 def test_plan_expands_scenarios_methods_folds(tmp_path, named):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from timematch.data.dataset import Domain
-from timematch.metrics import classification_metrics, information_maximization
+from timematch.metrics import classification_metrics
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -69,21 +69,3 @@ def score_labelled(probs: np.ndarray, labels: np.ndarray, classes: list[str]) ->
     a class (``labels >= 0``); unlabelled rows are left out."""
     labelled = labels >= 0
     return classification_metrics(labels[labelled], probs[labelled].argmax(1), classes)
-
-
-def selection_metrics(
-    model: torch.nn.Module, source: Domain, target: Domain, device: torch.device
-) -> dict[str, float]:
-    """The per-epoch model-selection criteria.
-
-    ``target_val_f1`` uses target validation labels (tagged as such by the runner);
-    ``source_val_f1`` and ``target_im_score`` use no target labels.
-    """
-    # one pass over the target validation parcels serves both target criteria: the
-    # information maximisation score sees all of them, the F1 only the labelled ones
-    probs, labels = predict(model, target, target.split.val, device)
-    return {
-        "target_val_f1": score_labelled(probs, labels, target.classes)["macro_f1"],
-        "source_val_f1": evaluate(model, source, "val", device)["macro_f1"],
-        "target_im_score": information_maximization(probs),
-    }

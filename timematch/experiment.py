@@ -33,7 +33,8 @@ import torch
 from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
 from timematch.data.tiles import resolve_tile
 from timematch.errors import ConfigError, DatasetError
-from timematch.evaluation import evaluate, pick_device, selection_metrics
+from timematch.evaluation import evaluate, pick_device
+from timematch.selection import CRITERIA, ORACLE, epoch_selection
 from timematch.methods import build_config, get_method, source_model_method
 from timematch.models import build_model
 from timematch.training import EpochCallback, EpochReport, fit
@@ -45,7 +46,8 @@ EPOCH_METRICS = (
     "train_loss",
     "target_val_f1",  # macro F1 on the target validation split (uses target labels)
     "source_val_f1",  # macro F1 on the source validation split (no target labels)
-    "target_im_score",  # information maximisation on target train (no target labels)
+    "target_im_score",  # information maximisation on target validation predictions (no target labels)
+    *(name for name in CRITERIA if name not in ("source_val_f1", "target_im_score")),  # timematch.selection
     "estimated_shift",
     "pseudo_label_count",
     "pseudo_label_f1",  # analysis only
@@ -144,7 +146,7 @@ class ExperimentResult:
     """The outcome of one experiment.
 
     ``metrics`` holds the final target-test metrics (:data:`TEST_METRICS`) and the final
-    model's selection metrics (``target_val_f1``, ``source_val_f1``, ``target_im_score``);
+    model's selection metrics (``target_val_f1`` and every criterion of :mod:`timematch.selection`);
     ``report`` the per-class precision/recall/F1/support; ``confusion`` the confusion
     matrix (rows true, columns predicted, in ``classes`` order); ``shift_scores`` for
     shift-estimating methods: one entry per estimation with ``shifts``, ``scores``,
@@ -222,16 +224,20 @@ def pretrain_source(
     spec: ExperimentSpec,
     on_epoch: EpochCallback | None = None,
     resume_state: dict | None = None,
+    target: Domain | None = None,
 ) -> PretrainedSource:
     """Train the source model of ``spec``: source-only training on ``spec.source``, fold
-    ``spec.fold``, keeping the epoch with the best source validation macro F1."""
+    ``spec.fold``, keeping the epoch with the best source validation macro F1.
+
+    ``target``: a target domain to compute the epochs' target criteria on (a source-only
+    trial); without one, the epochs log source metrics only."""
     p = _pretrain_spec(spec)
     config = build_config(p.method, p.method_config)
     device = pick_device(p.device)
     source, _ = _open(p, target=p.source)
     torch.manual_seed(_seed(p))
     model = build_model(p.model, num_classes=len(source.classes)).to(device)
-    method = get_method(p.method)(config, model, source, source, device)
+    method = get_method(p.method)(config, model, source, source if target is None else target, device)
     logger.info("pretraining on %s (fold %d, %d classes) on %s", source.tile, p.fold, len(source.classes), device)
     outcome = fit(method, _seed(p), on_epoch, resume_state, log=logger.info)
     return PretrainedSource(
@@ -266,13 +272,13 @@ def run_experiment(
     info: dict[str, Any] = {}
     if method_cls.evaluates_source_model:
         if pretrained is None or pretrained.key != pretrain_key(spec):
-            pretrained = pretrain_source(spec, on_epoch, resume_state)
+            pretrained = pretrain_source(spec, on_epoch, resume_state, target=target)
             history, best_epoch = pretrained.history, pretrained.best_epoch
         else:
             history, best_epoch = [], 0
         model = _from_pretrained(spec, pretrained, source, target, device)
         if not history:
-            report = EpochReport(epoch=1, metrics=selection_metrics(model, source, target, device),
+            report = EpochReport(epoch=1, metrics=epoch_selection(model, source, target, device, _seed(spec)),
                                  logs=[f"reused source model {pretrained.key}"])
             history = [report]
             if on_epoch:
@@ -297,7 +303,7 @@ def run_experiment(
     # the selection metrics of the returned model: its best epoch when the method keeps one
     by_epoch = {h.epoch: h for h in history}
     chosen = by_epoch.get(best_epoch) or (history[-1] if history else None)
-    for key in ("target_val_f1", "source_val_f1", "target_im_score"):
+    for key in (ORACLE, *CRITERIA):
         if chosen is not None and key in chosen.metrics:
             metrics[key] = chosen.metrics[key]
     if "estimated_shift" in info:

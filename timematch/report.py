@@ -65,8 +65,9 @@ def cell(values: Sequence[float]) -> Cell:
     return Cell(float(array.mean()), float(array.std()), tuple(float(v) for v in array))
 
 
-def _key(row: Mapping[str, Any]) -> tuple[str, str, int]:
-    return str(row["scenario"]), str(row["method"]), int(row["fold"])
+def _key(row: Mapping[str, Any]) -> tuple[str, str, tuple[int, int]]:
+    """(scenario, method, replicate): a replicate is one (fold, seed) of a cell."""
+    return str(row["scenario"]), str(row["method"]), (int(row["fold"]), int(row.get("seed", 0)))
 
 
 def is_candidate(row: Mapping[str, Any], objective: str) -> bool:
@@ -106,6 +107,7 @@ class ResultTable:
     notes: tuple[str, ...] = ()
     #: (method, scenario) -> the number of candidate trials per fold the cell selected from
     trials_per_fold: dict[tuple[str, str], tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
     @property
     def columns(self) -> list[str]:
@@ -124,11 +126,15 @@ class ResultTable:
         return {m for m, v in means.items() if v == top}
 
     def caption(self) -> str:
-        if len(self.folds) == 1:
+        if len(self.seeds) > 1:
+            spread = (f"mean ± std over folds x seeds (folds {', '.join(map(str, self.folds))}; seeds "
+                      f"{', '.join(map(str, self.seeds))}: {len(self.folds) * len(self.seeds)} per cell)")
+        elif len(self.folds) == 1:
             spread = f"fold {self.folds[0]} only (one fold: no ± std)"
         else:
             spread = f"mean ± std over folds {', '.join(map(str, self.folds))}"
-        return f"{self.metric} (x100), {spread}; the best trial per fold by {self.objective}"
+        per = "fold and seed" if len(self.seeds) > 1 else "fold"
+        return f"{self.metric} (x100), {spread}; the best trial per {per} by {self.objective}"
 
     def selection_note(self) -> str:
         """How many finished trials per fold and how many folds each row's cells selected from."""
@@ -235,9 +241,10 @@ def summarize(
             spread = float("nan")
         average[method] = Cell(float(np.mean(means)), spread, tuple(means))
     folds = sorted({int(r["fold"]) for r in chosen})
+    seeds = sorted({int(r.get("seed", 0)) for r in chosen}) or [0]
     trials_per_fold = {key: tuple(n for _, n in sorted(per_fold.items())) for key, per_fold in candidates.items()}
     return ResultTable(methods, scenario_names, cells, average, metric, objective, folds, tuple(notes),
-                       trials_per_fold)
+                       trials_per_fold, seeds)
 
 
 def plot_methods(table: ResultTable, title: str | None = None):
@@ -335,3 +342,129 @@ def per_class_csv(report: Mapping[str, Mapping[str, float]]) -> str:
 def _csv(value: Any) -> str:
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
     return f'"{text}"' if any(c in text for c in ',"\n') else text
+
+
+# -- the cost of choosing without target labels ---------------------------------------------
+
+#: The column of the selection-gap table that selects by the test metric itself: the best a
+#: criterion could do, shown as a reference and never used to select anything.
+BEST_POSSIBLE = "best possible"
+
+
+@dataclass(frozen=True)
+class SelectionGap:
+    """Per method, the average test metric over scenarios when trials are selected by each
+    criterion, next to the oracle and the best possible trial; and per method and criterion
+    the mean Spearman rank correlation between the criterion and the test metric over the
+    trials of a group (scenario, method, fold; groups of 3 or more trials)."""
+
+    methods: list[str]
+    criteria: list[str]  # selection criteria, the oracle among them; then BEST_POSSIBLE
+    average: dict[tuple[str, str], float]  # (method, criterion) -> mean test metric (x1)
+    correlation: dict[tuple[str, str], tuple[float, int]]  # (method, criterion) -> (mean rho, groups)
+    metric: str
+    oracle: str
+
+    def to_markdown(self) -> str:
+        head = [*(f"{c} (oracle)" if c == self.oracle else c for c in self.criteria), f"{BEST_POSSIBLE} (reference)"]
+        lines = [f"Selection gap: average {self.metric} (x100) over scenarios when each criterion selects the trial "
+                 "per fold; in brackets, the mean Spearman correlation of the criterion with the test metric "
+                 "across a group's trials.", "",
+                 "| Method | " + " | ".join(head) + " |", "|---|" + ":-:|" * len(head)]
+        for method in self.methods:
+            cells = []
+            for criterion in [*self.criteria, BEST_POSSIBLE]:
+                value = self.average.get((method, criterion), float("nan"))
+                text = "–" if math.isnan(value) else f"{100 * value:.1f}"
+                rho, groups = self.correlation.get((method, criterion), (float("nan"), 0))
+                if criterion != BEST_POSSIBLE and groups:
+                    text += f" (ρ {rho:+.2f})"
+                cells.append(text)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"'{BEST_POSSIBLE}' selects by the test split itself: a bound on any criterion, never a "
+                     f"selection. '{self.oracle}' uses target validation labels; the others use none, except "
+                     "few_shot_target_f1 (a few labelled target validation parcels per class).")
+        return "\n".join(lines) + "\n"
+
+
+def selection_gap(rows: Iterable[Mapping[str, Any]], criteria: Sequence[str], oracle: str = "target_val_f1",
+                  metric: str = "test_macro_f1", scenarios: Sequence[str] | None = None) -> SelectionGap:
+    """The :class:`SelectionGap` of finished-trial ``rows`` (criteria without values are left out)."""
+    from scipy.stats import spearmanr
+
+    rows = [row for row in rows if is_candidate(row, metric)]
+    present = [c for c in dict.fromkeys([oracle, *criteria]) if any(is_candidate(r, c) for r in rows)]
+    methods = method_order(str(r["method"]) for r in rows)
+    average: dict[tuple[str, str], float] = {}
+    for criterion in [*present, BEST_POSSIBLE]:
+        table = summarize(rows, metric if criterion == BEST_POSSIBLE else criterion, metric, scenarios)
+        for method in methods:
+            value = table.value(method, AVERAGE)
+            if value.n:
+                average[(method, criterion)] = value.mean
+    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(_key(row), []).append(row)
+    correlation: dict[tuple[str, str], tuple[float, int]] = {}
+    for method in methods:
+        for criterion in present:
+            rhos = []
+            for (_, group_method, _), members in groups.items():
+                pairs = [(r[criterion], r[metric]) for r in members if group_method == method and is_candidate(r, criterion)]
+                if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
+                    rhos.append(float(spearmanr(*zip(*pairs)).statistic))
+            if rhos:
+                correlation[(method, criterion)] = (float(np.mean(rhos)), len(rhos))
+    return SelectionGap(methods, present, average, correlation, metric, oracle)
+
+
+# -- paired comparison over folds x seeds ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Per scenario and competitor: the selected trials of ``reference`` and the competitor
+    paired by replicate (fold, seed); wins, losses and ties of ``reference`` on the test metric,
+    the mean difference, and the two-sided Wilcoxon signed-rank p-value (NaN below 2 pairs)."""
+
+    reference: str
+    metric: str
+    objective: str
+    rows: list[tuple[str, str, int, int, int, float, float]]  # scenario, other, wins, losses, ties, mean diff, p
+
+    def to_markdown(self) -> str:
+        lines = [f"Paired comparison: {self.reference} against every other method, per scenario, over the "
+                 f"folds x seeds both ran (the trial each selects by {self.objective}; {self.metric} x100).", "",
+                 f"| Scenario | vs | {self.reference} wins | losses | ties | mean difference | Wilcoxon p |",
+                 "|---|---|:-:|:-:|:-:|:-:|:-:|"]
+        for scenario, other, wins, losses, ties, diff, p in self.rows:
+            shown_p = "–" if math.isnan(p) else f"{p:.3f}"
+            lines.append(f"| {_arrow(scenario)} | {other} | {wins} | {losses} | {ties} | {100 * diff:+.1f} | {shown_p} |")
+        return "\n".join(lines) + "\n"
+
+
+def paired_comparison(rows: Iterable[Mapping[str, Any]], objective: str, metric: str = "test_macro_f1",
+                      reference: str = "timematch", scenarios: Sequence[str] | None = None) -> PairedComparison:
+    """The :class:`PairedComparison` of ``reference`` in finished-trial ``rows``."""
+    from scipy.stats import wilcoxon
+
+    chosen: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
+    for row in best_trials(rows, objective):
+        if is_candidate(row, metric):
+            scenario, method, replicate = _key(row)
+            chosen.setdefault((scenario, method), {})[replicate] = float(row[metric])
+    names = list(scenarios) if scenarios else list(dict.fromkeys(s for s, _ in chosen))
+    out = []
+    for scenario in names:
+        mine = chosen.get((scenario, reference), {})
+        for other in method_order(m for s, m in chosen if s == scenario and m != reference):
+            theirs = chosen[(scenario, other)]
+            common = sorted(set(mine) & set(theirs))
+            if not common:
+                continue
+            diffs = np.array([mine[r] - theirs[r] for r in common])
+            wins, losses = int((diffs > 0).sum()), int((diffs < 0).sum())
+            p = float(wilcoxon(diffs).pvalue) if len(common) >= 2 and np.any(diffs != 0) else float("nan")
+            out.append((scenario, other, wins, losses, len(common) - wins - losses, float(diffs.mean()), p))
+    return PairedComparison(reference, metric, objective, out)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from timematch.errors import NonFiniteLoss
-from timematch.evaluation import selection_metrics, to_torch
+from timematch.evaluation import to_torch
+from timematch.selection import epoch_selection
 
 @dataclass(frozen=True)
 class StepContext:
@@ -211,7 +212,7 @@ def fit(
         best = dict(resume_state["best"])
         start = int(resume_state["epoch"]) + 1
     timings = {"step_seconds": 0.0, "data_wait_seconds": 0.0, "steps": 0}
-    poison = injected_nan(method.name)
+    poison = injected_nan(getattr(method, "name", type(method).__name__))
 
     def state(epoch: int) -> dict[str, Any]:
         return {
@@ -267,7 +268,7 @@ def fit(
         metrics.update({key: value / steps for key, value in sums.items() if not key.endswith("_count")})
         metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
         metrics.update(method.end_epoch(epoch, logs))
-        metrics.update(selection_metrics(method.eval_model(), method.source, method.target, device))
+        metrics.update(epoch_selection(method.eval_model(), method.source, method.target, device, seed))
         metrics["lr"] = float(next(iter(schedules.values())).get_last_lr()[-1])
         metrics["samples_per_second"] = steps * config.batch_size / max(elapsed, 1e-9)
         metrics["data_wait_fraction"] = prefetch.waited / max(elapsed, 1e-9)

@@ -24,6 +24,7 @@ from timematch.errors import ConfigError, TimeMatchError
 from timematch.runner.launch_state import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, Launch  # noqa: F401
 
 TILE_MARKER = "meta/metadata.pkl"
+MAX_SEEDS = 100
 MAX_SEED = 999_999  # Optuna seeds each group's sampler with seed * 1000 + group, below numpy's 2**32
 LAUNCH_ID = re.compile(r"[A-Za-z0-9_.-]+")  # launch ids are YYYYmmdd-HHMMSS-xxxx; 'all' fits too
 
@@ -139,10 +140,15 @@ def launch_parser() -> argparse.ArgumentParser:
         "evaluated on the target)"))
     what.add_argument("--objective", default="target_val_f1", help=(
         "trial selection metric: target_val_f1 (macro F1 on the target validation split; uses target "
-        "labels, runs are tagged so), source_val_f1 or target_im_score (no target labels) "
-        "(default: target_val_f1)"))
+        "labels, runs are tagged so); without target labels source_val_f1, target_im_score, target_entropy, "
+        "dev (Deep Embedded Validation), snd (Soft Neighborhood Density); few_shot_target_f1 (5 labelled "
+        "target validation parcels per class) (default: target_val_f1)"))
     what.add_argument("--seed", type=_integer(0, MAX_SEED), default=0, help=(
         f"training and sampler seed, 0..{MAX_SEED} (default: 0)"))
+    what.add_argument("--seeds", type=_integer(1, MAX_SEEDS), default=1, help=(
+        f"repeat each scenario x method x fold over N seeds (--seed, --seed + 1, ...; source models "
+        f"included), 1..{MAX_SEEDS}: the table's cells are then mean ± std over folds x seeds, and the "
+        "report adds a paired comparison of timematch with every other method (default: 1)"))
     what.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=(
         "override one profile entry, e.g. --set methods.timematch.epochs=5 --set data.min_parcels=20 "
         "(repeatable)"))
@@ -295,7 +301,7 @@ def plan_launch(args: argparse.Namespace, root: Path) -> Any:
         check_tiles(data_root, {t for s in scenarios for t in (s.source, s.target)})
     return build_plan(PlanRequest(
         experiment=_experiment_name(args), scenarios=scenarios, methods=methods, profile=profile, folds=folds,
-        trials=trials, objective=args.objective, seed=args.seed, data_root=data_root,
+        trials=trials, objective=args.objective, seed=args.seed, seeds=args.seeds, data_root=data_root,
         cache_dir=default_cache_dir(), spaces_dir=root / "search_spaces", baseline=not args.no_baseline,
         synthetic_data=synthetic,
     ))

@@ -18,6 +18,7 @@ second or two, and every error surfaces before a Ray cluster is touched.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from timematch.data.dataset import DataConfig
 from timematch.data.tiles import short_name
 from timematch.errors import ConfigError
 from timematch.experiment import EPOCH_METRICS, ExperimentSpec, pretrain_key
+from timematch.selection import CRITERIA, ORACLE
 from timematch.methods import build_config, get_method, methods_in_table_order, source_model_method
 from timematch.runner.profiles import Profile
 from timematch.runner.scenarios import Scenario
@@ -50,13 +52,10 @@ class Objective:
     mode: str = "max"
 
 
+#: The oracle (target validation labels), then every criterion of :mod:`timematch.selection`.
 OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (
-        Objective("target_val_f1", True, "macro F1 on the target validation split (uses target labels)"),
-        Objective("source_val_f1", False, "macro F1 on the source validation split (no target labels)"),
-        Objective("target_im_score", False, "information maximisation on target data (no target labels)"),
-    )
+    ORACLE: Objective(ORACLE, True, "macro F1 on the target validation split (uses target labels)"),
+    **{c.name: Objective(c.name, c.uses_target_labels, c.description) for c in CRITERIA.values()},
 }
 assert all(name in EPOCH_METRICS for name in OBJECTIVES)
 
@@ -129,10 +128,11 @@ class PretrainTask:
     source: str
     fold: int
     scenarios: tuple[str, ...]
+    seed: int | None = None  # set when the launch repeats over seeds (--seeds N)
 
     @property
     def id(self) -> str:
-        return f"{short_name(self.source)}/fold{self.fold}"
+        return f"{short_name(self.source)}/fold{self.fold}" + (f"/seed{self.seed}" if self.seed is not None else "")
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,12 @@ class TrialGroup:
     epochs: int
     pretrain_key: str | None
     baseline: bool = False
+    seed: int | None = None  # set when the launch repeats over seeds (--seeds N); else the launch's seed
 
     @property
     def id(self) -> str:
-        return f"{self.scenario.name}/{self.method}/fold{self.fold}"
+        return f"{self.scenario.name}/{self.method}/fold{self.fold}" + (
+            f"/seed{self.seed}" if self.seed is not None else "")
 
     @property
     def searched(self) -> bool:
@@ -182,6 +184,7 @@ class LaunchPlan:
     baseline: bool
     synthetic_data: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 1  # each (scenario, method, fold) repeated over seeds seed .. seed + seeds - 1
 
     @property
     def n_trials(self) -> int:
@@ -204,12 +207,12 @@ class LaunchPlan:
 
     def spec(self, group: TrialGroup, params: dict[str, Any] | None = None) -> ExperimentSpec:
         """The experiment of one trial: profile overrides, then the sampled ``params``."""
-        return base_spec(self, group.scenario.source, group.scenario.target, group.fold).replace(
+        return base_spec(self, group.scenario.source, group.scenario.target, group.fold, group.seed).replace(
             method=group.method, method_config={**group.overrides, **(params or {})},
         )
 
     def pretrain_spec(self, task: PretrainTask) -> ExperimentSpec:
-        return base_spec(self, task.source, task.source, task.fold).replace(method=baseline_method())
+        return base_spec(self, task.source, task.source, task.fold, task.seed).replace(method=baseline_method())
 
     def resolved_config(self, group: TrialGroup, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """The full method config of a trial (source_only: the source model's training config)."""
@@ -263,10 +266,10 @@ def source_model_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "source_models" / f"{key}.pt"
 
 
-def base_spec(plan: LaunchPlan, source: str, target: str, fold: int) -> ExperimentSpec:
+def base_spec(plan: LaunchPlan, source: str, target: str, fold: int, seed: int | None = None) -> ExperimentSpec:
     return ExperimentSpec(
         data_root=Path(plan.data_root), source=source, target=target, method=baseline_method(), fold=fold,
-        pretrain_config=dict(plan.pretrain), data=plan.data_config(), seed=plan.seed,
+        pretrain_config=dict(plan.pretrain), data=plan.data_config(), seed=plan.seed if seed is None else seed,
         cache_dir=Path(plan.cache_dir),
     )
 
@@ -288,6 +291,7 @@ class PlanRequest:
     spaces_dir: Path
     baseline: bool = True
     synthetic_data: bool = False
+    seeds: int = 1
 
 
 def build_plan(request: PlanRequest) -> LaunchPlan:
@@ -302,8 +306,10 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
         pretrain=dict(profile.pretrain), folds=list(request.folds), scenarios=list(request.scenarios),
         methods=[], pretrain_tasks=[], groups=[], scheduler=dict(profile.scheduler), retries=profile.retries,
         resources=dict(profile.resources), search=search, baseline=request.baseline,
-        synthetic_data=request.synthetic_data,
+        synthetic_data=request.synthetic_data, seeds=request.seeds,
     )
+    if request.seeds < 1:
+        raise ConfigError(f"--seeds {request.seeds}: at least 1 (each scenario x method x fold runs once per seed)")
     spaces = {}
     for method in request.methods.methods:
         if search and method in request.methods.searched:
@@ -317,28 +323,28 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
     plan.methods = methods
     groups: list[TrialGroup] = []
     tasks: dict[str, PretrainTask] = {}
-    for fold in request.folds:
-        for scenario in request.scenarios:
-            for method in methods:
-                searched = method in spaces
-                is_baseline_method = method == baseline_name
-                baseline = is_baseline_method and not searched
-                overrides = profile.method_overrides(method)
-                config = build_config(method, {**profile.pretrain, **overrides} if is_baseline_method else overrides)
-                space = spaces.get(method, {})
-                epochs = int(space.get("epochs", {}).get("high", config.epochs)) if "epochs" in space else config.epochs
-                needs_source = is_baseline_method or get_method(method).starts_from_source
-                key = None
-                if needs_source:
-                    spec = base_spec(plan, scenario.source, scenario.source, fold)
-                    key = pretrain_key(spec)
-                    task = tasks.get(key)
-                    names = (task.scenarios if task else ()) + (scenario.name,)
-                    tasks[key] = PretrainTask(key, scenario.source, fold, tuple(dict.fromkeys(names)))
-                groups.append(TrialGroup(
-                    scenario=scenario, method=method, fold=fold, trials=request.trials if searched else 1,
-                    space=space, overrides=overrides, epochs=max(1, epochs), pretrain_key=key, baseline=baseline,
-                ))
+    seeds = [None] if request.seeds == 1 else [request.seed + i for i in range(request.seeds)]
+    for seed, fold, scenario, method in itertools.product(seeds, request.folds, request.scenarios, methods):
+        searched = method in spaces
+        is_baseline_method = method == baseline_name
+        baseline = is_baseline_method and not searched
+        overrides = profile.method_overrides(method)
+        config = build_config(method, {**profile.pretrain, **overrides} if is_baseline_method else overrides)
+        space = spaces.get(method, {})
+        epochs = int(space.get("epochs", {}).get("high", config.epochs)) if "epochs" in space else config.epochs
+        needs_source = is_baseline_method or get_method(method).starts_from_source
+        key = None
+        if needs_source:
+            spec = base_spec(plan, scenario.source, scenario.source, fold, seed)
+            key = pretrain_key(spec)
+            task = tasks.get(key)
+            names = (task.scenarios if task else ()) + (scenario.name,)
+            tasks[key] = PretrainTask(key, scenario.source, fold, tuple(dict.fromkeys(names)), seed)
+        groups.append(TrialGroup(
+            scenario=scenario, method=method, fold=fold, trials=request.trials if searched else 1,
+            space=space, overrides=overrides, epochs=max(1, epochs), pretrain_key=key, baseline=baseline,
+            seed=seed,
+        ))
     # Baselines first (cheap, and the table's reference), then the searches in plan order.
     plan.groups = [g for g in groups if g.baseline] + [g for g in groups if not g.baseline]
     plan.pretrain_tasks = list(tasks.values())
@@ -350,7 +356,8 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
     objective = get_objective(plan.objective)
     cached = cached or set()
     lines = [
-        f"experiment {plan.experiment!r}, profile {plan.profile!r}, seed {plan.seed}",
+        f"experiment {plan.experiment!r}, profile {plan.profile!r}, seed {plan.seed}"
+        + (f", {plan.seeds} seeds ({plan.seed}..{plan.seed + plan.seeds - 1})" if plan.seeds > 1 else ""),
         f"data: {plan.data_root}" + (" (embedded synthetic dataset)" if plan.synthetic_data else "")
         + f"; data overrides {plan.data or '{}'}",
         f"objective: {objective.name} ({objective.description})",

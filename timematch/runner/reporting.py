@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from timematch.errors import ConfigError
-from timematch.report import AVERAGE, ResultTable, best_trials, plot_methods, summarize
+from timematch.report import (
+    AVERAGE, ResultTable, best_trials, paired_comparison, plot_methods, selection_gap, summarize,
+)
 from timematch.runner import tracking
 from timematch.runner.plan import OBJECTIVES, get_objective
+
+
+#: The criterion that uses target validation labels: the optimistic reference of the selection gap.
+ORACLE = "target_val_f1"
 
 
 class NoFinishedTrial(ConfigError):
@@ -82,6 +88,7 @@ def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[di
             if "test_macro_f1" not in metrics:
                 continue
             row = {"scenario": tags.get("scenario"), "method": tags.get("method"), "fold": int(tags.get("fold", 0)),
+                   "seed": int(tags.get("seed", 0)),
                    "trial": tags.get("trial_key", run.info.run_id), "run_id": run.info.run_id,
                    "model_uri": tags.get("classifier_uri") or tags.get("model_uri")}
             row.update({k: v for k, v in metrics.items() if k.startswith("test_")})
@@ -123,7 +130,12 @@ def build_report(uri: str, experiment: str, results_dir: Path, objective: str | 
         + "; the target test split is never used for selection.",
     ]
     table = summarize(rows, chosen.name, "test_macro_f1", scenarios, notes)
-    markdown = table.to_markdown()
+    gap = selection_gap(rows, list(OBJECTIVES), oracle=ORACLE, scenarios=scenarios)
+    markdown = table.to_markdown() + "\n" + gap.to_markdown()
+    if len(table.seeds) > 1 or len(table.folds) > 1:
+        paired = paired_comparison(rows, chosen.name, scenarios=scenarios)
+        if paired.rows:
+            markdown += "\n" + paired.to_markdown()
     directory = Path(results_dir) / _safe(experiment)
     directory.mkdir(parents=True, exist_ok=True)
     files = [directory / "report.md", directory / "report.html", directory / "report.png"]

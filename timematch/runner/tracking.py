@@ -392,12 +392,16 @@ def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuse
     return next((run for run in runs if not statuses or run.info.status in statuses), None)
 
 
-def trial_run_name(scenario: str, method: str, fold: int, trial_id: str) -> str:
-    return f"{scenario} {method} f{fold} {trial_id}"
+def trial_run_name(scenario: str, method: str, fold: int, trial_id: str, seed: int | None = None) -> str:
+    return f"{scenario} {method} f{fold}{_seed_part(seed)} {trial_id}"
 
 
-def pretrain_run_name(tile: str, fold: int) -> str:
-    return f"pretrain {tile} f{fold}"
+def pretrain_run_name(tile: str, fold: int, seed: int | None = None) -> str:
+    return f"pretrain {tile} f{fold}{_seed_part(seed)}"
+
+
+def _seed_part(seed: int | None) -> str:
+    return "" if seed is None else f" s{seed}"
 
 
 def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> str:
@@ -465,7 +469,12 @@ def register_best(mlflow_client, name: str, model_uri: str, run_id: str, tags: M
     except MlflowException as err:
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
-    version = retry(lambda: mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags)))
+    source, model_id = model_uri, None
+    if model_uri.startswith("models:/m-"):  # a logged model: resolved here, not through MLflow's global URI
+        logged = retry(lambda: mlflow_client.get_logged_model(model_uri.removeprefix("models:/")))
+        source, model_id = logged.artifact_location, logged.model_id
+    version = retry(lambda: mlflow_client.create_model_version(name, source, run_id=run_id, tags=dict(tags),
+                                                               model_id=model_id))
     retry(lambda: mlflow_client.set_registered_model_alias(name, alias, version.version))
     return int(version.version)
 

@@ -151,7 +151,7 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     )
     run_id, _ = tracking.open_run(
         client, context.experiment_id, tracking.pretrain_run_key(task.key), tags,
-        plan.resolved_pretrain_config(), tracking.pretrain_run_name(short_name(task.source), task.fold),
+        plan.resolved_pretrain_config(), tracking.pretrain_run_name(short_name(task.source), task.fold, task.seed),
         context.parent_run_id, reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
@@ -213,11 +213,12 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         "adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short, group.method,
         group.fold, objective.name, objective.uses_target_labels, launch_id=context.launch_id, group=group.id,
         trial_id=trial_id, baseline="true" if group.baseline else None, sampled=json.dumps(params) if params else None,
-        pretrain_key=group.pretrain_key, seed=plan.seed, profile=plan.profile,
+        pretrain_key=group.pretrain_key, seed=plan.seed if group.seed is None else group.seed, profile=plan.profile,
     )
     run_id, finished = tracking.open_run(
         client, context.experiment_id, tracking.adapt_run_key(context.launch_id, trial_id), tags, resolved,
-        tracking.trial_run_name(group.scenario.name, group.method, group.fold, trial_id), context.parent_run_id,
+        tracking.trial_run_name(group.scenario.name, group.method, group.fold, trial_id, group.seed),
+        context.parent_run_id,
         refresh=_placement_tags(),
     )
     if finished:  # completed before an interruption that Tune had not recorded yet
