@@ -161,3 +161,13 @@ def test_the_best_models_are_registered_and_predict_raw_parcels_on_their_own(swe
     assert classes == [f"p_{name}" for name in target.classes]
     assert np.allclose(frame[classes].to_numpy(), probs, atol=1e-5)
     assert list(frame["class"]) == [target.classes[i] for i in probs.argmax(1)]
+
+
+def test_the_printed_address_opens_the_model_training_view():
+    from timematch.runner.tracking import ui_address
+
+    assert ui_address("http://mlflow:5000/", "3", "abc") == (
+        "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    local = ui_address("sqlite:////srv/exp/mlflow.db", "3")
+    assert local.startswith("http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning")
+    assert "make ui STORE=/srv/exp/mlflow.db" in local

@@ -147,7 +147,9 @@ class ResultTable:
             trials = _span(min(counts), max(counts))
             folds = _span(min(map(len, per_cell)), max(map(len, per_cell)))
             parts.append(f"{method} {trials} x {folds}")
-        note = "Each cell selects from (finished trials per fold x folds): " + "; ".join(parts) + "."
+        per = "(finished trials per fold and seed x folds x seeds)" if len(self.seeds) > 1 else \
+            "(finished trials per fold x folds)"
+        note = f"Each cell selects from {per}: " + "; ".join(parts) + "."
         references = [m for m in self.methods if is_reference(m)]
         if references:
             note += f" Reference rows ({', '.join(references)}) are never marked best."

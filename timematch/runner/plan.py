@@ -367,16 +367,18 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
         f"stage 1, source models: {len(plan.pretrain_tasks)} "
         f"({sum(t.key in cached for t in plan.pretrain_tasks)} cached, reused)",
     ]
+    width = max([14, *(len(t.id) for t in plan.pretrain_tasks)])
     for task in plan.pretrain_tasks:
         state = "cached" if task.key in cached else "to train"
-        lines.append(f"  {task.id:<14} {state:<9} key {task.key}  (for {', '.join(task.scenarios)})")
+        lines.append(f"  {task.id:<{width}} {state:<9} key {task.key}  (for {', '.join(task.scenarios)})")
     lines.append(f"  training overrides: {plan.pretrain or '{}'}")
     lines += ["", f"stage 2, adaptation: {len(plan.groups)} groups, {plan.n_trials} trials "
                   f"(Optuna TPE per group, ASHA over epochs {plan.scheduler or '{}'}, retries {plan.retries})"]
+    group_width = max([28, *(len(g.id) for g in plan.groups)])
     for group in plan.groups:
         how = "baseline, default config" if group.baseline else (
             f"{group.trials} trials over {', '.join(group.space)}" if group.searched else "1 trial, default config")
-        lines.append(f"  {group.id:<28} {how}; {group.epochs} epochs; overrides {group.overrides or '{}'}")
+        lines.append(f"  {group.id:<{group_width}} {how}; {group.epochs} epochs; overrides {group.overrides or '{}'}")
     if resources:
         lines += ["", "resources: " + ", ".join(f"{k} {v}" for k, v in resources.items())]
     return "\n".join(lines)

@@ -319,7 +319,8 @@ def _short(err: BaseException) -> str:
 
 
 #: MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts);
-#: with it, in the model-training view (runs, charts).
+#: with it, in the model-training view (runs, charts). MLflow 3.17's new sidebar has a global
+#: switch instead (GenAI by default): :func:`ui_address` adds ``?workflowType=machine_learning``.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -407,7 +408,9 @@ def _seed_part(seed: int | None) -> str:
 def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """Where a researcher sees the experiment (or one run) in MLflow's UI: the server's own
     page, or, for a SQLite store, the page ``make ui STORE=...`` serves."""
-    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    # MLflow 3.17's UI keeps a global GenAI / model-training switch (GenAI by default): the
+    # query opens the model-training view (runs, charts) whatever a browser last chose.
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
     if urlparse(uri).scheme in ("http", "https"):
         return f"{uri.rstrip('/')}/{page}"
     path = sqlite_path(uri)
