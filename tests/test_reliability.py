@@ -173,7 +173,8 @@ def test_driver_killed_during_the_report_resumes_to_a_complete_report(ray_addres
     _kill_when(argv, env, lambda line: line.startswith("adaptation: "))  # the summary, just before the report
     assert not (tmp_path / "results" / "kill-report" / "report.md").exists()
     out = _resume_to_one_clean_record(argv, env, tmp_path, "kill-report")
-    assert "start " not in out, "a finished trial ran again"
+    started = [line for line in out.splitlines() if line.split("]", 1)[-1].split()[:1] == ["start"]]
+    assert not started, f"a finished trial ran again: {started}"
     assert all(r.data.tags["attempt"] == "1" for r in runs(uri_of(tmp_path), "kill-report", "adapt"))
 
 
