@@ -85,21 +85,8 @@ def test_a_pretraining_run_is_found_only_among_pretraining_runs(tmp_path):
 def test_driver_killed_during_pretraining_resumes_with_every_epoch_logged_once(ray_address, data_root, tmp_path):
     argv = launch_argv(ray_address, data_root, tmp_path, "kill-pretrain", "--set", "pretrain.epochs=6")
     env = env_with(tmp_path / "cache")
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watchdog = threading.Timer(300, process.kill)
-    watchdog.start()
-    seen = []
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            words = line.split("]", 1)[-1].split()
-            if words[:2] == ["epoch", "2"] and "pretrain" in line:
-                process.send_signal(signal.SIGKILL)  # two epochs trained and checkpointed
-                break
-        process.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    # killed once two epochs are trained and checkpointed
+    _kill_when(argv, env, lambda line: line.split("]", 1)[-1].split()[:2] == ["epoch", "2"] and "pretrain" in line)
     uri = uri_of(tmp_path)
     (killed,) = runs(uri, "kill-pretrain", "pretrain")
     before = [m.step for m in MlflowClient(uri).get_metric_history(killed.info.run_id, "train_loss")]
