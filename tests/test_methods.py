@@ -27,7 +27,21 @@ def test_registry_lists_methods_and_rejects_unknown():
     with pytest.raises(ConfigError, match="unknown config key.*'max_temporal_shift'.*valid keys"):
         build_config("fixmatch", {"max_temporal_shift": 10})
     with pytest.raises(ConfigError, match="registered twice"):
-        register("timematch")(type("Dup", (), {}))
+        register("timematch")(type("Dup", (), {"short_name": "DUP"}))
+    with pytest.raises(ConfigError, match="short_name must be 1-6 characters"):
+        register("no_short_name")(type("NoShort", (), {}))
+    with pytest.raises(ConfigError, match="short_name 'TM' is already 'timematch'"):
+        register("another_tm")(type("Another", (), {"short_name": "TM"}))
+    assert "no_short_name" not in method_names() and "another_tm" not in method_names()
+
+
+def test_trial_run_names_fit_the_ui_column():
+    from timematch.runner.tracking import pretrain_run_name, trial_run_name
+
+    assert trial_run_name("DK-FR1", "timematch", 0, "3f2a1_00012") == "DK-FR1 TM f0 #12"
+    assert trial_run_name("FR1-FR2", "cdan_e", 2, "3f2a1_00003", seed=1) == "FR1-FR2 CDAN+E f2s1 #3"
+    assert trial_run_name("DK-AT1", "mmd", 0, "local") == "DK-AT1 MMD f0 local"  # not a Ray id: kept whole
+    assert pretrain_run_name("DK", 0) == "pretrain DK f0" and pretrain_run_name("DK", 0, 1) == "pretrain DK f0s1"
 
 
 def test_published_defaults():

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from timematch.methods import get_method
 from timematch.runner.cli import EXIT_OK, main
 from timematch.runner.tracking import FINAL_STEP
 
@@ -46,7 +47,10 @@ def test_run_names_tell_runs_apart_and_statuses_mean_what_they_say(sweep):
     assert len(set(names)) == len(names)
     for run in adapt:
         tags = run.data.tags
-        assert run.info.run_name == f"{tags['scenario']} {tags['method']} f{tags['fold']} {tags['trial_id']}"
+        short = get_method(tags["method"]).short_name  # the full name is the method tag
+        number = int(tags["trial_id"].rsplit("_", 1)[1])  # Ray's trial counter: unique in a launch
+        assert run.info.run_name == f"{tags['scenario']} {short} f{tags['fold']} #{number}"
+        assert len(run.info.run_name) <= 16  # fits the UI's name column (tested there: see README)
         assert run.info.status == "FINISHED", tags.get("error")
         if tags.get("stopped_early") == "asha":  # the scheduler's choice, not a failure
             assert 1 <= int(tags["epochs_run"]) < 3 and "test_macro_f1" not in run.data.metrics

@@ -69,6 +69,7 @@ class ALDA(AdversarialMethod):
     config_class = ALDAConfig
     config: ALDAConfig
     table_order = 70.0
+    short_name = "ALDA"
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)

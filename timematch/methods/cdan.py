@@ -44,6 +44,7 @@ class CDAN(AdversarialMethod):
     config_class = CDANConfig
     config: CDANConfig
     table_order = 40.0
+    short_name = "CDAN"
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)

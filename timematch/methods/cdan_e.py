@@ -19,3 +19,4 @@ class CDANE(CDAN):
     config_class = CDANEConfig
     config: CDANEConfig
     table_order = 45.0
+    short_name = "CDAN+E"

@@ -31,6 +31,7 @@ class DANN(AdversarialMethod):
     config_class = DANNConfig
     config: DANNConfig
     table_order = 30.0
+    short_name = "DANN"
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)

@@ -64,6 +64,7 @@ class FixMatch(Method):
     config_class = FixMatchConfig
     config: FixMatchConfig
     table_order = 80.0
+    short_name = "FM"
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)

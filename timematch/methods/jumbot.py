@@ -67,6 +67,7 @@ class JUMBOT(AlignmentMethod):
     config_class = JUMBOTConfig
     config: JUMBOTConfig
     table_order = 60.0
+    short_name = "JUMBOT"
 
     def alignment_loss(self, logits, features, n_source, source_labels, context):
         cfg = self.config

@@ -34,6 +34,7 @@ class MMD(AlignmentMethod):
     config_class = MMDConfig
     config: MMDConfig
     table_order = 20.0
+    short_name = "MMD"
 
     def alignment_loss(self, logits, features, n_source, source_labels, context):
         cfg = self.config

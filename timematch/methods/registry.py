@@ -25,6 +25,12 @@ def register(name: str):
     def decorate(cls: T) -> T:
         if name in _REGISTRY:
             raise ConfigError(f"method {name!r} is registered twice ({_REGISTRY[name]} and {cls})")
+        short = getattr(cls, "short_name", None)  # run names show it: see Method.short_name
+        if not isinstance(short, str) or not 0 < len(short) <= 6 or " " in short:
+            raise ConfigError(f"method {name!r}: short_name must be 1-6 characters without spaces, got {short!r}")
+        taken = [other for other, known in _REGISTRY.items() if known.short_name == short]
+        if taken:
+            raise ConfigError(f"method {name!r}: short_name {short!r} is already {taken[0]!r}'s")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

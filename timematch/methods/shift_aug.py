@@ -28,3 +28,4 @@ class ShiftAugmented(SupervisedMethod):
     starts_from_source = False
     select_best_by = "source_val_f1"
     table_order = 10.0
+    short_name = "SA"

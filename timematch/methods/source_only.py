@@ -82,5 +82,6 @@ class SourceOnly(SupervisedMethod):
     starts_from_source = False
     select_best_by = "source_val_f1"
     table_order = 0.0
+    short_name = "SO"
     reference = True
     evaluates_source_model = True

@@ -56,6 +56,7 @@ class TimeMatch(FixMatch):
     config_class = TimeMatchConfig
     config: TimeMatchConfig
     table_order = 90.0
+    short_name = "TM"
 
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)

@@ -24,6 +24,7 @@ class UpperBound(SupervisedMethod):
     starts_from_source = False
     select_best_by = "target_val_f1"
     table_order = 100.0
+    short_name = "UB"
     reference = True
 
     @property

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from timematch.errors import ConfigError, NonFiniteLoss, TimeMatchError
+from timematch.methods import get_method
 
 CHECK_TIMEOUT_S = 3.0
 #: The step of every metric logged once per run (final, selection, test, timings, a launch's
@@ -394,7 +395,13 @@ def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuse
 
 
 def trial_run_name(scenario: str, method: str, fold: int, trial_id: str, seed: int | None = None) -> str:
-    return f"{scenario} {method} f{fold}{_seed_part(seed)} {trial_id}"
+    """``DK-FR1 TM f0 #3``: scenario, the method's short name, fold (and seed), and the trial's
+    number in the launch (the counter of Ray's trial id, ``<hash>_00003``), so the name still
+    tells runs apart where the UI's name column truncates it (about 15 characters); the
+    method's full name and the full trial id are the run's tags."""
+    counter = trial_id.rsplit("_", 1)[-1]
+    number = f"#{int(counter)}" if counter.isdigit() else trial_id
+    return f"{scenario} {get_method(method).short_name} f{fold}{_seed_part(seed)} {number}"
 
 
 def pretrain_run_name(tile: str, fold: int, seed: int | None = None) -> str:
@@ -402,7 +409,7 @@ def pretrain_run_name(tile: str, fold: int, seed: int | None = None) -> str:
 
 
 def _seed_part(seed: int | None) -> str:
-    return "" if seed is None else f" s{seed}"
+    return "" if seed is None else f"s{seed}"
 
 
 def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> str:
