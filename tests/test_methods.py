@@ -38,9 +38,9 @@ def test_registry_lists_methods_and_rejects_unknown():
 def test_trial_run_names_fit_the_ui_column():
     from timematch.runner.tracking import pretrain_run_name, trial_run_name
 
-    assert trial_run_name("DK-FR1", "timematch", 0, "3f2a1_00012") == "DK-FR1 TM f0 #12"
-    assert trial_run_name("FR1-FR2", "cdan_e", 2, "3f2a1_00003", seed=1) == "FR1-FR2 CDAN+E f2s1 #3"
-    assert trial_run_name("DK-AT1", "mmd", 0, "local") == "DK-AT1 MMD f0 local"  # not a Ray id: kept whole
+    assert trial_run_name("DK-FR1", "timematch", 0, 12) == "DK-FR1 TM f0 #12"
+    assert trial_run_name("FR1-FR2", "cdan_e", 2, 3, seed=1) == "FR1-FR2 CDAN+E f2s1 #3"
+    assert trial_run_name("DK-AT1", "mmd", 0, "e50d47dd") == "DK-AT1 MMD f0 e50d47dd"  # no number: the trial id
     assert pretrain_run_name("DK", 0) == "pretrain DK f0" and pretrain_run_name("DK", 0, 1) == "pretrain DK f0s1"
 
 

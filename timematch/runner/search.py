@@ -57,13 +57,15 @@ class _FixedConfig(Searcher):
 
 
 class GroupedSearch(Searcher):
-    """Trials of every group of a plan; each config is ``{"group": id, "params": {...}}``."""
+    """Trials of every group of a plan; each config is ``{"group": id, "number": n, "params": {...}}``,
+    ``n`` the trial's number in its group (0, the first, is the defaults where the group has them)."""
 
     def __init__(self, plan: LaunchPlan, max_concurrent_per_group: int, seed: int = 0,
                  optuna_db: Path | None = None, launch_id: str = "") -> None:
         super().__init__(metric=plan.objective, mode="max")
         self._order = [g.id for g in plan.groups]
         self._remaining = {g.id: g.trials for g in plan.groups}
+        self._number = {g.id: 0 for g in plan.groups}
         self._searchers: dict[str, Searcher] = {}
         storage = optuna_storage(optuna_db) if optuna_db is not None else None
         for index, group in enumerate(plan.groups):
@@ -102,9 +104,11 @@ class GroupedSearch(Searcher):
             params = self._searchers[group_id].suggest(trial_id)
             if params is None or params == Searcher.FINISHED:
                 continue  # at its concurrency limit: offer the slot to the next group
+            number = self._number[group_id]  # the trial's number in its group: 0 is the defaults
+            self._number[group_id] += 1
             self._remaining[group_id] -= 1
             self._owner[trial_id] = group_id
-            return {"group": group_id, "params": dict(params)}
+            return {"group": group_id, "number": number, "params": dict(params)}
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -394,14 +394,13 @@ def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuse
     return next((run for run in runs if not statuses or run.info.status in statuses), None)
 
 
-def trial_run_name(scenario: str, method: str, fold: int, trial_id: str, seed: int | None = None) -> str:
-    """``DK-FR1 TM f0 #3``: scenario, the method's short name, fold (and seed), and the trial's
-    number in the launch (the counter of Ray's trial id, ``<hash>_00003``), so the name still
-    tells runs apart where the UI's name column truncates it (about 15 characters); the
-    method's full name and the full trial id are the run's tags."""
-    counter = trial_id.rsplit("_", 1)[-1]
-    number = f"#{int(counter)}" if counter.isdigit() else trial_id
-    return f"{scenario} {get_method(method).short_name} f{fold}{_seed_part(seed)} {number}"
+def trial_run_name(scenario: str, method: str, fold: int, number: int | str, seed: int | None = None) -> str:
+    """``DK-FR1 TM f0 #3``: scenario, the method's short name, fold (and seed), and the
+    trial's number in its group (``#0`` is the defaults), so the name still tells runs apart
+    where the UI's name column truncates it (about 15 characters); the method's full name
+    and Ray's trial id are the run's tags."""
+    label = f"#{number}" if isinstance(number, int) else number
+    return f"{scenario} {get_method(method).short_name} f{fold}{_seed_part(seed)} {label}"
 
 
 def pretrain_run_name(tile: str, fold: int, seed: int | None = None) -> str:

@@ -217,7 +217,8 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     )
     run_id, finished = tracking.open_run(
         client, context.experiment_id, tracking.adapt_run_key(context.launch_id, trial_id), tags, resolved,
-        tracking.trial_run_name(group.scenario.name, group.method, group.fold, trial_id, group.seed),
+        tracking.trial_run_name(group.scenario.name, group.method, group.fold, config.get("number", trial_id),
+                                group.seed),
         context.parent_run_id,
         refresh=_placement_tags(),
     )
