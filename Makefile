@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/training_step.py
 	$(BIN)/python benchmarks/shift_estimation.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/selection.py
 	$(BIN)/python benchmarks/cli_startup.py
 
 clean:

@@ -72,7 +72,9 @@ def main() -> None:
     # the parts, on the same features
     target_parcels = np.asarray(target.split.val)
     source_parcels = source.labelled("val")
-    train_parcels = np.sort(np.random.default_rng(0).choice(source.labelled("train"), 1000, replace=False))
+    train_parcels = source.labelled("train")
+    if len(train_parcels) > 1000:  # as selection_criteria subsamples DEV's fitting set
+        train_parcels = np.sort(np.random.default_rng(0).choice(train_parcels, 1000, replace=False))
     model.eval()
     forward = timed(lambda: [_logits_and_features(model, d, p, device) for d, p in
                              ((target, target_parcels), (source, source_parcels), (source, train_parcels))],

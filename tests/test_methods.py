@@ -38,10 +38,13 @@ def test_registry_lists_methods_and_rejects_unknown():
 def test_trial_run_names_fit_the_ui_column():
     from timematch.runner.tracking import pretrain_run_name, trial_run_name
 
-    assert trial_run_name("DK-FR1", "timematch", 0, 12) == "DK-FR1 TM f0 #12"
-    assert trial_run_name("FR1-FR2", "cdan_e", 2, 3, seed=1) == "FR1-FR2 CDAN+E f2s1 #3"
-    assert trial_run_name("DK-AT1", "mmd", 0, "e50d47dd") == "DK-AT1 MMD f0 e50d47dd"  # no number: the trial id
-    assert pretrain_run_name("DK", 0) == "pretrain DK f0" and pretrain_run_name("DK", 0, 1) == "pretrain DK f0s1"
+    # only what varies within the launch: fold (several folds), seed (--seeds), trial (--trials)
+    assert trial_run_name("DK-FR1", "timematch", None, None) == "DK-FR1 TM"
+    assert trial_run_name("DK-FR1", "timematch", None, 12) == "DK-FR1 TM #12"
+    assert trial_run_name("DK-FR1", "timematch", 2, 0) == "DK-FR1 TM f2#0"
+    assert trial_run_name("FR1-FR2", "cdan_e", 2, 3, seed=1) == "FR1-FR2 CDAN+E f2s1#3"
+    assert trial_run_name("DK-AT1", "mmd", None, "e50d47dd") == "DK-AT1 MMD e50d47dd"  # no number: the trial id
+    assert pretrain_run_name("DK", None) == "pretrain DK" and pretrain_run_name("DK", 0, 1) == "pretrain DK f0s1"
 
 
 def test_published_defaults():

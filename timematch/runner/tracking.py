@@ -394,21 +394,26 @@ def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuse
     return next((run for run in runs if not statuses or run.info.status in statuses), None)
 
 
-def trial_run_name(scenario: str, method: str, fold: int, number: int | str, seed: int | None = None) -> str:
-    """``DK-FR1 TM f0 #3``: scenario, the method's short name, fold (and seed), and the
-    trial's number in its group (``#0`` is the defaults), so the name still tells runs apart
-    where the UI's name column truncates it (about 15 characters); the method's full name
-    and Ray's trial id are the run's tags."""
-    label = f"#{number}" if isinstance(number, int) else number
-    return f"{scenario} {get_method(method).short_name} f{fold}{_seed_part(seed)} {label}"
+def trial_run_name(scenario: str, method: str, fold: int | None, number: int | str | None,
+                   seed: int | None = None) -> str:
+    """``DK-FR1 TM f1#2``: scenario, the method's short name, then only what varies within the
+    launch: the fold (``None`` with one fold), the seed (``None`` without ``--seeds``) and the
+    trial's number in its group (``#0`` is the defaults; ``None`` with one trial per group).
+    So a name fits the UI's name column (about 15 characters in a launch's nested rows) and
+    its visible part tells the launch's runs apart; the full method name, fold, seed and Ray's
+    trial id are the run's tags."""
+    trial = "" if number is None else (f"#{number}" if isinstance(number, int) else f" {number}")
+    return f"{scenario} {get_method(method).short_name}{_suffix(fold, seed, trial)}"
 
 
-def pretrain_run_name(tile: str, fold: int, seed: int | None = None) -> str:
-    return f"pretrain {tile} f{fold}{_seed_part(seed)}"
+def pretrain_run_name(tile: str, fold: int | None, seed: int | None = None) -> str:
+    """``pretrain DK``, with the fold and seed where the launch has several (``pretrain DK f1s0``)."""
+    return f"pretrain {tile}{_suffix(fold, seed)}"
 
 
-def _seed_part(seed: int | None) -> str:
-    return "" if seed is None else f"s{seed}"
+def _suffix(fold: int | None, seed: int | None, trial: str = "") -> str:
+    text = ("" if fold is None else f"f{fold}") + ("" if seed is None else f"s{seed}") + trial
+    return f" {text.strip()}" if text else ""
 
 
 def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> str:

@@ -151,7 +151,7 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     )
     run_id, _ = tracking.open_run(
         client, context.experiment_id, tracking.pretrain_run_key(task.key), tags,
-        plan.resolved_pretrain_config(), tracking.pretrain_run_name(short_name(task.source), task.fold, task.seed),
+        plan.resolved_pretrain_config(), tracking.pretrain_run_name(short_name(task.source), _varying_fold(plan, task.fold), task.seed),
         context.parent_run_id, reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
@@ -199,6 +199,11 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
 # -- stage 2: adaptation trials ---------------------------------------------------------
 
 
+def _varying_fold(plan: LaunchPlan, fold: int) -> int | None:
+    """The fold, for run names, where the launch has several (else None: names leave it out)."""
+    return fold if len(plan.folds) > 1 else None
+
+
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     """One trial: adapt the group's source model with ``config["params"]``, evaluate, log, report."""
     _start(context)
@@ -217,8 +222,8 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     )
     run_id, finished = tracking.open_run(
         client, context.experiment_id, tracking.adapt_run_key(context.launch_id, trial_id), tags, resolved,
-        tracking.trial_run_name(group.scenario.name, group.method, group.fold, config.get("number", trial_id),
-                                group.seed),
+        tracking.trial_run_name(group.scenario.name, group.method, _varying_fold(plan, group.fold),
+                                config.get("number", trial_id) if group.trials > 1 else None, group.seed),
         context.parent_run_id,
         refresh=_placement_tags(),
     )
