@@ -21,8 +21,9 @@ name their optimisers in :meth:`Method.optimizer_groups`, and call
 
 What the runner and the report need to know about a method are class attributes:
 ``table_order`` (its row in the paper's table), ``short_name`` (in run names),
-``reference`` (a reference row, never marked best), ``evaluates_source_model`` (its default trial evaluates the pretrained
-source model: the source-only baseline), ``starts_from_source`` and ``select_best_by``.
+``reference`` (a reference row, never marked best), ``evaluates_source_model`` (its
+default trial evaluates the pretrained source model: the source-only baseline),
+``starts_from_source`` and ``select_best_by``.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Method:
     #: Row of the method in the results table (the paper's order: baselines first, the
     #: competitors, FixMatch, TimeMatch, the upper bound last).
     table_order: ClassVar[float] = 50.0
-    #: At most 6 characters, as MLflow run names show the method (``DK-FR1 TM f0 #3``): the
+    #: At most 6 characters, as MLflow run names show the method (``DK-FR1 TM f0#3``): the
     #: runs table's name column shows about 15 characters before it truncates.
     short_name: ClassVar[str]
     #: A reference row (source-only, upper bound): shown, never marked best.

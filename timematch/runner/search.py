@@ -64,8 +64,8 @@ class GroupedSearch(Searcher):
                  optuna_db: Path | None = None, launch_id: str = "") -> None:
         super().__init__(metric=plan.objective, mode="max")
         self._order = [g.id for g in plan.groups]
-        self._remaining = {g.id: g.trials for g in plan.groups}
-        self._number = {g.id: 0 for g in plan.groups}
+        self._trials = {g.id: g.trials for g in plan.groups}
+        self._remaining = dict(self._trials)
         self._searchers: dict[str, Searcher] = {}
         storage = optuna_storage(optuna_db) if optuna_db is not None else None
         for index, group in enumerate(plan.groups):
@@ -104,8 +104,7 @@ class GroupedSearch(Searcher):
             params = self._searchers[group_id].suggest(trial_id)
             if params is None or params == Searcher.FINISHED:
                 continue  # at its concurrency limit: offer the slot to the next group
-            number = self._number[group_id]  # the trial's number in its group: 0 is the defaults
-            self._number[group_id] += 1
+            number = self._trials[group_id] - self._remaining[group_id]  # in its group: 0 is the defaults
             self._remaining[group_id] -= 1
             self._owner[trial_id] = group_id
             return {"group": group_id, "number": number, "params": dict(params)}

@@ -140,6 +140,11 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
         _train_source_model(task, path, context)
 
 
+def _varying_fold(plan: LaunchPlan, fold: int) -> int | None:
+    """The fold, for run names, where the launch has several (else None: names leave it out)."""
+    return fold if len(plan.folds) > 1 else None
+
+
 def _train_source_model(task, path: Path, context: TrialContext) -> None:
     plan = context.plan
     spec = plan.pretrain_spec(task)
@@ -151,7 +156,8 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     )
     run_id, _ = tracking.open_run(
         client, context.experiment_id, tracking.pretrain_run_key(task.key), tags,
-        plan.resolved_pretrain_config(), tracking.pretrain_run_name(short_name(task.source), _varying_fold(plan, task.fold), task.seed),
+        plan.resolved_pretrain_config(),
+        tracking.pretrain_run_name(short_name(task.source), _varying_fold(plan, task.fold), task.seed),
         context.parent_run_id, reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
@@ -197,11 +203,6 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
 
 
 # -- stage 2: adaptation trials ---------------------------------------------------------
-
-
-def _varying_fold(plan: LaunchPlan, fold: int) -> int | None:
-    """The fold, for run names, where the launch has several (else None: names leave it out)."""
-    return fold if len(plan.folds) > 1 else None
 
 
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
