@@ -23,7 +23,8 @@ from timematch.data.dataset import DataConfig, open_domains
 from timematch.data.embedded import ensure_embedded_dataset
 from timematch.models import build_model
 from timematch.shift import estimate_shift, estimate_shift_loop
-from timematch.evaluation import pick_device, to_torch
+from timematch.data.views import DomainViews
+from timematch.evaluation import pick_device
 
 
 def main() -> None:
@@ -39,11 +40,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     parcels = rng.permutation(target.split.train)
     n_batches = min(args.batches, len(parcels) // 128)
-    batches = []
-    for i in range(n_batches):
-        batch = target.weak_batch(parcels[i * 128 : (i + 1) * 128], rng)
-        batch.pop("label")
-        batches.append(to_torch(batch, device))
+    views = DomainViews.on(target, "cpu", torch.Generator().manual_seed(0))
+    order = torch.as_tensor(parcels)
+    batches = [views.weak(order[i * 128 : (i + 1) * 128]).to(device) for i in range(n_batches)]
     torch.manual_seed(0)
     model = build_model(num_classes=len(target.classes)).to(device).eval()
     shifts = range(-60, 61)

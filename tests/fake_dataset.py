@@ -51,3 +51,16 @@ def write_tile(
     }
     (path / "meta" / "metadata.pkl").write_bytes(pickle.dumps(meta))
     return path
+
+
+#: Crop codes of the two-tile dataset of the data tests (Denmark: winter barley, meadow,
+#: spring barley, ..., two unknown; France: ORH, PPH, ORP, MIS).
+DK_LABELS = [10] * 12 + [251] * 15 + [1] * 8 + [216] * 3 + [999999] * 2
+FR_LABELS = ["ORH"] * 10 + ["PPH"] * 12 + ["ORP"] * 6 + ["MIS"] * 4
+
+
+def write_two_tiles(root: Path) -> Path:
+    """DK (20 dates) and FR1 (25 dates) with the labels above, under ``root``."""
+    write_tile(root, "denmark/32VNH/2017", labels=DK_LABELS, n_dates=20, seed=1)
+    write_tile(root, "france/30TXT/2017", labels=FR_LABELS, n_dates=25, seed=2)
+    return root

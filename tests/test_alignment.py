@@ -17,7 +17,6 @@ from timematch.methods.alignment import (
     reverse_gradient, warm_start_coefficient,
 )
 from timematch.methods.jumbot import unbalanced_plan
-from timematch.training import StepContext
 
 
 def test_reversal_flips_and_scales_gradients():
@@ -34,13 +33,18 @@ def test_warm_start_schedule_and_resume_coefficient():
     assert values == sorted(values) and values[-1] == pytest.approx(1.0, abs=1e-6)
     assert values[2] == pytest.approx(2 / (1 + math.exp(-1)) - 1)
     assert warm_start_coefficient(10**9, lo=0.2, hi=0.7) == pytest.approx(0.7)
-    # the coefficient follows the step context, so a run resumed at epoch 3 continues where it was
-    steps = 25
-    uninterrupted = [warm_start_coefficient(StepContext(e, s, steps, 100).global_step)
-                     for e in range(1, 5) for s in range(1, steps + 1)]
-    resumed = [warm_start_coefficient(StepContext(e, s, steps, 100).global_step)
-               for e in range(3, 5) for s in range(1, steps + 1)]
-    assert resumed == uninterrupted[2 * steps:]
+    # the coefficient of a captured step is computed from the device's step counter: the same values
+    steps = torch.arange(0, 100_000, 997)
+    on_device = warm_start_coefficient(steps, lo=0.2, hi=0.7, max_iters=1000)
+    assert on_device.dtype == torch.float32
+    np.testing.assert_allclose(on_device.numpy(), [warm_start_coefficient(int(i), lo=0.2, hi=0.7) for i in steps],
+                               rtol=1e-6)
+
+
+def test_reversal_coefficient_may_be_a_tensor():
+    x = torch.randn(4, 2, requires_grad=True)
+    reverse_gradient(x, torch.tensor(0.5)).sum().backward()
+    assert torch.allclose(x.grad, torch.full((4, 2), -0.5))
 
 
 def test_mmd_near_zero_for_one_distribution_and_grows_with_a_mean_shift():

@@ -39,6 +39,7 @@ LAUNCH_CASES = [
     ("--seed", ["--seed", "-1"], ["expected an integer in [0, 999999]"]),
     ("--seed", ["--seed", "1.5"], ["expected an integer in [0, 999999]"]),
     ("--seeds", ["--seeds", "0"], ["expected an integer in [1, 100]"]),
+    ("--precision", ["--precision", "fp16"], ["invalid choice: 'fp16'", "'fp32', 'bf16'"]),
     ("--set", ["--set", "methods.timematch.lr=abc"], ["'abc' is not a number", "allowed:"]),
     ("--data-root", ["--data-root", "{tmp}/nowhere"], ["no such directory",
                                                        "leave --data-root out to use the embedded synthetic dataset"]),
@@ -53,6 +54,7 @@ LAUNCH_CASES = [
     ("--resume", ["--resume=yes"], ["ignored explicit argument"]),
     ("--dry-run", ["--dry-run=yes"], ["ignored explicit argument"]),
     ("--verbose", ["--verbose=yes"], ["ignored explicit argument"]),
+    ("--no-cuda-graph", ["--no-cuda-graph=yes"], ["ignored explicit argument"]),
 ]
 
 REPORT_CASES = [

@@ -1,26 +1,21 @@
-"""Packed cache, batches, masks, shift augmentation, class-balanced sampling."""
+"""Packed cache, domains, evaluation batches. (Training views: tests/test_data_views.py.)"""
 
 import os
 
 import numpy as np
 import pytest
 
-from tests.fake_dataset import write_parcel, write_tile
-from timematch.data.dataset import ClassBalancedSampler, DataConfig, open_domains
+from tests.fake_dataset import write_parcel, write_two_tiles
+from timematch.data.dataset import DataConfig, open_domains
 from timematch.data.format import TileReader
 from timematch.data.packed import PackedTile
 from timematch.errors import DatasetError
 
-DK_LABELS = [10] * 12 + [251] * 15 + [1] * 8 + [216] * 3 + [999999] * 2  # winter_barley, meadow, spring_barley, ...
-FR_LABELS = ["ORH"] * 10 + ["PPH"] * 12 + ["ORP"] * 6 + ["MIS"] * 4
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    root = tmp_path / "data"
-    write_tile(root, "denmark/32VNH/2017", labels=DK_LABELS, n_dates=20, seed=1)
-    write_tile(root, "france/30TXT/2017", labels=FR_LABELS, n_dates=25, seed=2)
-    return root
+    return write_two_tiles(tmp_path / "data")
 
 
 def test_packed_cache_matches_reader_and_stays_out_of_dataset(dataset, cache_dir):
@@ -70,26 +65,8 @@ def test_domains_classes_labels_and_errors(dataset, cache_dir):
         open_domains(dataset, "DK", "FR1", fold=0, config=DataConfig(min_parcels=13))
 
 
-def test_strong_weak_and_eval_batches(dataset, cache_dir):
-    config = DataConfig(min_parcels=5, pixels_per_parcel=16, timesteps=8)
-    source, _ = open_domains(dataset, "DK", "FR1", fold=0, config=config)
-    rng = np.random.default_rng(0)
-    parcels = source.split.train[:10]
-    batch = source.strong_batch(parcels, rng)
-    assert batch["pixels"].shape == (10, 8, 16, 10) and batch["pixels"].dtype == np.float32
-    assert batch["mask"].shape == (10, 16)
-    assert batch["positions"].shape == (10, 8)
-    assert (np.diff(batch["positions"], axis=1) > 0).all()  # dates in time order
-    n = source.packed.n_pixels[parcels]
-    assert (batch["mask"].sum(1) == np.minimum(n, 16)).all()
-    # sampled pixels are distinct pixels of the parcel
-    index, mask = __import__("timematch.data.dataset", fromlist=["x"]).sample_pixels(source.packed, parcels, 16, rng)
-    for row, parcel in enumerate(parcels):
-        chosen = index[row][mask[row]]
-        assert len(np.unique(chosen)) == len(chosen)
-        assert (chosen >= source.packed.offsets[parcel]).all() and (chosen < source.packed.offsets[parcel + 1]).all()
-    weak = source.weak_batch(parcels, rng)
-    assert weak["pixels"].shape == (10, 20, 16, 10)
+def test_eval_batches(dataset, cache_dir):
+    source, _ = open_domains(dataset, "DK", "FR1", fold=0, config=DataConfig(min_parcels=5))
     seen = 0
     for eval_batch in source.eval_batches(source.split.test):
         width = eval_batch["mask"].shape[1]
@@ -106,24 +83,3 @@ def test_eval_view_holds_exact_normalised_pixels(dataset, cache_dir):
     raw = source.packed.parcel(parcel)  # (T, C, S)
     expected = source.normalizer(raw.transpose(0, 2, 1))
     assert np.allclose(batch["pixels"][0][:, : raw.shape[2]], expected, atol=1e-5)
-
-
-def test_shift_augmentation(dataset, cache_dir):
-    config = DataConfig(min_parcels=5, timesteps=20)
-    source, _ = open_domains(dataset, "DK", "FR1", fold=0, config=config)
-    rng = np.random.default_rng(1)
-    parcels = np.repeat(source.split.train[:1], 200)
-    shifted = source.strong_batch(parcels, rng, 60, 1.0)["positions"] - source.packed.positions[None, :]
-    assert (shifted == shifted[:, :1]).all()  # one shift per sample, all dates alike
-    assert shifted.min() >= -60 and shifted.max() <= 60 and shifted.std() > 20
-    plain = source.strong_batch(parcels, rng)["positions"]
-    assert (plain == source.packed.positions[None, :]).all()
-
-
-def test_class_balanced_sampler():
-    labels = np.array([0] * 90 + [1] * 10)
-    sampler = ClassBalancedSampler(labels, np.arange(100))
-    drawn = labels[sampler(20000, np.random.default_rng(0))]
-    assert abs(drawn.mean() - 0.5) < 0.02
-    plain = ClassBalancedSampler(labels, np.arange(100), balanced=False)
-    assert abs(labels[plain(20000, np.random.default_rng(0))].mean() - 0.1) < 0.02

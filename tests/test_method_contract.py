@@ -15,19 +15,22 @@ import pytest
 import torch
 
 from timematch.data.dataset import DataConfig, open_domains
+from timematch.data.views import model_outputs
 from timematch.evaluation import predict
 from timematch.experiment import ExperimentSpec, pretrain_source, run_experiment
 from timematch.methods import build_config, config_fields, get_method, method_names, source_model_method
 from timematch.methods.base import Method, TrainConfig
 from timematch.models import build_model
-from timematch.training import StepContext, build_optimizer, fit
+from timematch.step_engine import LearningRate, StepContext, build_optimizer
+from timematch.training import fit
 
 TINY = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 16}
 METHODS = method_names()
 
 
-def tiny_config(name: str) -> dict:
-    config = dict(TINY)
+def tiny_config(name: str, budget: dict = TINY) -> dict:
+    """``budget`` for method ``name``, with TimeMatch's shift estimation on 2 batches."""
+    config = dict(budget)
     if "sample_size" in config_fields(name):
         config["sample_size"] = 2
     return config
@@ -111,11 +114,12 @@ def test_checkpoint_resumes_bit_identical_and_loads_safely(base, name, tmp_path)
 # -- the contract's parts ----------------------------------------------------------------
 
 
-def test_step_context_counts_global_steps():
-    context = StepContext(epoch=3, step=2, steps_per_epoch=5, total_steps=50)
-    assert context.global_step == 11
-    assert context.progress == pytest.approx(11 / 50)
-    assert StepContext(1, 1, 5, 50).global_step == 0
+def test_step_context_reads_the_step_from_a_tensor():
+    step = torch.tensor(11)
+    context = StepContext(step, steps_per_epoch=5, total_steps=50)
+    assert float(context.progress) == pytest.approx(11 / 50)
+    step.add_(1)  # what the engine does after each step: a captured step sees the new value
+    assert float(context.progress) == pytest.approx(12 / 50)
 
 
 def test_optimizer_and_schedule_follow_the_config():
@@ -123,21 +127,28 @@ def test_optimizer_and_schedule_follow_the_config():
     groups = [{"name": "backbone", "params": list(model.spatial_encoder.parameters()), "lr_scale": 0.1},
               {"name": "head", "params": list(model.decoder.parameters()), "lr_scale": 1.0}]
     sgd = build_config("dann")
-    optimizer, schedule = build_optimizer(sgd, groups, total_steps=100)
+    optimizer = build_optimizer(sgd, groups, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
-    for _ in range(10):
-        optimizer.step()
-        schedule.step()
+    rate = LearningRate.of(sgd, total_steps=100)
     decay = (1 + 0.001 * 10) ** -0.75
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4 * decay, 1e-3 * decay])
-    adam, cosine = build_optimizer(build_config("timematch"), groups, total_steps=10)
-    assert isinstance(adam, torch.optim.Adam)
-    for _ in range(10):
-        adam.step()
-        cosine.step()
-    assert adam.param_groups[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert float(rate.factor(torch.tensor(10))) == pytest.approx(decay)
+    cosine = LearningRate.of(build_config("timematch"), total_steps=10)
+    assert [float(cosine.factor(torch.tensor(i))) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert float(LearningRate("constant", 10, 0.0, 0.0).factor(torch.tensor(7))) == 1.0
+    adam = build_optimizer(build_config("timematch"), groups, torch.device("cpu"))
+    assert isinstance(adam, torch.optim.Adam) and [g["base_lr"] for g in adam.param_groups] == pytest.approx([1e-5, 1e-4])
+
+
+def test_learning_rate_follows_the_schedule_in_training(base):
+    spec, pretrained = base
+    reports = []
+    run_experiment(spec.replace(method="dann", method_config={**TINY, "epochs": 2}), pretrained,
+                   on_epoch=lambda report, state: reports.append(report))
+    # the head's rate after each epoch: lr (1 + 0.001 i)^-0.75 at the next step i
+    expected = [1e-3 * (1 + 0.001 * i) ** -0.75 for i in (2, 4)]
+    assert [r.metrics["lr"] for r in reports] == pytest.approx(expected)
 
 
 def test_default_parameter_groups_scale_the_backbone(base):
@@ -180,18 +191,18 @@ class AlternatingCritic(Method):
         return {"model": [{"name": "model", "params": list(self.model.parameters())}],
                 "critic": [{"name": "critic", "params": list(self.critic.parameters())}]}
 
-    def sample(self, rng):
-        parcels = rng.choice(self.source.labelled("train"), self.config.batch_size)
-        return {"source": self.source.strong_batch(parcels, rng)}
+    def sample(self):
+        views = self.views.source
+        return {"source": views.strong(views.draw_labelled(self.config.batch_size, balanced=False))}
 
     def training_step(self, batch, context):
         x = batch["source"]
-        logits, features = self.model(x["pixels"], x["mask"], x["positions"], x["geom"])
+        logits, features = model_outputs(self.model, x)
         critic_loss = self.critic(features.detach()).pow(2).mean()
         self.step_optimizer("critic", critic_loss, context)
-        loss = torch.nn.functional.cross_entropy(logits, x["label"]) - 0.01 * self.critic(features).mean()
+        loss = torch.nn.functional.cross_entropy(logits, x.label) - 0.01 * self.critic(features).mean()
         self.step_optimizer("model", loss, context)
-        return loss.detach(), {"critic_loss": float(critic_loss.detach())}
+        return loss.detach(), {"critic_loss": critic_loss.detach()}
 
 
 def test_manual_optimization_with_two_optimizers_resumes(base):

@@ -12,6 +12,7 @@ from timematch.data.dataset import DataConfig
 from timematch.errors import ConfigError, DatasetError, TrainingError
 from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_key, pretrain_source, run_experiment
 from timematch.methods import build_config, config_fields, method_names
+from timematch.data.views import Batch
 from timematch.methods.pseudo_label import ema_update, pseudo_labels, supervised_and_pseudo_loss
 from timematch.methods.registry import register
 from timematch.models import build_model
@@ -93,7 +94,7 @@ class FixedTeacher(torch.nn.Module):
         self.logits = logits
         self.seen_positions = None
 
-    def forward(self, pixels, mask, positions, geom=None):
+    def forward(self, pixels, mask, positions, geom=None, **kwargs):
         self.seen_positions = positions
         return self.logits, None
 
@@ -101,18 +102,19 @@ class FixedTeacher(torch.nn.Module):
 def test_pseudo_label_masking_and_shift():
     logits = torch.log(torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.02, 0.98]]))
     teacher = FixedTeacher(logits)
-    weak = {"pixels": torch.zeros(3, 2, 1, 10), "mask": torch.ones(3, 1, dtype=torch.bool),
-            "positions": torch.tensor([[0, 10]] * 3), "geom": torch.zeros(3, 4)}
-    labels, keep = pseudo_labels(teacher, weak, shift=7, threshold=0.9)
+    weak = Batch(pixels=torch.zeros(3, 2, 1, 10), mask=torch.ones(3, 1, dtype=torch.bool),
+                 positions=torch.tensor([[0, 10]] * 3), geom=torch.zeros(3, 4), label=torch.full((3,), -1),
+                 index=torch.arange(3))
+    labels, keep = pseudo_labels(teacher, weak.shifted(torch.tensor(7)), threshold=0.9)
     assert labels.tolist() == [0, 0, 1] and keep.tolist() == [True, False, True]
     assert teacher.seen_positions.tolist() == [[7, 17]] * 3
 
 
 def random_batch(n, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
-    return {"pixels": torch.randn(n, 6, 8, 10, generator=g) + shift, "mask": torch.ones(n, 8, dtype=torch.bool),
-            "positions": torch.arange(0, 60, 10).repeat(n, 1), "geom": torch.zeros(n, 4),
-            "label": torch.randint(0, 3, (n,), generator=g)}
+    return Batch(pixels=torch.randn(n, 6, 8, 10, generator=g) + shift, mask=torch.ones(n, 8, dtype=torch.bool),
+                 positions=torch.arange(0, 60, 10).repeat(n, 1), geom=torch.zeros(n, 4),
+                 label=torch.randint(0, 3, (n,), generator=g), index=torch.arange(n), padded=False)
 
 
 def test_domain_specific_bn_keeps_statistics_apart():
@@ -124,12 +126,16 @@ def test_domain_specific_bn_keeps_statistics_apart():
     a, b = random_batch(8, 1, shift=0.0), random_batch(8, 2, shift=5.0)
     pseudo = torch.zeros(8, dtype=torch.long)
 
-    def source_loss(target, dsbn):
-        torch.manual_seed(3)  # same dropout masks
-        return supervised_and_pseudo_loss(model, source, target, pseudo, 1.0, 1.0, dsbn)[1]["source_loss"]
+    confident = torch.ones(8, dtype=torch.bool)
 
-    assert source_loss(a, True) == pytest.approx(source_loss(b, True), abs=1e-6)
-    assert source_loss(a, False) != pytest.approx(source_loss(b, False), abs=1e-4)
+    def source_loss(target, dsbn, static):
+        torch.manual_seed(3)  # same dropout masks
+        return float(supervised_and_pseudo_loss(model, source, target, pseudo, confident, 1.0, 1.0, dsbn,
+                                                static)[1]["source_loss"])
+
+    for static in (True, False):  # the GPU's shape-static form and the CPU's selecting one
+        assert source_loss(a, True, static) == pytest.approx(source_loss(b, True, static), abs=1e-6)
+        assert source_loss(a, False, static) != pytest.approx(source_loss(b, False, static), abs=1e-4)
 
 
 # -- end to end on the small synthetic dataset -------------------------------------------

@@ -51,3 +51,27 @@ def test_explicit_fractions_and_concurrency_cap():
 def test_impossible_requests_are_config_errors(kind, cpus, gpus, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         trial_resources(kind, cpus, gpus, "auto")
+
+
+def test_auto_share_reads_the_measured_curve_of_the_gpu_model():
+    from timematch.runner.gpu_share import DEFAULT_SHARE, auto_share
+
+    def point(trials, aggregate, **other):
+        return {"method": "timematch", "sharing": "processes", "path": "cuda_graph", "trials": trials,
+                "aggregate": aggregate, **other}
+
+    curves = {"NVIDIA H200": [point(1, 200), point(2, 380), point(4, 700), point(8, 740), point(16, 760),
+                              point(16, 9000, sharing="streams")]}  # another way of sharing: not read
+    share = auto_share("H200", curves)  # Ray's accelerator type matches torch's device name
+    assert share.gpus == 0.25 and "4 trials per H200" in share.reason  # 4 -> 8 gains only 6 %
+    assert auto_share("NVIDIA A100", curves).gpus == DEFAULT_SHARE
+    assert "no measured curve for NVIDIA A100" in auto_share("NVIDIA A100", curves).reason
+    assert auto_share(None, curves).gpus == DEFAULT_SHARE
+    flat = {"H200": [point(1, 200), point(2, 205)]}
+    assert auto_share("NVIDIA H200", flat).gpus == 1.0  # a second trial adds nothing
+
+
+def test_launch_says_how_auto_chose_the_gpu_share():
+    res = trial_resources(Cluster(address="test", cpus=16, gpus=1, nodes=1, max_node_cpus=16, started_here=False,
+                                  gpu_type="Z9000"), "auto", "auto", "auto")
+    assert res.gpus == 0.25 and "no measured curve for Z9000" in res.describe_gpus()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from timematch.data.dataset import DataConfig, open_domains
-from timematch.evaluation import predict, to_torch
+from timematch.evaluation import model_inputs, predict
 from timematch.models import build_model
 from timematch.serving import ParcelInputError, ParcelPredictor, check_input, example_input, parcels_input
 
@@ -35,8 +35,8 @@ def random_model(domain, seed: int = 0, **options) -> torch.nn.Module:
             module.momentum = None  # the plain average of the batches below
     with torch.no_grad():
         for batch in domain.eval_batches(domain.split.train[:24]):
-            tensors = to_torch(batch, torch.device("cpu"))
-            model(tensors["pixels"], tensors["mask"], tensors["positions"], tensors["geom"])
+            args, kwargs = model_inputs(model, batch, torch.device("cpu"))
+            model(*args, **kwargs)
     return model.eval()
 
 
@@ -83,6 +83,10 @@ def test_bad_input_says_which_key(domains, model, data_root):
     with pytest.raises(ParcelInputError, match="yyyymmdd"):
         ParcelPredictor(model, target.classes, target.normalizer).predict(
             {**batch, "start_date": np.ones_like(batch["start_date"])})
+    # dates the model cannot encode: refused here, on the host (the forward does not check)
+    with pytest.raises(ParcelInputError, match=r"dates .*\[-100, 465\)"):
+        ParcelPredictor(model, target.classes, target.normalizer).predict(
+            {**batch, "start_date": np.full_like(batch["start_date"], 20150101)})
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.host_reads import forbid_host_reads
+from timematch.data.views import Batch
 from timematch.errors import ConfigError
 from timematch.shift import estimate_shift, estimate_shift_loop
 
@@ -14,7 +16,7 @@ class BumpClassifier(torch.nn.Module):
     """Class k = a bump in the signal around day CENTRES[k]; logits compare the signal
     with one template per class, evaluated at the given positions."""
 
-    def encode_pixels(self, pixels, mask, geom=None):
+    def encode_pixels(self, pixels, mask, geom=None, padded=True):
         return pixels.mean(dim=(2, 3))[..., None]  # (B, T, 1)
 
     def encode_time(self, emb, positions):
@@ -39,13 +41,15 @@ def toy_batches(shift: int, n_batches: int = 3, size: int = 32, seed: int = 0):
         centre = CENTRES.numpy()[labels] - shift + rng.normal(0, 2, size)
         signal = np.exp(-((days[None] - centre[:, None]) ** 2) / (2 * 15.0**2)) + rng.normal(0, 0.05, (size, len(days)))
         pixels = np.repeat(signal[:, :, None, None], 4, axis=2).repeat(2, axis=3).astype(np.float32)
-        batches.append({
-            "pixels": torch.from_numpy(pixels),
-            "mask": torch.ones(size, 4, dtype=torch.bool),
-            "positions": torch.from_numpy(np.broadcast_to(days, (size, len(days))).copy()),
-            "geom": torch.zeros(size, 4),
-            "label": torch.from_numpy(labels),
-        })
+        batches.append(Batch(
+            pixels=torch.from_numpy(pixels),
+            mask=torch.ones(size, 4, dtype=torch.bool),
+            positions=torch.from_numpy(np.broadcast_to(days, (size, len(days))).copy()),
+            geom=torch.zeros(size, 4),
+            label=torch.from_numpy(labels),
+            index=torch.arange(size),
+            padded=False,
+        ))
     return batches
 
 
@@ -86,9 +90,34 @@ def test_batched_equals_loop_with_pse_ltae():
     batches = []
     for seed in range(2):
         g = torch.Generator().manual_seed(seed)
-        batches.append({"pixels": torch.randn(12, 20, 16, 10, generator=g), "mask": torch.ones(12, 16, dtype=torch.bool),
-                        "positions": torch.sort(torch.randint(0, 360, (12, 20), generator=g), 1).values,
-                        "geom": torch.zeros(12, 4)})
+        batches.append(Batch(pixels=torch.randn(12, 20, 16, 10, generator=g), mask=torch.ones(12, 16, dtype=torch.bool),
+                             positions=torch.sort(torch.randint(0, 360, (12, 20), generator=g), 1).values,
+                             geom=torch.zeros(12, 4), label=torch.full((12,), -1), index=torch.arange(12)))
     batched = estimate_shift(model, batches, range(-60, 61, 5), "is", max_rows=100)
     loop = estimate_shift_loop(model, batches, range(-60, 61, 5), "is")
     np.testing.assert_allclose(batched.scores, loop.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_scores_stay_on_the_device_until_the_end():
+    """The per-shift sums accumulate as tensors: inside the batches, nothing is read back."""
+    from timematch import shift as shift_module
+
+    batches = toy_batches(5)
+    original = shift_module._Accumulator.scores
+    calls = []
+
+    def scores(self, estimator, prior):
+        calls.append(estimator)
+        return original(self, estimator, prior)
+
+    shift_module._Accumulator.scores = scores
+    try:
+        with forbid_host_reads():
+            accumulator = shift_module._Accumulator(121, 4, torch.device("cpu"))
+            for batch in batches:
+                probs = torch.rand(121, len(batch), 4).softmax(-1)
+                accumulator.add(probs, batch.label, slice(0, 121))
+        estimate_shift(BumpClassifier(), batches, range(-60, 61), "is")
+    finally:
+        shift_module._Accumulator.scores = original
+    assert calls == ["is"]

@@ -32,20 +32,32 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, to
     return out
 
 
+def model_inputs(model: torch.nn.Module, batch: dict[str, np.ndarray], device: torch.device, shift: int = 0):
+    """The model's arguments for an evaluation batch (numpy, from :meth:`Domain.eval_batches`):
+    the tensors on ``device``, and what the host knows for free (whether any pixel is padding;
+    that the shifted dates are in the model's table, checked here)."""
+    if hasattr(model, "check_positions"):
+        model.check_positions(batch["positions"] + shift)
+    tensors = to_torch({k: batch[k] for k in ("pixels", "mask", "positions", "geom")}, device)
+    return (tensors["pixels"], tensors["mask"], tensors["positions"] + shift, tensors["geom"]), {
+        "padded": not bool(batch["mask"].all())}
+
+
 @torch.inference_mode()
 def predict(
     model: torch.nn.Module, domain: Domain, parcels: np.ndarray, device: torch.device, shift: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, K) of ``parcels`` with all pixels and dates, and their labels.
 
-    Rows follow the order of ``parcels`` (evaluation batches group parcels by size).
+    Rows follow the order of ``parcels`` (evaluation batches group parcels by size). The
+    probabilities stay on the device until the last batch: one read back.
     """
     model.eval()
     probs, index = [], []
     for batch in domain.eval_batches(parcels):
-        tensors = to_torch(batch, device)
-        logits, _ = model(tensors["pixels"], tensors["mask"], tensors["positions"] + shift, tensors["geom"])
-        probs.append(logits.float().softmax(-1).cpu().numpy())
+        args, kwargs = model_inputs(model, batch, device, shift)
+        logits, _ = model(*args, **kwargs)
+        probs.append(logits.float().softmax(-1))
         index.append(batch["index"])
     if not probs:
         return np.zeros((0, len(domain.classes)), np.float32), np.zeros(0, np.int64)
@@ -53,7 +65,7 @@ def predict(
     index_arr = np.concatenate(index)
     row_of = np.empty(int(index_arr.max()) + 1, dtype=np.int64)
     row_of[index_arr] = np.arange(len(index_arr))
-    return np.concatenate(probs)[row_of[parcels]], domain.labels[parcels]
+    return torch.cat(probs).cpu().numpy()[row_of[parcels]], domain.labels[parcels]
 
 
 def evaluate(

@@ -37,7 +37,7 @@ from timematch.evaluation import evaluate, pick_device
 from timematch.selection import CRITERIA, ORACLE, epoch_selection
 from timematch.methods import build_config, get_method, source_model_method
 from timematch.models import build_model
-from timematch.training import EpochCallback, EpochReport, fit
+from timematch.training import EpochCallback, EpochReport, Execution, fit
 
 logger = logging.getLogger("timematch")
 
@@ -65,7 +65,9 @@ class ExperimentSpec:
     ``source`` and ``target`` are short tile names (DK, FR1, FR2, AT1) or
     ``country/tile/year`` paths. ``method_config`` overrides the method's published
     defaults; ``pretrain_config`` overrides source-only training's defaults for the
-    source model the method starts from.
+    source model the method starts from. ``precision`` (``fp32``, ``bf16``) is part of what
+    is computed; ``device``, ``cuda_graph`` and ``gpu_share`` only say how (see
+    :class:`timematch.training.Execution`).
     """
 
     data_root: Path
@@ -80,9 +82,18 @@ class ExperimentSpec:
     seed: int = 0
     device: str | None = None  # None: CUDA when present, else CPU
     cache_dir: Path | None = None
+    precision: str = "fp32"
+    cuda_graph: bool = True
+    gpu_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.execution()  # rejects a bad precision or share before any work
 
     def replace(self, **changes: Any) -> "ExperimentSpec":
         return dataclasses.replace(self, **changes)
+
+    def execution(self) -> Execution:
+        return Execution(precision=self.precision, cuda_graph=self.cuda_graph, gpu_share=self.gpu_share)
 
 
 @dataclass
@@ -166,6 +177,9 @@ class ExperimentResult:
     shift_scores: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     normalizer: dict[str, Any] = field(default_factory=dict)
+    #: How the training steps ran: ``path`` (``cuda_graph`` or ``eager``), ``reason``,
+    #: ``placement`` (where the tiles were), ``precision``.
+    step_path: dict[str, str] = field(default_factory=dict)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -196,7 +210,8 @@ def pretrain_key(spec: ExperimentSpec) -> str:
     """A stable hash of every input that determines the source model of ``spec``."""
     p = _pretrain_spec(spec)
     inputs = {
-        "version": 1,
+        # 2: batches drawn on the device (timematch.data.views): the same inputs train another model
+        "version": 2,
         "data_root": str(Path(p.data_root).expanduser().resolve()),
         "source": resolve_tile(p.source),
         "fold": p.fold,
@@ -205,6 +220,8 @@ def pretrain_key(spec: ExperimentSpec) -> str:
         "data": dataclasses.asdict(p.data),
         "config": dataclasses.asdict(build_config(p.method, p.method_config)),
     }
+    if p.precision != "fp32":
+        inputs["precision"] = p.precision
     text = json.dumps(inputs, sort_keys=True, default=str)
     return f"{resolve_tile(p.source).replace('/', '_')}-fold{p.fold}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
@@ -239,7 +256,7 @@ def pretrain_source(
     model = build_model(p.model, num_classes=len(source.classes)).to(device)
     method = get_method(p.method)(config, model, source, source if target is None else target, device)
     logger.info("pretraining on %s (fold %d, %d classes) on %s", source.tile, p.fold, len(source.classes), device)
-    outcome = fit(method, _seed(p), on_epoch, resume_state, log=logger.info)
+    outcome = fit(method, _seed(p), on_epoch, resume_state, log=logger.info, execution=p.execution())
     return PretrainedSource(
         key=pretrain_key(spec),
         classes=list(source.classes),
@@ -248,7 +265,7 @@ def pretrain_source(
         history=outcome["history"],
         best_epoch=int(outcome["best_epoch"]),
         source_val_f1=float(outcome["best_value"]),
-        info={"timings": outcome["timings"], "config": dataclasses.asdict(config)},
+        info={"timings": outcome["timings"], "config": dataclasses.asdict(config), "step_path": outcome["step_path"]},
     )
 
 
@@ -284,6 +301,7 @@ def run_experiment(
             if on_epoch:
                 on_epoch(report, lambda: {})
         timings = pretrained.info.get("timings", {})
+        step_path = pretrained.info.get("step_path", {})
     else:
         if method_cls.starts_from_source:
             if pretrained is None:
@@ -294,8 +312,9 @@ def run_experiment(
             model = build_model(spec.model, num_classes=len(source.classes)).to(device)
         method = method_cls(config, model, source, target, device)
         logger.info("%s: %s -> %s, fold %d, on %s", spec.method, source.tile, target.tile, spec.fold, device)
-        outcome = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info)
+        outcome = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info, execution=spec.execution())
         history, timings, info = outcome["history"], outcome["timings"], method.info()
+        step_path = outcome["step_path"]
         best_epoch = outcome["best_epoch"] if method_cls.select_best_by else 0
         model = method.eval_model()
     test = evaluate(model, target, "test", device)
@@ -313,6 +332,7 @@ def run_experiment(
         spec=spec, classes=list(source.classes), metrics=metrics, report=test["report"],
         confusion=test["confusion"], history=history, model=model, config=dataclasses.asdict(config),
         shift_scores=info.get("shift_scores", []), timings=timings, normalizer=target.normalizer.to_dict(),
+        step_path=step_path,
     )
 
 

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from timematch.data.dataset import Domain
 from timematch.errors import ConfigError
-from timematch.evaluation import evaluate, score_labelled, to_torch
+from timematch.evaluation import evaluate, model_inputs, score_labelled
 from timematch.metrics import classification_metrics, entropy, information_maximization
 
 #: The criterion that uses the target validation labels: logged every epoch, the optimistic
@@ -388,10 +388,10 @@ def _logits_and_features(
     rows in the order of ``parcels``."""
     logits, features, index = [], [], []
     for batch in domain.eval_batches(parcels):
-        tensors = to_torch(batch, device)
-        out, feats = model(tensors["pixels"], tensors["mask"], tensors["positions"], tensors["geom"])
-        logits.append(out.float().cpu().numpy())
-        features.append(feats.float().cpu().numpy())
+        args, kwargs = model_inputs(model, batch, device)
+        out, feats = model(*args, **kwargs)
+        logits.append(out.float())
+        features.append(feats.float())
         index.append(batch["index"])
     if not index:
         return np.zeros((0, len(domain.classes)), np.float32), np.zeros((0, 0), np.float32)
@@ -399,7 +399,7 @@ def _logits_and_features(
     row_of = np.empty(int(index_arr.max()) + 1, dtype=np.int64)
     row_of[index_arr] = np.arange(len(index_arr))
     rows = row_of[np.asarray(parcels)]
-    return np.concatenate(logits)[rows], np.concatenate(features)[rows]
+    return torch.cat(logits).cpu().numpy()[rows], torch.cat(features).cpu().numpy()[rows]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

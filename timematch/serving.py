@@ -47,7 +47,6 @@ from timematch.data.format import N_BANDS, TileReader, parse_date
 from timematch.errors import DatasetError
 from timematch.evaluation import pick_device
 from timematch.models import GEOM_DIM, build_model
-from timematch.models.positional import PositionalEncoding
 
 #: Keys of a parcel batch, in the order of the MLflow signature.
 INPUT_KEYS = ("pixels", "n_pixels", "dates", "start_date", "geometric_features")
@@ -160,14 +159,6 @@ def check_input(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return batch
 
 
-def _positional_range(model: torch.nn.Module) -> tuple[int, int]:
-    """The ``[low, high)`` positions the module's sinusoid table covers (shifts included)."""
-    tables = [m for m in model.modules() if isinstance(m, PositionalEncoding)]
-    if not tables:
-        raise ValueError(f"{type(model).__name__} has no positional encoding")
-    return tables[0].low, tables[0].high
-
-
 @dataclass
 class ParcelPredictor:
     """A classifier with everything it needs to predict parcels in the published format.
@@ -212,6 +203,11 @@ class ParcelPredictor:
         """Class probabilities float32 (B, K) of a parcel batch (see the module docstring)."""
         batch = check_input(inputs)
         positions = batch_positions(batch["dates"], batch["start_date"]) + self.shift
+        try:  # here, on the host: the model's forward does not check
+            self.model.check_positions(positions)
+        except ValueError as err:
+            raise ParcelInputError(f"dates (days after start_date{f', shifted by {self.shift}' if self.shift else ''}): "
+                                   f"{err}") from None
         device = next(self.model.parameters()).device
         self.model.eval()
         counts = batch["n_pixels"]
@@ -226,6 +222,7 @@ class ParcelPredictor:
                 torch.from_numpy(mask).to(device),
                 torch.from_numpy(positions[rows]).to(device),
                 torch.from_numpy(geom).to(device),
+                padded=not bool(mask.all()),
             )
             probs[rows] = logits.float().softmax(-1).cpu().numpy()
         return probs
@@ -251,7 +248,7 @@ class ParcelPredictor:
 
     def settings(self) -> dict[str, Any]:
         """Everything but the weights, as JSON-ready values."""
-        low, high = _positional_range(self.model)
+        low, high = self.model.position_range
         return {
             "format": SETTINGS_FORMAT,
             "architecture": {"name": self.model.name, "num_classes": len(self.classes),
@@ -291,8 +288,8 @@ class ParcelPredictor:
         model = build_model(arch["name"], num_classes=arch["num_classes"], **arch["options"])
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-        if list(_positional_range(model)) != settings["positions"]["valid"]:
-            raise DatasetError(f"{directory}: the rebuilt model's positions {_positional_range(model)} differ from "
+        if list(model.position_range) != settings["positions"]["valid"]:
+            raise DatasetError(f"{directory}: the rebuilt model's positions {model.position_range} differ from "
                                f"the saved {settings['positions']['valid']}; save model_options with the predictor")
         return cls(
             model.to(pick_device(device)).eval(),

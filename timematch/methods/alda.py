@@ -42,26 +42,30 @@ class ALDAConfig(AdversarialConfig):
 def alda_losses(discriminator_logits: torch.Tensor, probs: torch.Tensor, source_labels: torch.Tensor,
                 threshold: float) -> dict[str, torch.Tensor]:
     """ALDA's adversarial and corrected losses for ``discriminator_logits`` (N, K) and the
-    classifier's ``probs`` (N, K), source rows (``len(source_labels)``) first."""
+    classifier's ``probs`` (N, K), source rows (``len(source_labels)``) first.
+
+    The rows that count (every source row, the accepted target rows) are weighted, not
+    selected, so the shapes never depend on how many are accepted.
+    """
     n, classes = source_labels.shape[0], probs.shape[1]
     xi = torch.sigmoid(discriminator_logits.float())
     confidence, predicted = probs.detach().max(1)
-    accepted = confidence[n:] > threshold
+    accepted = (confidence[n:] > threshold).float()
     predicted_mask = F.one_hot(predicted, classes).float()
-    predicted_mask[n:] *= accepted[:, None].float()
+    predicted_mask = torch.cat([predicted_mask[:n], predicted_mask[n:] * accepted[:, None]])
     eye = torch.eye(classes, device=probs.device)
     off = (1.0 - eye) / (classes - 1)
     eta = off + (eye - off) * xi[:, None, :]  # (N, K, K): eta[b, k, l]
     corrected = (eta * predicted_mask[:, None, :]).sum(2).clamp(0.0, 1.0)  # (N, K)
     wanted = torch.cat([F.one_hot(source_labels, classes).float(), (1.0 - predicted_mask[n:]) / (classes - 1)])
-    rows = torch.cat([torch.ones(n, dtype=torch.bool, device=probs.device), accepted])
-    adversarial = F.binary_cross_entropy(corrected[rows], wanted[rows], reduction="sum") / rows.sum()
-    if accepted.any():
-        target_corrected = (eta.detach()[n:] * predicted_mask[n:, None, :]).sum(2)
-        corrected_loss = -(probs[n:] * target_corrected)[accepted].mean()
-    else:
-        corrected_loss = probs.sum() * 0.0
-    return {"adversarial": adversarial, "corrected": corrected_loss, "accepted": accepted.float().mean()}
+    rows = torch.cat([torch.ones(n, device=probs.device), accepted])
+    with torch.autocast(probs.device.type, enabled=False):  # autocast refuses binary_cross_entropy
+        per_row = F.binary_cross_entropy(corrected.float(), wanted, reduction="none").sum(1)
+    adversarial = (per_row * rows).sum() / rows.sum()
+    target_corrected = (eta.detach()[n:] * predicted_mask[n:, None, :]).sum(2)
+    # mean over the accepted rows' K entries; 0 (with a zero gradient) when none is accepted
+    corrected_loss = -((probs[n:] * target_corrected).sum(1) * accepted).sum() / (accepted.sum() * classes).clamp_min(1.0)
+    return {"adversarial": adversarial, "corrected": corrected_loss, "accepted": accepted.mean()}
 
 
 @register("alda")
@@ -84,7 +88,7 @@ class ALDA(AdversarialMethod):
         # the regulariser trains the discriminator only (features detached)
         regulariser = F.cross_entropy(self.discriminator(features[:n_source].detach()), source_labels)
         return AlignmentTerms(losses["adversarial"] + losses["corrected"], {
-            "pseudo_label_acceptance": float(losses["accepted"]), "adversarial_loss": float(losses["adversarial"].detach()),
-            "corrected_loss": float(losses["corrected"].detach()), "discriminator_reg_loss": float(regulariser.detach()),
+            "pseudo_label_acceptance": losses["accepted"], "adversarial_loss": losses["adversarial"].detach(),
+            "corrected_loss": losses["corrected"].detach(), "discriminator_reg_loss": regulariser.detach(),
             "grl_coefficient": coefficient,
         }, own_loss=regulariser)

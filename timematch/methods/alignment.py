@@ -17,15 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timematch.data.dataset import ClassBalancedSampler, uniform_sampler
+from timematch.data.views import Batch, model_outputs
 from timematch.losses import focal_loss
 from timematch.methods.base import Method, TrainConfig, check_range
-from timematch.methods.pseudo_label import concat
 from timematch.training import StepContext
 
 
@@ -75,24 +73,28 @@ class AdversarialConfig(AlignmentConfig):
 
 class _GradientReversal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, coefficient: float) -> torch.Tensor:
-        ctx.coefficient = coefficient
+    def forward(ctx, x: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coefficient)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return -ctx.coefficient * grad, None
+        (coefficient,) = ctx.saved_tensors
+        return -coefficient.to(grad.dtype) * grad, None
 
 
-def reverse_gradient(x: torch.Tensor, coefficient: float) -> torch.Tensor:
-    """Identity forward; the backward pass multiplies the gradient by ``-coefficient``."""
-    return _GradientReversal.apply(x, float(coefficient))
+def reverse_gradient(x: torch.Tensor, coefficient: torch.Tensor | float) -> torch.Tensor:
+    """Identity forward; the backward pass multiplies the gradient by ``-coefficient`` (a
+    number or a 0-dim tensor, which a captured step reads at each replay)."""
+    return _GradientReversal.apply(x, torch.as_tensor(coefficient, dtype=torch.float32, device=x.device))
 
 
-def warm_start_coefficient(step: int, alpha: float = 1.0, lo: float = 0.0, hi: float = 1.0,
-                           max_iters: int = 1000) -> float:
+def warm_start_coefficient(step, alpha: float = 1.0, lo: float = 0.0, hi: float = 1.0, max_iters: int = 1000):
     """2 (hi - lo) / (1 + exp(-alpha step / max_iters)) - (hi - lo) + lo: ``lo`` at step 0,
-    rising to ``hi`` (DANN's schedule, Ganin et al. 2016)."""
+    rising to ``hi`` (DANN's schedule, Ganin et al. 2016). ``step``: an int (returns a float)
+    or a tensor (returns a float32 tensor)."""
+    if isinstance(step, torch.Tensor):
+        return (2.0 * (hi - lo) / (1.0 + torch.exp(-alpha * step.double() / max_iters)) - (hi - lo) + lo).float()
     return float(2.0 * (hi - lo) / (1.0 + math.exp(-alpha * step / max_iters)) - (hi - lo) + lo)
 
 
@@ -115,8 +117,7 @@ def domain_adversarial_loss(logits: torch.Tensor, n_source: int) -> tuple[torch.
     """0.5 (BCE(d_s, 1) + BCE(d_t, 0)) over discriminator ``logits`` (N, 1) with the source
     first, and the discriminator's accuracy (0.5: the domains are indistinguishable)."""
     logits = logits.reshape(-1)
-    labels = torch.zeros_like(logits)
-    labels[:n_source] = 1.0
+    labels = (torch.arange(logits.shape[0], device=logits.device) < n_source).to(logits.dtype)
     per_sample = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     loss = 0.5 * (per_sample[:n_source].mean() + per_sample[n_source:].mean())
     return loss, discriminator_accuracy(logits, n_source)
@@ -205,7 +206,7 @@ class AlignmentTerms:
     regulariser) with weight 1; ``logs`` are the step's logs."""
 
     transfer: torch.Tensor
-    logs: dict[str, float]
+    logs: dict[str, torch.Tensor]
     own_loss: torch.Tensor | None = None
 
 
@@ -216,29 +217,24 @@ class AlignmentMethod(Method):
 
     config: AlignmentConfig
 
-    def __init__(self, config, model, source, target, device) -> None:
-        super().__init__(config, model, source, target, device)
-        self._source_sampler = ClassBalancedSampler(source.labels, source.labelled("train"), config.balanced_source)
-        self._target_sampler = uniform_sampler(target.split.train)
-
-    def sample(self, rng: np.random.Generator) -> dict:
+    def sample(self) -> dict[str, Batch]:
         size = self.config.batch_size
+        source, target = self.views.source, self.views.target
         return {
-            "source": self.source.strong_batch(self._source_sampler(size, rng), rng),
-            "target": self.target.strong_batch(self._target_sampler(size, rng), rng),
+            "source": source.strong(source.draw_labelled(size, self.config.balanced_source)),
+            "target": target.strong(target.draw_train(size)),
         }
 
-    def training_step(self, batch: dict, context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        source, target = batch["source"], batch["target"]
-        both = concat(source, target)
-        logits, features = self.model(both["pixels"], both["mask"], both["positions"], both["geom"])
-        n = source["pixels"].shape[0]
-        classification = focal_loss(logits[:n], source["label"], self.config.focal_gamma)
-        terms = self.alignment_loss(logits, features, n, source["label"], context)
+    def training_step(self, batch: dict[str, Batch], context: StepContext) -> tuple[torch.Tensor, dict]:
+        source = batch["source"]
+        logits, features = model_outputs(self.model, Batch.concat(source, batch["target"]))
+        n = len(source)
+        classification = focal_loss(logits[:n], source.label, self.config.focal_gamma)
+        terms = self.alignment_loss(logits, features, n, source.label, context)
         loss = classification + self.config.trade_off * terms.transfer
         if terms.own_loss is not None:
             loss = loss + terms.own_loss
-        logs = dict(terms.logs, source_loss=float(classification.detach()), transfer_loss=float(terms.transfer.detach()))
+        logs = dict(terms.logs, source_loss=classification.detach(), transfer_loss=terms.transfer.detach())
         return loss, logs
 
     def alignment_loss(self, logits: torch.Tensor, features: torch.Tensor, n_source: int,
@@ -252,6 +248,7 @@ class AdversarialMethod(AlignmentMethod):
 
     config: AdversarialConfig
 
-    def reversal_coefficient(self, context: StepContext) -> float:
+    def reversal_coefficient(self, context: StepContext) -> torch.Tensor:
+        """The gradient-reversal coefficient at this step (a device tensor)."""
         cfg = self.config
         return warm_start_coefficient(context.global_step, cfg.grl_alpha, cfg.grl_lo, cfg.grl_hi, cfg.grl_max_iters)

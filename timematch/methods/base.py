@@ -11,19 +11,31 @@ evaluation):
 - its **parameter groups** (:meth:`Method.parameter_groups`; by default the backbone at
   ``backbone_lr_scale`` times the head's learning rate), and through the config the
   optimiser (``adam``, ``sgd``) and schedule (``cosine``, ``inverse_decay``, ``constant``);
-- one **training step**: given the numpy batches of :meth:`Method.sample` (as tensors on
-  the device) and a :class:`~timematch.training.StepContext` (epoch, step, global step,
-  total steps), :meth:`Method.training_step` returns the loss and a dict of logs.
+- one **training step**: given the batches of :meth:`Method.sample` (built by
+  ``self.views``, see :mod:`timematch.data.views`) and a
+  :class:`~timematch.step_engine.StepContext` (the global step as a device tensor, steps
+  per epoch, total steps), :meth:`Method.training_step` returns the loss and a dict of
+  logs, **as tensors** (averaged over the epoch; keys ending in ``_count`` summed).
+
+On a GPU the sampling and the step are captured once as a CUDA graph and replayed
+(:mod:`timematch.step_engine`), so both follow three rules: tensor operations with static
+shapes (when ``self.static_shapes``, mask, do not select: ``sample_weight`` in the model's
+forward leaves samples out of the batch statistics); nothing read back to the host (no
+``float(tensor)``, ``.item()``, ``if tensor:``); anything that changes between steps or
+epochs and is read inside the step (a shift, a coefficient) lives in a tensor updated in
+place, because a Python number is frozen at capture. Per-epoch statistics accumulate in
+device tensors that :meth:`end_epoch` reads. A method that cannot follow them says why in
+``eager_reason`` and runs eagerly.
 
 Methods that update with more than one optimiser per step set ``manual_optimization``,
 name their optimisers in :meth:`Method.optimizer_groups`, and call
-:meth:`Method.step_optimizer` themselves; the loop then only advances the schedules.
+:meth:`Method.step_optimizer` themselves; the loop then only sets the learning rates.
 
 What the runner and the report need to know about a method are class attributes:
 ``table_order`` (its row in the paper's table), ``short_name`` (in run names),
 ``reference`` (a reference row, never marked best), ``evaluates_source_model`` (its
 default trial evaluates the pretrained source model: the source-only baseline),
-``starts_from_source`` and ``select_best_by``.
+``starts_from_source``, ``select_best_by`` and ``eager_reason``.
 """
 
 from __future__ import annotations
@@ -37,9 +49,10 @@ import torch
 from torch import nn
 
 from timematch.data.dataset import Domain
+from timematch.data.views import Batch, Views
 from timematch.checks import check_choice, check_flag, check_range
 from timematch.errors import ConfigError
-from timematch.training import StepContext, check_finite
+from timematch.training import StepContext
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "inverse_decay", "constant")
@@ -126,6 +139,9 @@ class Method:
     evaluates_source_model: ClassVar[bool] = False
     #: The method calls :meth:`step_optimizer` itself (several optimisers per step).
     manual_optimization: ClassVar[bool] = False
+    #: Why its step cannot be captured as a CUDA graph (None: it can); it then runs eagerly,
+    #: and the reason is logged and tagged on its MLflow run.
+    eager_reason: ClassVar[str | None] = None
 
     def __init__(self, config: TrainConfig, model: nn.Module, source: Domain, target: Domain,
                  device: torch.device) -> None:
@@ -136,6 +152,10 @@ class Method:
         self.device = device
         self.owned: dict[str, OwnedModule] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}  # set by the loop
+        self.views: Views | None = None  # set by the loop: where this trial's batches are built
+        #: The step keeps its shapes and reads nothing back (on a GPU, where it is captured as a
+        #: CUDA graph); on a CPU a method may select samples and skip work instead.
+        self.static_shapes = device.type == "cuda"
 
     # -- declared by the method ----------------------------------------------------------
 
@@ -172,14 +192,36 @@ class Method:
             return self.config.steps_per_epoch
         return max(1, len(self.source.labelled("train")) // self.config.batch_size)
 
-    def sample(self, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
-        """The numpy batches of one step (runs in the data thread)."""
+    def sample(self) -> dict[str, Batch]:
+        """The batches of one step, built by ``self.views`` (tensor operations: inside the
+        captured step on a GPU, in a background thread on a CPU)."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]],
-                      context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one step and its logs (averaged over the epoch; keys ending in ``_count`` summed)."""
+    def training_step(self, batch: dict[str, Batch],
+                      context: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one step and its logs, tensors (averaged over the epoch; keys ending in
+        ``_count`` summed)."""
         raise NotImplementedError
+
+    def max_date_shift(self) -> int:
+        """The most days the method moves date positions by (augmentation, shift correction):
+        the loop checks once that the tiles' dates moved that far stay encodable."""
+        return 0
+
+    def check_date_range(self) -> None:
+        """Raise :class:`ConfigError` unless every date the method can feed the model, its
+        tiles' positions moved by up to :meth:`max_date_shift` days, lies in the model's
+        table. Checked once, where batches are built: the forward does not check."""
+        shift = self.max_date_shift()
+        for domain in {id(d.packed): d for d in (self.source, self.target)}.values():
+            positions = domain.packed.positions
+            if len(positions) == 0:
+                continue
+            try:
+                self.model.check_positions((int(positions.min()) - shift, int(positions.max()) + shift))
+            except ValueError as error:
+                raise ConfigError(f"{type(self).__name__} on {domain.tile} (dates moved by up to {shift} days): "
+                                  f"{error}") from None
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -216,8 +258,8 @@ class Method:
             owned.module.train(owned.trainable)
 
     def step_optimizer(self, name: str, loss: torch.Tensor, context: StepContext) -> None:
-        """Manual optimisation: check ``loss`` is finite, then zero, backward and step optimiser ``name``."""
-        check_finite(loss, context.epoch, context.step, context.saved)
+        """Manual optimisation: zero, backward and step optimiser ``name`` (the loop checks that
+        the loss ``training_step`` returns is finite)."""
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

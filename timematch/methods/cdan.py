@@ -61,8 +61,7 @@ class CDAN(AdversarialMethod):
         probs = logits.float().softmax(-1).detach()
         joint = self.map(features, probs)
         domain_logits = self.discriminator(reverse_gradient(joint, coefficient)).reshape(-1)
-        labels = torch.zeros_like(domain_logits)
-        labels[:n_source] = 1.0
+        labels = (torch.arange(domain_logits.shape[0], device=domain_logits.device) < n_source).to(domain_logits.dtype)
         if self.config.entropy_conditioning:
             weight = 1.0 + torch.exp(-entropy(probs))
             weight = weight / weight.sum() * weight.shape[0]
@@ -70,4 +69,4 @@ class CDAN(AdversarialMethod):
             weight = None
         loss = F.binary_cross_entropy_with_logits(domain_logits, labels, weight=weight)
         accuracy = discriminator_accuracy(domain_logits, n_source)
-        return AlignmentTerms(loss, {"discriminator_accuracy": float(accuracy), "grl_coefficient": coefficient})
+        return AlignmentTerms(loss, {"discriminator_accuracy": accuracy, "grl_coefficient": coefficient})

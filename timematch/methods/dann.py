@@ -41,4 +41,4 @@ class DANN(AdversarialMethod):
         coefficient = self.reversal_coefficient(context)
         domain_logits = self.discriminator(reverse_gradient(features, coefficient))
         loss, accuracy = domain_adversarial_loss(domain_logits, n_source)
-        return AlignmentTerms(loss, {"discriminator_accuracy": float(accuracy), "grl_coefficient": coefficient})
+        return AlignmentTerms(loss, {"discriminator_accuracy": accuracy, "grl_coefficient": coefficient})

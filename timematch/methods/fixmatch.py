@@ -10,6 +10,11 @@ view:
 
 with domain-specific batch norm (source and target forwarded separately), Adam and a
 cosine schedule, and the teacher updated as an EMA of the student after each step.
+
+On a GPU the whole target batch is forwarded with the unconfident samples weighted out of
+the loss and the batch statistics (rather than selected), so the step keeps its shape and
+runs as a CUDA graph; on a CPU they are selected, which saves their work. The shift
+(TimeMatch's; 0 here) is a device tensor set at each epoch's start.
 """
 
 from __future__ import annotations
@@ -19,16 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
-from timematch.data.dataset import ClassBalancedSampler, uniform_sampler
+from timematch.data.views import Batch
 from timematch.methods.base import Method, TrainConfig, check_choice, check_range
 from timematch.methods.pseudo_label import (
+    PseudoLabelStats,
     ema_update,
-    histogram,
+    macro_f1,
     make_teacher,
     pseudo_labels,
-    select,
     supervised_and_pseudo_loss,
 )
 from timematch.methods.registry import register
@@ -69,63 +73,61 @@ class FixMatch(Method):
     def __init__(self, config, model, source, target, device) -> None:
         super().__init__(config, model, source, target, device)
         self.teacher = self.own("teacher", make_teacher(model), trainable=False)
-        self._source_sampler = ClassBalancedSampler(source.labels, source.labelled("train"), config.balanced_source)
-        self._target_sampler = uniform_sampler(target.split.train)
-        # days added to target positions for the teacher, and to source positions for the student
-        self.target_shift = 0
-        self.source_shift = 0
-        self._epoch_pseudo: list[np.ndarray] = []
-        self._epoch_confident: list[tuple[np.ndarray, np.ndarray]] = []
+        # days added to target positions for the teacher, and to source positions for the
+        # student: tensors, read by the captured step and set in place at each epoch's start
+        self._shifts = torch.zeros(2, dtype=torch.int64, device=device)
+        self._stats = PseudoLabelStats(len(source.classes), device)
         self.class_prior: np.ndarray | None = None
 
-    def sample(self, rng: np.random.Generator) -> dict:
+    @property
+    def target_shift(self) -> int:
+        return int(self._shifts[0])
+
+    @property
+    def source_shift(self) -> int:
+        return int(self._shifts[1])
+
+    def set_shifts(self, target: int, source: int) -> None:
+        self._shifts.copy_(torch.tensor([target, source], dtype=torch.int64))
+
+    def sample(self) -> dict[str, Batch]:
         size = self.config.batch_size
-        target = self._target_sampler(size, rng)
+        source, target = self.views.source, self.views.target
+        parcels = target.draw_train(size)
         return {
-            "source": self.source.strong_batch(self._source_sampler(size, rng), rng),
-            "target_weak": self.target.weak_batch(target, rng),
-            "target_strong": self.target.strong_batch(target, rng),
+            "source": source.strong(source.draw_labelled(size, self.config.balanced_source)),
+            "target_weak": target.weak(parcels),
+            "target_strong": target.strong(parcels),
         }
 
-    def training_step(self, batch: dict, context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: dict[str, Batch], context: StepContext) -> tuple[torch.Tensor, dict]:
         cfg = self.config
-        labels, confident = pseudo_labels(self.teacher, batch["target_weak"], self.target_shift, cfg.pseudo_threshold)
-        self._epoch_pseudo.append(labels.cpu().numpy())
-        true = batch["target_weak"]["label"]
-        self._epoch_confident.append((labels[confident].cpu().numpy(), true[confident].cpu().numpy()))
-        source = dict(batch["source"])
-        if self.source_shift:
-            source["positions"] = source["positions"] + self.source_shift
-        target = select(batch["target_strong"], confident)
+        weak = batch["target_weak"]
+        labels, confident = pseudo_labels(self.teacher, weak.shifted(self._shifts[0]), cfg.pseudo_threshold)
+        self._stats.add(labels, confident, weak.label)
         loss, logs = supervised_and_pseudo_loss(
-            self.model, source, target, labels[confident], cfg.trade_off, cfg.focal_gamma, cfg.domain_specific_bn
+            self.model, batch["source"].shifted(self._shifts[1]), batch["target_strong"], labels, confident,
+            cfg.trade_off, cfg.focal_gamma, cfg.domain_specific_bn, self.static_shapes,
         )
-        logs["pseudo_label_count"] = float(confident.sum())
+        logs["pseudo_label_count"] = confident.float().sum()
         return loss, logs
 
     def after_step(self, context: StepContext) -> None:
         ema_update(self.teacher, self.model, self.config.ema_decay)
 
     def end_epoch(self, epoch: int, logs: list[str]) -> dict[str, float]:
-        n_classes = len(self.source.classes)
-        if self._epoch_pseudo:
-            self.class_prior = histogram(np.concatenate(self._epoch_pseudo), n_classes)
-        predicted = np.concatenate([p for p, _ in self._epoch_confident]) if self._epoch_confident else np.zeros(0)
-        true = np.concatenate([t for _, t in self._epoch_confident]) if self._epoch_confident else np.zeros(0)
-        self._epoch_pseudo, self._epoch_confident = [], []
+        pseudo, confusion, confident = self._stats.read()
+        if pseudo.sum() > 0:
+            self.class_prior = pseudo
         metrics = {}
-        if len(predicted) == 0:
+        if confident == 0:
             logs.append(
                 f"no target sample passed the pseudo-label threshold ({self.config.pseudo_threshold}) "
                 "this epoch: the student trained on source data only"
             )
             metrics["pseudo_label_f1"] = float("nan")
         else:
-            labelled = true >= 0  # analysis only: target labels never enter training
-            metrics["pseudo_label_f1"] = (
-                float(f1_score(true[labelled], predicted[labelled], average="macro", zero_division=0))
-                if labelled.any() else float("nan")
-            )
+            metrics["pseudo_label_f1"] = macro_f1(confusion)  # analysis only
         return metrics
 
     def eval_model(self) -> torch.nn.Module:
@@ -133,13 +135,12 @@ class FixMatch(Method):
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "target_shift": int(self.target_shift),
-            "source_shift": int(self.source_shift),
+            "target_shift": self.target_shift,
+            "source_shift": self.source_shift,
             "class_prior": None if self.class_prior is None else self.class_prior.tolist(),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.target_shift = int(state["target_shift"])
-        self.source_shift = int(state["source_shift"])
+        self.set_shifts(int(state["target_shift"]), int(state["source_shift"]))
         prior = state["class_prior"]
         self.class_prior = None if prior is None else np.asarray(prior, dtype=np.float64)

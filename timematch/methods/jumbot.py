@@ -14,6 +14,9 @@ and the model minimises
 
 Logs ``transported_mass`` (sum of pi: 1 for balanced OT, less when the relaxation leaves
 mass untransported) and ``transfer_loss``.
+
+Its step runs eagerly, also on a GPU (:attr:`JUMBOT.eager_reason`): POT's solver runs on
+the host, and a CUDA graph cannot contain a copy to the host.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class JUMBOT(AlignmentMethod):
     config: JUMBOTConfig
     table_order = 60.0
     short_name = "JUMBOT"
+    eager_reason = ("POT's unbalanced Sinkhorn solver runs on the host (numpy, with a convergence test per "
+                    "iteration): each step copies the cost matrix to the host and the plan back")
 
     def alignment_loss(self, logits, features, n_source, source_labels, context):
         cfg = self.config
@@ -78,7 +83,12 @@ class JUMBOT(AlignmentMethod):
         plan = unbalanced_plan(cost.detach().cpu().double().numpy(), cfg.epsilon, cfg.tau, cfg.ot_solver,
                                cfg.ot_max_iter)
         if not np.isfinite(plan).all():  # the solver diverged: no transport this step, counted
-            return AlignmentTerms(torch.zeros((), device=cost.device), {"transported_mass": 0.0,
-                                                                       "ot_failures_count": 1.0})
+            return AlignmentTerms(torch.zeros((), device=cost.device), {"transported_mass": _number(0.0, cost),
+                                                                       "ot_failures_count": _number(1.0, cost)})
         pi = torch.from_numpy(plan).to(cost.device, cost.dtype)
-        return AlignmentTerms((pi * cost).sum(), {"transported_mass": float(plan.sum()), "ot_failures_count": 0.0})
+        return AlignmentTerms((pi * cost).sum(), {"transported_mass": _number(plan.sum(), cost),
+                                                  "ot_failures_count": _number(0.0, cost)})
+
+
+def _number(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)

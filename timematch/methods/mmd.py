@@ -40,4 +40,4 @@ class MMD(AlignmentMethod):
         cfg = self.config
         multipliers = tuple(2.0 ** k for k in range(cfg.kernel_min_exponent, cfg.kernel_max_exponent + 1))
         mmd = linear_mk_mmd(features[:n_source], features[n_source:], multipliers)
-        return AlignmentTerms(mmd, {"mmd": float(mmd.detach())})
+        return AlignmentTerms(mmd, {"mmd": mmd.detach()})

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from timematch.data.dataset import MAX_SHIFT_AUG, ClassBalancedSampler, Domain
+from timematch.data.dataset import MAX_SHIFT_AUG, Domain
+from timematch.data.views import Batch, DomainViews, model_outputs
 from timematch.losses import focal_loss
 from timematch.methods.base import Method, TrainConfig, check_range
 from timematch.methods.registry import register
@@ -46,32 +46,35 @@ class SupervisedMethod(Method):
 
     config: SourceOnlyConfig
 
-    def __init__(self, config, model, source, target, device) -> None:
-        super().__init__(config, model, source, target, device)
-        domain = self.train_domain
-        self._sampler = ClassBalancedSampler(domain.labels, domain.labelled("train"), config.balanced_sampling)
-
     @property
     def train_domain(self) -> Domain:
         return self.source
+
+    @property
+    def train_views(self) -> DomainViews:
+        """The views of :attr:`train_domain`."""
+        return self.views.source if self.train_domain is self.source else self.views.target
 
     def steps_per_epoch(self) -> int:
         if self.config.steps_per_epoch is not None:
             return self.config.steps_per_epoch
         return max(1, len(self.train_domain.labelled("train")) // self.config.batch_size)
 
-    def sample(self, rng: np.random.Generator) -> dict:
-        domain = self.train_domain
-        parcels = self._sampler(self.config.batch_size, rng)
-        cfg = self.config
-        if cfg.shift_aug:
-            return {"source": domain.strong_batch(parcels, rng, cfg.shift_aug_max, cfg.shift_aug_p)}
-        return {"source": domain.strong_batch(parcels, rng)}
+    def max_date_shift(self) -> int:
+        return self.config.shift_aug_max if self.config.shift_aug else 0
 
-    def training_step(self, batch: dict, context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def sample(self) -> dict[str, Batch]:
+        cfg = self.config
+        views = self.train_views
+        parcels = views.draw_labelled(cfg.batch_size, cfg.balanced_sampling)
+        if cfg.shift_aug:
+            return {"source": views.strong(parcels, cfg.shift_aug_max, cfg.shift_aug_p)}
+        return {"source": views.strong(parcels)}
+
+    def training_step(self, batch: dict[str, Batch], context: StepContext) -> tuple[torch.Tensor, dict]:
         x = batch["source"]
-        logits, _ = self.model(x["pixels"], x["mask"], x["positions"], x["geom"])
-        return focal_loss(logits, x["label"], self.config.focal_gamma), {}
+        logits, _ = model_outputs(self.model, x)
+        return focal_loss(logits, x.label, self.config.focal_gamma), {}
 
 
 @register("source_only")

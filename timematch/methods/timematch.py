@@ -29,10 +29,11 @@ import torch
 from timematch.data.dataset import MAX_SHIFT_AUG
 from timematch.methods.base import check_choice, check_range
 from timematch.methods.fixmatch import FixMatch, FixMatchConfig
+from timematch.data.views import Batch
 from timematch.methods.pseudo_label import histogram
 from timematch.methods.registry import register
 from timematch.shift import ESTIMATORS, ShiftScores, estimate_shift
-from timematch.evaluation import predict, to_torch
+from timematch.evaluation import predict
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,18 @@ class TimeMatch(FixMatch):
         self.narrowed = False
         self.shift_scores: list[ShiftScores] = []
 
-    def _estimation_batches(self, rng: np.random.Generator) -> list[dict[str, torch.Tensor]]:
-        """``sample_size`` weak target batches; all training parcels once when the tile holds fewer."""
+    def max_date_shift(self) -> int:
+        return self.config.max_temporal_shift
+
+    def _estimation_batches(self, rng: np.random.Generator) -> list[Batch]:
+        """``sample_size`` weak target batches; all training parcels once when the tile holds fewer.
+        (Their labels stay unread unless an estimator is the ACC oracle.)"""
         size = self.config.batch_size
         parcels = self.target.split.train
         wanted = self.config.sample_size * size
-        chosen = rng.permutation(parcels)[: min(wanted, len(parcels))]
-        batches = []
-        for start in range(0, len(chosen), size):
-            batch = self.target.weak_batch(chosen[start : start + size], rng)
-            batch.pop("label")  # target labels never enter estimation (except the ACC oracle)
-            if self.config.estimator == "acc" or self.config.init_estimator == "acc":
-                batch["label"] = self.target.labels[chosen[start : start + size]]
-            batches.append(to_torch(batch, self.device))
-        return batches
+        chosen = torch.as_tensor(rng.permutation(parcels)[: min(wanted, len(parcels))], device=self.views.target.device)
+        return [self.views.target.weak(chosen[start : start + size]).to(self.device)
+                for start in range(0, len(chosen), size)]
 
     def _estimate(self, batches, low: int, high: int, estimator: str, epoch: int, logs: list[str]) -> int:
         scores = estimate_shift(self.teacher, batches, range(low, high + 1), estimator, self.class_prior)
@@ -88,7 +87,7 @@ class TimeMatch(FixMatch):
     def start_epoch(self, epoch: int, rng: np.random.Generator, logs: list[str]) -> dict[str, float]:
         cfg = self.config
         batches = self._estimation_batches(rng)
-        n_parcels = sum(int(b["pixels"].shape[0]) for b in batches)
+        n_parcels = sum(len(b) for b in batches)
         if n_parcels < cfg.sample_size * cfg.batch_size:
             logs.append(f"shift estimation uses all {n_parcels} target training parcels "
                         f"(fewer than sample_size x batch_size = {cfg.sample_size * cfg.batch_size})")
@@ -101,8 +100,7 @@ class TimeMatch(FixMatch):
         if not self.narrowed:
             self.search_range = (min(d, 0), max(d, 0))
             self.narrowed = True
-        self.target_shift = d
-        self.source_shift = -d if cfg.source_shift else 0
+        self.set_shifts(d, -d if cfg.source_shift else 0)
         return {"estimated_shift": float(d)}
 
     def extra_state(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from timematch.models.layers import linear_blocks
+from timematch.models.layers import SampleWeights, linear_blocks, sample_weighted_statistics
+from timematch.models.positional import check_positions
 from timematch.models.pse import PixelSetEncoder
 
 
@@ -17,9 +18,14 @@ class TimeSeriesClassifier(nn.Module):
     """Classifies parcels from their pixel time series; returns ``(logits, features)``.
 
     Shapes: ``pixels (B, T, S, C)`` float, ``mask (B, S)`` bool (True = real pixel),
-    ``positions (B, T)`` int64 days (shift included, valid in ``[-100, 465)`` by default),
-    ``geom (B, 4)`` or None (ignored unless built with geometric features).
+    ``positions (B, T)`` int64 days (shift included, inside :attr:`position_range`,
+    ``[-100, 465)`` by default), ``geom (B, 4)`` or None (ignored unless built with
+    geometric features).
     ``forward(...) == classify(encode_time(encode_pixels(pixels, mask, geom), positions))``.
+
+    The forward reads nothing back to the host, so a training step can be captured as a
+    CUDA graph: what would need a read is the caller's to guarantee, where batches are built
+    (:meth:`check_positions`; every parcel has a valid pixel, which the packed cache ensures).
     """
 
     def __init__(
@@ -43,9 +49,22 @@ class TimeSeriesClassifier(nn.Module):
         # Linear blocks, then a plain linear layer to the logits
         self.decoder = nn.Sequential(*linear_blocks(decoder), nn.Linear(decoder[-1], num_classes))
 
-    def encode_pixels(self, pixels: torch.Tensor, mask: torch.Tensor, geom: torch.Tensor | None = None) -> torch.Tensor:
-        """Date embeddings ``(B, T, 128)``; independent of the date positions."""
-        return self.spatial_encoder(pixels, mask, geom)
+    @property
+    def position_range(self) -> tuple[int, int]:
+        """Date positions the temporal encoder can encode: ``[low, high)``."""
+        positional = self.temporal_encoder.positional
+        return positional.low, positional.high
+
+    def check_positions(self, positions) -> None:
+        """Raise ``ValueError`` unless ``positions`` (an array, a tensor or a (min, max) pair;
+        host data: a GPU tensor is read back) lie in :attr:`position_range`."""
+        check_positions(positions, *self.position_range)
+
+    def encode_pixels(self, pixels: torch.Tensor, mask: torch.Tensor, geom: torch.Tensor | None = None,
+                      padded: bool = True) -> torch.Tensor:
+        """Date embeddings ``(B, T, 128)``; independent of the date positions. ``padded=False``
+        promises that every mask entry is True."""
+        return self.spatial_encoder(pixels, mask, geom, padded)
 
     def encode_time(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Parcel features ``(B, feature_dim)`` from date embeddings ``(B, T, 128)`` at ``positions (B, T)``.
@@ -83,10 +102,22 @@ class TimeSeriesClassifier(nn.Module):
         mask: torch.Tensor,
         positions: torch.Tensor,
         geom: torch.Tensor | None = None,
+        *,
+        padded: bool = True,
+        sample_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits (B, num_classes), features (B, feature_dim))`` for a batch of parcels."""
-        features = self.encode_time(self.encode_pixels(pixels, mask, geom), positions)
-        return self.classify(features), features
+        """``(logits (B, num_classes), features (B, feature_dim))`` for a batch of parcels.
+
+        ``padded=False`` promises that every mask entry is True. ``sample_weight`` (B,) of 0
+        and 1: in train mode, only the samples of weight 1 enter the batch-norm statistics,
+        as if the others had not been forwarded (their outputs are computed, finite and
+        meaningless); with fewer than two, the running statistics stay as they are. See
+        :mod:`timematch.models.layers`.
+        """
+        weights = None if sample_weight is None else SampleWeights.of(sample_weight)
+        with sample_weighted_statistics(weights):
+            features = self.encode_time(self.encode_pixels(pixels, mask, geom, padded), positions)
+            return self.classify(features), features
 
 
 def _check_positions_shape(embeddings: torch.Tensor, positions: torch.Tensor) -> None:

@@ -22,8 +22,13 @@ per-pixel work:
   (parcel, date).
 
 Padded pixels get zero weight everywhere, so they change neither the output nor the
-batch statistics. ``tests/test_models.py`` checks values, gradients and running
-statistics against the plain module implementation.
+batch statistics. Samples left out by :func:`timematch.models.layers.sample_weighted_statistics`
+get zero weight in the statistics (not in their own pooling). Nothing is read back to the
+host: the counts stay tensors, and whether the batch is padded is the caller's static
+knowledge (``padded``), so the computation can be captured in a CUDA graph. Under autocast
+(bf16) the per-pixel layers run in the autocast type and the pooling, the statistics and
+the parameter gradients in float32. ``tests/test_models.py`` checks values, gradients and
+running statistics against the plain module implementation.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from timematch.models.layers import active_sample_weights, update_running_stats
 
 STD_EPS = 1e-31  # keeps sqrt differentiable at zero variance (public code: 10e-32)
 CPU_CHUNK_ROWS = 16384  # pixel rows per chunk on CPU: keeps each activation around 4 MB
@@ -54,35 +61,42 @@ def _forward_layers(x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[t
 def _backward_layers(
     acts: list[torch.Tensor], grad_out: torch.Tensor, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor]
 ) -> None:
-    """Accumulate into ``grads`` the parameter gradients given ``grad_out = dL/dh_L``."""
+    """Accumulate into ``grads`` (float32) the parameter gradients given ``grad_out = dL/dh_L``
+    (all in the activations' type)."""
     grad = grad_out
     for layer in range(len(params) // 2 - 1, -1, -1):
         grad = torch.ops.aten.threshold_backward(grad, acts[layer + 1], 0.0)  # through the ReLU
         grads[2 * layer].add_((acts[layer].t() @ grad).t())  # far faster than grad.t() @ acts for few channels
-        grads[2 * layer + 1].add_(grad.sum(0))
+        grads[2 * layer + 1].add_(grad.sum(0, dtype=grads[2 * layer + 1].dtype))
         if layer:
             grad = grad @ params[2 * layer]
+
+
+def _cast(params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(p.to(dtype) for p in params)
 
 
 class _HiddenMoments(torch.autograd.Function):
     """``(sum_r w_r h_r, sum_r w_r h_r h_r^T)`` of the last hidden layer ``h`` over pixel rows.
 
-    ``x`` (R, C) pixel rows, ``weights`` (R,) 1 for a valid pixel and 0 for padding (None:
-    no padding), ``params`` the folded (weight, bias) pairs. Sums are float64.
+    ``x`` (R, C) pixel rows, ``weights`` (R,) 1 for a row in the statistics and 0 otherwise
+    (None: every row), ``dtype`` the type the layers compute in, ``params`` the folded
+    (weight, bias) pairs. Sums are float64.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, chunk_rows, *params):
+    def forward(ctx, x, weights, chunk_rows, dtype, *params):
         dim = params[-2].shape[0]
         total = x.new_zeros(dim, dtype=torch.float64)
         gram = x.new_zeros(dim, dim, dtype=torch.float64)
+        layers = _cast(params, dtype)
         for r0 in range(0, x.shape[0], chunk_rows):
-            hidden = _forward_layers(x[r0 : r0 + chunk_rows], params)[-1]
+            hidden = _forward_layers(x[r0 : r0 + chunk_rows].to(dtype), layers)[-1].float()
             weighted = hidden if weights is None else hidden * weights[r0 : r0 + chunk_rows, None]
             total += weighted.sum(0).double()
             gram += (weighted.t() @ hidden).double()
-        ctx.chunk_rows = chunk_rows
-        ctx.padded = weights is not None
+        ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
+        ctx.weighted = weights is not None
         ctx.save_for_backward(x, weights, *params)
         return total, gram
 
@@ -91,35 +105,39 @@ class _HiddenMoments(torch.autograd.Function):
     def backward(ctx, grad_total, grad_gram):
         x, weights, *params = ctx.saved_tensors
         grads = [torch.zeros_like(p) for p in params]
-        grad_total = grad_total.to(x.dtype)
-        grad_gram = (grad_gram + grad_gram.t()).to(x.dtype)
+        layers = _cast(tuple(params), ctx.dtype)
+        grad_total = grad_total.float()
+        grad_gram = (grad_gram + grad_gram.t()).float()
         for r0 in range(0, x.shape[0], ctx.chunk_rows):
-            acts = _forward_layers(x[r0 : r0 + ctx.chunk_rows], params)
-            grad = torch.addmm(grad_total, acts[-1], grad_gram)
-            if ctx.padded:
+            acts = _forward_layers(x[r0 : r0 + ctx.chunk_rows].to(ctx.dtype), layers)
+            grad = torch.addmm(grad_total, acts[-1].float(), grad_gram)
+            if ctx.weighted:
                 grad.mul_(weights[r0 : r0 + ctx.chunk_rows, None])
-            _backward_layers(acts, grad, params, grads)
-        return (None, None, None, *grads)
+            _backward_layers(acts, grad.to(ctx.dtype), layers, grads)
+        return (None, None, None, None, *grads)
 
 
 class _PooledMLP(torch.autograd.Function):
     """Row MLP on every pixel, then masked mean and std over the pixels of each group.
 
     ``x`` (G, S, C) pixels of G (parcel, date) groups, ``weights`` (G, S) 1 = valid pixel,
-    ``counts`` (G,) valid pixels per group (at least 1), ``padded`` whether any weight is
-    0; returns mean and std, each (G, F).
+    ``counts`` (G,) valid pixels per group (at least 1), ``padded`` whether any weight may
+    be 0, ``dtype`` the type the layers compute in; returns mean and std, each (G, F),
+    float32.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, counts, padded, chunk, *params):
+    def forward(ctx, x, weights, counts, padded, chunk, dtype, *params):
         G, S, C = x.shape
         dim = params[-2].shape[0]
-        mean = x.new_empty(G, dim)
-        std = x.new_empty(G, dim)
+        mean = x.new_empty(G, dim, dtype=torch.float32)
+        std = x.new_empty(G, dim, dtype=torch.float32)
         dof = (counts - 1).clamp_min(1)[:, None]
+        layers = _cast(params, dtype)
         for g0 in range(0, G, chunk):
             g1 = min(G, g0 + chunk)
-            hidden = _forward_layers(x[g0:g1].reshape(-1, C), params)[-1].view(g1 - g0, S, dim)
+            rows = x[g0:g1].reshape(-1, C).to(dtype)
+            hidden = _forward_layers(rows, layers)[-1].float().view(g1 - g0, S, dim)
             w = weights[g0:g1, :, None]
             if padded:
                 hidden.mul_(w)
@@ -129,7 +147,7 @@ class _PooledMLP(torch.autograd.Function):
                 centred.mul_(w)
             mean[g0:g1] = m
             std[g0:g1] = centred.square_().sum(1).div_(dof[g0:g1]).add_(STD_EPS).sqrt_()
-        ctx.chunk, ctx.padded = chunk, padded
+        ctx.chunk, ctx.padded, ctx.dtype = chunk, padded, dtype
         ctx.save_for_backward(x, weights, counts, mean, std, *params)
         return mean, std
 
@@ -140,28 +158,30 @@ class _PooledMLP(torch.autograd.Function):
         G, S, C = x.shape
         dim = params[-2].shape[0]
         grads = [torch.zeros_like(p) for p in params]
+        layers = _cast(tuple(params), ctx.dtype)
         # d mean / d h_s = w_s / n ;  d std / d h_s = w_s (h_s - mean) / ((n - 1) std)
-        along_mean = grad_mean / counts[:, None]
-        along_centred = grad_std / ((counts - 1).clamp_min(1)[:, None] * std)
+        along_mean = grad_mean.float() / counts[:, None]
+        along_centred = grad_std.float() / ((counts - 1).clamp_min(1)[:, None] * std)
         for g0 in range(0, G, ctx.chunk):
             g1 = min(G, g0 + ctx.chunk)
-            acts = _forward_layers(x[g0:g1].reshape(-1, C), params)
+            acts = _forward_layers(x[g0:g1].reshape(-1, C).to(ctx.dtype), layers)
             # centre first: h - mean is exactly 0 for a lone valid pixel, whose std is tiny
-            centred = acts[-1].view(g1 - g0, S, dim) - mean[g0:g1, None, :]
+            centred = acts[-1].float().view(g1 - g0, S, dim) - mean[g0:g1, None, :]
             grad = torch.addcmul(along_mean[g0:g1, None, :], centred, along_centred[g0:g1, None, :], out=centred)
             if ctx.padded:
                 grad.mul_(weights[g0:g1, :, None])
-            _backward_layers(acts, grad.view(-1, dim), params, grads)
-        return (None, None, None, None, None, *grads)
+            _backward_layers(acts, grad.view(-1, dim).to(ctx.dtype), layers, grads)
+        return (None, None, None, None, None, None, *grads)
 
 
-def _fold(block: nn.Module, stats: tuple[torch.Tensor, torch.Tensor] | None, rows: int):
+def _fold(block: nn.Module, stats: tuple[torch.Tensor, torch.Tensor] | None, rows, gate):
     """Fold a Linear block's batch norm into its linear layer; returns ``(W', b')``.
 
     ``stats`` are the float64 mean (D,) and biased covariance (D, D) of the block's input
-    over the ``rows`` valid pixel rows; given, the batch statistics are used and the
-    running statistics updated, as ``nn.BatchNorm1d`` does in train mode; None, the running
-    statistics are used (eval mode).
+    over the ``rows`` rows of the statistics (a number or a 0-dim tensor); given, the batch
+    statistics are used and the running statistics updated (gated by ``gate``, see
+    :func:`timematch.models.layers.update_running_stats`), as ``nn.BatchNorm1d`` does in
+    train mode; None, the running statistics are used (eval mode).
     """
     weight, norm = block.linear.weight, block.norm
     if stats is not None:
@@ -169,7 +189,7 @@ def _fold(block: nn.Module, stats: tuple[torch.Tensor, torch.Tensor] | None, row
         w64 = weight.double()
         mean = w64 @ mean_in
         var = ((w64 @ cov_in) * w64).sum(1).clamp_min(0)
-        _update_running_stats(norm, mean.detach(), var.detach(), rows)
+        update_running_stats(norm, mean.detach(), var.detach(), rows, gate)
         mean, var = mean.to(weight.dtype), var.to(weight.dtype)
     else:
         mean, var = norm.running_mean, norm.running_var
@@ -178,76 +198,77 @@ def _fold(block: nn.Module, stats: tuple[torch.Tensor, torch.Tensor] | None, row
 
 
 @torch.no_grad()
-def _update_running_stats(norm: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, rows: int) -> None:
-    if not norm.track_running_stats:
-        return
-    norm.num_batches_tracked.add_(1)
-    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-    unbiased = var * (rows / max(rows - 1, 1))
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
-    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
-
-
-@torch.no_grad()
-def _pixel_moments(rows: torch.Tensor, valid_rows: int, chunk_rows: int):
-    """Mean (C,) and biased covariance (C, C), float64, of the valid pixel rows, in one pass.
+def _pixel_moments(rows: torch.Tensor, weights: torch.Tensor | None, total, chunk_rows: int):
+    """Mean (C,) and biased covariance (C, C), float64, of the pixel ``rows`` of weight 1
+    (``weights`` (R,) of 0 and 1; None: every row), ``total`` of them, in one pass.
 
     The rows are centred on a shift close to the mean (that of the first chunk) to keep the
-    float32 Gram matrices accurate. Padded rows must be zero: each then adds exactly
-    ``-shift`` to the sum and ``shift shift^T`` to the Gram matrix, which are taken back out.
+    float32 Gram matrices accurate.
     """
     shift = rows[:chunk_rows].mean(0)
-    total = rows.new_zeros(rows.shape[1], dtype=torch.float64)
+    total_sum = rows.new_zeros(rows.shape[1], dtype=torch.float64)
     gram = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
     for r0 in range(0, rows.shape[0], chunk_rows):
         centred = rows[r0 : r0 + chunk_rows] - shift
-        total += centred.sum(0).double()
-        gram += (centred.t() @ centred).double()
-    padded = rows.shape[0] - valid_rows
-    shift = shift.double()
-    total += padded * shift
-    gram -= padded * torch.outer(shift, shift)
-    offset = total / valid_rows  # mean - shift
-    return shift + offset, gram / valid_rows - torch.outer(offset, offset)
+        weighted = centred if weights is None else centred * weights[r0 : r0 + chunk_rows, None]
+        total_sum += weighted.sum(0).double()
+        gram += (weighted.t() @ centred).double()
+    offset = total_sum / total  # mean - shift
+    return shift.double() + offset, gram / total - torch.outer(offset, offset)
 
 
-def pooled_mlp(mlp: nn.Sequential, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_mlp(
+    mlp: nn.Sequential, pixels: torch.Tensor, mask: torch.Tensor, padded: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked mean and std over pixels of ``mlp`` applied to every pixel.
 
     ``mlp`` is a sequence of Linear blocks (Linear without bias, BatchNorm1d, ReLU); each
     batch norm uses batch statistics over the valid pixels in train mode and running
     statistics in eval mode, exactly as the plain modules would. ``pixels`` (B, T, S, C),
-    ``mask`` (B, S) bool; returns two (B, T, F) tensors. Raises ``ValueError`` if a parcel
-    has no valid pixel.
+    ``mask`` (B, S) bool; returns two (B, T, F) float32 tensors. ``padded=False`` says that
+    every mask entry is True (the masking is then skipped; True is always correct). Every
+    parcel needs at least one valid pixel (the packed cache guarantees it): one without
+    gets a mean of 0, not an error, since checking would read the mask back to the host.
     """
     B, T, S, C = pixels.shape
     if pixels.numel() == 0:
         raise ValueError(f"empty pixel batch of shape {tuple(pixels.shape)} (B, T, S, C)")
-    per_parcel = mask.sum(1)
-    fewest, valid = torch.stack((per_parcel.min(), per_parcel.sum())).tolist()  # one device sync
-    if fewest == 0:
-        raise ValueError("every parcel needs at least one valid pixel (mask True); a row of mask has none")
-    padded = fewest < S
-    if padded:  # padding may hold anything, NaN included: zero it
-        pixels = torch.where(mask[:, None, :, None], pixels, 0.0)
-    pixels = pixels.contiguous()
-    weights = mask.to(pixels.dtype)[:, None, :].expand(B, T, S).reshape(B * T, S)
-    counts = per_parcel.to(pixels.dtype).repeat_interleave(T)
-    rows, valid_rows = pixels.view(-1, C), valid * T
-    chunk = chunk_groups(S, pixels.device)
+    device_type = pixels.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else pixels.dtype
+    with torch.autocast(device_type, enabled=False):
+        pixels = pixels.float()
+        mask_f = mask.to(pixels.dtype)
+        if padded:  # padding may hold anything, NaN included: zero it
+            pixels = torch.where(mask[:, None, :, None], pixels, 0.0)
+        pixels = pixels.contiguous()
+        weights = mask_f[:, None, :].expand(B, T, S).reshape(B * T, S)
+        counts = mask_f.sum(1).clamp_min(1).repeat_interleave(T)
+        rows = pixels.view(-1, C)
+        chunk = chunk_groups(S, pixels.device)
 
-    folded: list[torch.Tensor] = []
-    for i, block in enumerate(mlp):
-        stats = None
-        if block.norm.training or not block.norm.track_running_stats:
-            if i == 0:  # statistics of the pixels themselves: constants, no gradient
-                stats = _pixel_moments(rows, valid_rows, chunk * S)
+        folded: list[torch.Tensor] = []
+        if any(block.norm.training or not block.norm.track_running_stats for block in mlp):
+            # which pixel rows enter the batch statistics, and how many
+            sample = active_sample_weights()
+            gate = None if sample is None else sample.gate
+            if sample is None and not padded:
+                row_weights, total = None, B * T * S
             else:
-                row_weights = weights.view(-1) if padded else None
-                total, gram = _HiddenMoments.apply(rows, row_weights, chunk * S, *folded)
-                mean_in = total / valid_rows
-                stats = mean_in, gram / valid_rows - torch.outer(mean_in, mean_in)
-        folded += _fold(block, stats, valid_rows)
+                in_stats = mask_f if sample is None else mask_f * sample.weight[:, None]
+                row_weights = in_stats[:, None, :].expand(B, T, S).reshape(-1)
+                total = in_stats.sum().double() * T
+        for i, block in enumerate(mlp):
+            stats = None
+            if block.norm.training or not block.norm.track_running_stats:
+                if i == 0:  # statistics of the pixels themselves: constants, no gradient
+                    stats = _pixel_moments(rows, row_weights, total, chunk * S)
+                else:
+                    moment_sum, gram = _HiddenMoments.apply(rows, row_weights, chunk * S, dtype, *folded)
+                    mean_in = moment_sum / total
+                    stats = mean_in, gram / total - torch.outer(mean_in, mean_in)
+                folded += _fold(block, stats, total, gate)
+            else:
+                folded += _fold(block, None, 0, None)
 
-    mean, std = _PooledMLP.apply(pixels.view(B * T, S, C), weights, counts, padded, chunk, *folded)
+        mean, std = _PooledMLP.apply(pixels.view(B * T, S, C), weights, counts, padded, chunk, dtype, *folded)
     return mean.view(B, T, -1), std.view(B, T, -1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -33,8 +34,10 @@ def sinusoid_table(length: int, dim: int, period: float = 1000.0) -> torch.Tenso
 class PositionalEncoding(nn.Module):
     """Looks up the sinusoidal encoding of integer date positions.
 
-    ``forward(positions (B, T) int) -> (B, T, dim)``. Positions outside
-    ``[-max_shift, max_position + max_shift)`` raise ``ValueError``. The table is a
+    ``forward(positions (B, T) int) -> (B, T, dim)``. Positions must lie in
+    ``[-max_shift, max_position + max_shift)``: the forward does not check (it would read
+    the positions back to the host); :func:`check_positions` checks where batches are built.
+    The table is a
     non-persistent buffer: it is rebuilt from the constructor arguments, never stored in
     checkpoints, and follows the module across devices.
     """
@@ -51,7 +54,7 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("frequencies", sinusoid_frequencies(dim, period), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        check_positions(positions, self.low, self.high)
+        check_integer(positions)
         return F.embedding(positions + self.max_shift, self.table)
 
     def shift(self, encoded: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -72,16 +75,31 @@ class PositionalEncoding(nn.Module):
         return f"dim={self.dim}, valid positions [{self.low}, {self.high})"
 
 
-def check_positions(positions: torch.Tensor, low: int, high: int) -> None:
-    """Raise ``ValueError`` unless every position is an integer in ``[low, high)``.
-
-    One min/max reduction per call: cheap next to the encoder itself.
-    """
+def check_integer(positions: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``positions`` has an integer type (a property of the tensor:
+    nothing is read back)."""
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise ValueError(f"date positions must be an integer tensor (int64 days), got dtype {positions.dtype}")
-    if positions.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(positions)).tolist()  # one device sync
+
+
+def check_positions(positions, low: int, high: int) -> None:
+    """Raise ``ValueError`` unless every position is an integer in ``[low, high)``.
+
+    ``positions``: an array or tensor, or just the (min, max) pair. For host data (numpy,
+    CPU tensors) or once per tile: on a GPU tensor it reads the minimum and maximum back.
+    """
+    if isinstance(positions, torch.Tensor):
+        check_integer(positions)
+        if positions.numel() == 0:
+            return
+        lo, hi = torch.stack(torch.aminmax(positions)).tolist()
+    else:
+        values = np.asarray(positions)
+        if values.size == 0:
+            return
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"date positions must be integers (days), got dtype {values.dtype}")
+        lo, hi = int(values.min()), int(values.max())
     if lo < low or hi >= high:
         raise ValueError(
             f"date positions must lie in [{low}, {high}) (days after the start date, shifts included), "

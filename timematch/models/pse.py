@@ -20,8 +20,10 @@ class PixelSetEncoder(nn.Module):
 
     Padded pixels (``mask`` False) change neither the output nor the batch-norm
     statistics, in train and in eval mode, whatever they hold. Every parcel needs at
-    least one valid pixel; one with exactly one gets a standard deviation of
-    ``sqrt(1e-31)`` (no NaN). ``geom`` is ignored when the encoder was built without
+    least one valid pixel (the packed cache guarantees it; the encoder does not read the mask
+    back to check); one with exactly one gets a standard deviation of ``sqrt(1e-31)`` (no
+    NaN). ``padded=False`` promises that every mask entry is True (the masking is skipped).
+    ``geom`` is ignored when the encoder was built without
     geometric features (``geom_dim=0``). MLP1 and the pooling run fused, in chunks (see
     :mod:`timematch.models.pixel_mlp`); the parameters are plain Linear blocks.
     """
@@ -42,7 +44,8 @@ class PixelSetEncoder(nn.Module):
         # the geometric features join the pooled statistics at the input of MLP2
         self.mlp2 = linear_blocks((mlp2[0] + geom_dim, *mlp2[1:]))
 
-    def forward(self, pixels: torch.Tensor, mask: torch.Tensor, geom: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor, geom: torch.Tensor | None = None,
+                padded: bool = True) -> torch.Tensor:
         B, T, S, C = pixels.shape
         if C != self.input_dim:
             raise ValueError(
@@ -52,8 +55,8 @@ class PixelSetEncoder(nn.Module):
             raise ValueError(
                 f"mask must be a bool tensor of shape (B, S) = {(B, S)}, got {mask.dtype} {tuple(mask.shape)}"
             )
-        mean, std = pooled_mlp(self.mlp1, pixels, mask)
-        stats = torch.cat([mean, std], dim=-1)  # (B, T, 2F)
+        mean, std = pooled_mlp(self.mlp1, pixels, mask, padded)
+        stats = torch.cat([mean, std], dim=-1).to(pixels.dtype)  # (B, T, 2F)
         if self.geom_dim:
             if geom is None:
                 raise ValueError(f"the model was built with geometric features: pass geom (B, {self.geom_dim})")

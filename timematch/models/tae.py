@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from timematch.models.layers import BatchNorm1d
 from timematch.models.positional import PositionalEncoding
 
 
@@ -47,11 +48,11 @@ class TAE(nn.Module):
         self.fc1_k = nn.Linear(in_dim, n_head * d_k)
         nn.init.normal_(self.fc1_q.weight, mean=0.0, std=math.sqrt(2.0 / d_k))
         nn.init.normal_(self.fc1_k.weight, mean=0.0, std=math.sqrt(2.0 / d_k))
-        self.fc2 = nn.Sequential(nn.BatchNorm1d(n_head * d_k), nn.Linear(n_head * d_k, n_head * d_k))
+        self.fc2 = nn.Sequential(BatchNorm1d(n_head * d_k), nn.Linear(n_head * d_k, n_head * d_k))
         self.attention_dropout = nn.Dropout(attention_dropout)
         layers: list[nn.Module] = []
         for a, b in zip(mlp[:-1], mlp[1:]):
-            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
+            layers += [nn.Linear(a, b), BatchNorm1d(b), nn.ReLU()]
         self.mlp = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.out_norm = nn.LayerNorm(mlp[-1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from timematch.models.layers import linear_blocks
+from timematch.models.layers import BatchNorm1d, linear_blocks
 from timematch.models.positional import PositionalEncoding
 
 
@@ -37,7 +37,7 @@ class TempCNN(nn.Module):
         self.positional = PositionalEncoding(in_dim, period, max_position, max_shift)
         layers: list[nn.Module] = []
         for a, b in zip((in_dim, *kernels[:-1]), kernels):
-            layers += [nn.Conv1d(a, b, kernel_size, padding=kernel_size // 2), nn.BatchNorm1d(b), nn.ReLU()]
+            layers += [nn.Conv1d(a, b, kernel_size, padding=kernel_size // 2), BatchNorm1d(b), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
         self.mlp = linear_blocks(mlp)
         self.dropout = nn.Dropout(dropout)

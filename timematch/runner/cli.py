@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from timematch.errors import ConfigError, TimeMatchError
+from timematch.execution import PRECISIONS
 from timematch.runner.launch_state import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, Launch  # noqa: F401
 
 TILE_MARKER = "meta/metadata.pkl"
@@ -149,6 +150,9 @@ def launch_parser() -> argparse.ArgumentParser:
         f"repeat each scenario x method x fold over N seeds (--seed, --seed + 1, ...; source models "
         f"included), 1..{MAX_SEEDS}: the table's cells are then mean ± std over folds x seeds, and the "
         "report adds a paired comparison of timematch with every other method (default: 1)"))
+    what.add_argument("--precision", choices=PRECISIONS, default="fp32", help=(
+        "the training steps' precision: fp32, or bf16 (autocast in the forward passes, on a GPU; part of a "
+        "source model's key) (default: fp32)"))
     what.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=(
         "override one profile entry, e.g. --set methods.timematch.epochs=5 --set data.min_parcels=20 "
         "(repeatable)"))
@@ -160,8 +164,9 @@ def launch_parser() -> argparse.ArgumentParser:
         "an existing Ray cluster: 'auto' (inside it, e.g. a RayJob), 'ray://HOST:10001' (Ray client, from "
         "outside) or 'HOST:6379' (default: $RAY_ADDRESS, else a local Ray instance on this machine)"))
     where.add_argument("--gpus-per-trial", type=_number_or_auto, help=(
-        "GPUs per trial, fractions allowed (e.g. 0.25: four trials share a GPU); 'auto': 0.25 when the "
-        "cluster has GPUs, else 0 (default: the profile's, auto)"))
+        "GPUs per trial, fractions allowed (e.g. 0.25: four trials share a GPU); 'auto': on a GPU cluster the "
+        "share at which the measured aggregate throughput of its GPU model stops rising "
+        "(timematch/runner/gpu_curves.json; 0.25 for a model not measured), else 0 (default: the profile's, auto)"))
     where.add_argument("--cpus-per-trial", type=_number_or_auto, help=(
         "CPUs per trial; 'auto': 1 on CPU clusters, a share of a node's CPUs per GPU trial "
         "(default: the profile's, auto)"))
@@ -179,6 +184,9 @@ def launch_parser() -> argparse.ArgumentParser:
         "not run again)"))
     control.add_argument("--dry-run", action="store_true", help="print the plan (stages, trials, resources) and exit")
     control.add_argument("--verbose", action="store_true", help="show the trials' own logs")
+    control.add_argument("--no-cuda-graph", action="store_true", help=(
+        "on a GPU, run every training step eagerly instead of capturing it once as a CUDA graph and "
+        "replaying it (slower; for debugging a method)"))
     return parser
 
 
@@ -303,7 +311,7 @@ def plan_launch(args: argparse.Namespace, root: Path) -> Any:
         experiment=_experiment_name(args), scenarios=scenarios, methods=methods, profile=profile, folds=folds,
         trials=trials, objective=args.objective, seed=args.seed, seeds=args.seeds, data_root=data_root,
         cache_dir=default_cache_dir(), spaces_dir=root / "search_spaces", baseline=not args.no_baseline,
-        synthetic_data=synthetic,
+        synthetic_data=synthetic, precision=args.precision, cuda_graph=not args.no_cuda_graph,
     ))
 
 
@@ -366,7 +374,7 @@ def launch_command(args: argparse.Namespace, root: Path) -> int:
     if args.dry_run:
         if launch.address is None:
             res = trial_resources(local_cluster(), cpus, gpus, concurrent)
-            shown = {"cluster": "this machine", "cpus per trial": res.cpus, "gpus per trial": res.gpus,
+            shown = {"cluster": "this machine", "cpus per trial": res.cpus, "gpus per trial": res.describe_gpus(),
                      "trials at once": res.slots, "in flight per group": res.max_concurrent_per_group}
         else:
             shown = {"cluster": launch.address, "cpus per trial": cpus, "gpus per trial": gpus,

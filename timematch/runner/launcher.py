@@ -127,7 +127,7 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         cached = {t.key for t in plan.pretrain_tasks if source_model_path(plan.cache_dir, t.key).is_file()}
         size = f"{cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
         shown = {"cluster": f"{cluster.address} ({size})",
-                 "cpus per trial": resources.cpus, "gpus per trial": resources.gpus,
+                 "cpus per trial": resources.cpus, "gpus per trial": resources.describe_gpus(),
                  "trials at once": resources.slots, "in flight per group": resources.max_concurrent_per_group,
                  "tracking": f"{launch.tracking_uri} (experiment {plan.experiment!r})",
                  "results": str(launch.directory)}
@@ -135,7 +135,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         _say(describe(plan, shown, cached) + "\n")
         events = launch.directory / "events.log"
         context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
-                               resources.cpus, tracking.credentials(), str(events), tracking.patience())
+                               resources.cpus, resources.gpus, tracking.credentials(), str(events),
+                               tracking.patience())
         storage = launch.directory / "tune"
         with tracking.EventTail(events, _say):
             summaries = _run_stages(plan, context, resources, storage, launch.resumed)

@@ -185,6 +185,8 @@ class LaunchPlan:
     synthetic_data: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     seeds: int = 1  # each (scenario, method, fold) repeated over seeds seed .. seed + seeds - 1
+    precision: str = "fp32"  # the training steps' precision (timematch.training.Execution)
+    cuda_graph: bool = True  # on a GPU, the training step captured once and replayed
 
     @property
     def n_trials(self) -> int:
@@ -270,7 +272,7 @@ def base_spec(plan: LaunchPlan, source: str, target: str, fold: int, seed: int |
     return ExperimentSpec(
         data_root=Path(plan.data_root), source=source, target=target, method=baseline_method(), fold=fold,
         pretrain_config=dict(plan.pretrain), data=plan.data_config(), seed=plan.seed if seed is None else seed,
-        cache_dir=Path(plan.cache_dir),
+        cache_dir=Path(plan.cache_dir), precision=plan.precision, cuda_graph=plan.cuda_graph,
     )
 
 
@@ -292,6 +294,8 @@ class PlanRequest:
     baseline: bool = True
     synthetic_data: bool = False
     seeds: int = 1
+    precision: str = "fp32"
+    cuda_graph: bool = True
 
 
 def build_plan(request: PlanRequest) -> LaunchPlan:
@@ -306,7 +310,8 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
         pretrain=dict(profile.pretrain), folds=list(request.folds), scenarios=list(request.scenarios),
         methods=[], pretrain_tasks=[], groups=[], scheduler=dict(profile.scheduler), retries=profile.retries,
         resources=dict(profile.resources), search=search, baseline=request.baseline,
-        synthetic_data=request.synthetic_data, seeds=request.seeds,
+        synthetic_data=request.synthetic_data, seeds=request.seeds, precision=request.precision,
+        cuda_graph=request.cuda_graph,
     )
     if request.seeds < 1:
         raise ConfigError(f"--seeds {request.seeds}: at least 1 (each scenario x method x fold runs once per seed)")
@@ -361,6 +366,8 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
         f"data: {plan.data_root}" + (" (embedded synthetic dataset)" if plan.synthetic_data else "")
         + f"; data overrides {plan.data or '{}'}",
         f"objective: {objective.name} ({objective.description})",
+        f"training steps: {plan.precision}, "
+        + ("on a GPU one CUDA graph per trial, replayed" if plan.cuda_graph else "eager (--no-cuda-graph)"),
         f"scenarios: {', '.join(s.name for s in plan.scenarios)}; methods: {', '.join(plan.methods)}; "
         f"folds: {', '.join(map(str, plan.folds))}",
         "",

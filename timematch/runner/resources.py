@@ -26,8 +26,6 @@ ENVIRONMENT = {
 #: Object store of a local Ray instance: trials exchange only small configs and results.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 CONNECT_TIMEOUT_S = 3.0
-#: GPU share of one trial when the cluster has GPUs and nothing was asked for.
-AUTO_GPU_SHARE = 0.25
 
 
 def set_environment() -> None:
@@ -79,6 +77,7 @@ class Cluster:
     nodes: int
     max_node_cpus: float
     started_here: bool
+    gpu_type: str | None = None  # the GPU model (Ray's accelerator type, or this machine's)
 
 
 def connect(address: str | None, verbose: bool = False) -> Cluster:
@@ -106,6 +105,7 @@ def connect(address: str | None, verbose: bool = False) -> Cluster:
         started = address is None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     resources = ray.cluster_resources()
+    types = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
     return Cluster(
         address=address or "local",
         cpus=float(resources.get("CPU", 0)),
@@ -113,7 +113,18 @@ def connect(address: str | None, verbose: bool = False) -> Cluster:
         nodes=len(nodes),
         max_node_cpus=max((float(n["Resources"].get("CPU", 0)) for n in nodes), default=0.0),
         started_here=started,
+        gpu_type=types[0] if types else _local_gpu(),
     )
+
+
+def _local_gpu() -> str | None:
+    """This machine's GPU model, if it has one (a local cluster's GPUs are this machine's)."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - no GPU model known: auto says so
+        return None
 
 
 def disconnect(cluster: Cluster) -> None:
@@ -129,9 +140,13 @@ class TrialResources:
     gpus: float
     max_concurrent_per_group: int
     slots: int  # trials the cluster runs at once
+    gpus_reason: str = ""  # how --gpus-per-trial auto chose
 
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpus, "gpu": self.gpus}
+
+    def describe_gpus(self) -> str:
+        return f"{self.gpus:g}" + (f" ({self.gpus_reason})" if self.gpus_reason else "")
 
 
 def trial_resources(
@@ -139,12 +154,20 @@ def trial_resources(
 ) -> TrialResources:
     """Per-trial resources: the flags, else the profile, else ``auto``.
 
-    auto: no GPU on a CPU cluster, else a quarter of a GPU per trial (the model is small);
-    one CPU per trial on a CPU cluster, else the node's CPUs shared among its GPU trials.
-    Raises when a trial could never be placed.
+    auto: no GPU on a CPU cluster, else the share at which the measured aggregate throughput
+    of the cluster's GPU model stops rising (:mod:`timematch.runner.gpu_share`); one CPU per
+    trial on a CPU cluster, else the node's CPUs shared among its GPU trials. Raises when a
+    trial could never be placed.
     """
+    gpus_reason = ""
     if gpus in (None, "auto"):
-        gpus = AUTO_GPU_SHARE if cluster.gpus > 0 else 0.0
+        if cluster.gpus > 0:
+            from timematch.runner.gpu_share import auto_share
+
+            share = auto_share(cluster.gpu_type)
+            gpus, gpus_reason = share.gpus, share.reason
+        else:
+            gpus = 0.0
     gpus = float(gpus)
     if gpus > 1 and not gpus.is_integer():
         raise ConfigError(f"--gpus-per-trial {gpus}: above 1 it must be a whole number (Ray's rule)")
@@ -172,7 +195,8 @@ def trial_resources(
     if max_concurrent in (None, "auto"):
         max_concurrent = slots
     max_concurrent = max(1, min(int(max_concurrent), slots))
-    return TrialResources(cpus=cpus, gpus=gpus, max_concurrent_per_group=max_concurrent, slots=slots)
+    return TrialResources(cpus=cpus, gpus=gpus, max_concurrent_per_group=max_concurrent, slots=slots,
+                          gpus_reason=gpus_reason)
 
 
 def local_cluster() -> Cluster:
@@ -185,4 +209,5 @@ def local_cluster() -> Cluster:
         gpus = float(torch.cuda.device_count())
     except Exception:  # noqa: BLE001 - a dry run only estimates
         pass
-    return Cluster(address="local", cpus=cpus, gpus=gpus, nodes=1, max_node_cpus=cpus, started_here=False)
+    return Cluster(address="local", cpus=cpus, gpus=gpus, nodes=1, max_node_cpus=cpus, started_here=False,
+                   gpu_type=_local_gpu() if gpus else None)

@@ -556,6 +556,18 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: 
         retry(lambda: mlflow_client.log_batch(run_id, metrics=batch))
 
 
+#: How a run's training steps ran (:func:`timematch.training.fit`'s ``step_path``) -> its tags.
+STEP_PATH_TAGS = {"path": "step_path", "reason": "step_path_reason", "precision": "precision", "placement": "tiles"}
+
+
+def tag_step_path(mlflow_client, run_id: str, step_path: Mapping[str, str]) -> None:
+    """Tag a run with how its steps ran: ``step_path`` (``cuda_graph`` or ``eager``) and the
+    reason (why a GPU run fell back to eager, say), ``precision``, ``tiles`` (where they were)."""
+    for key, tag in STEP_PATH_TAGS.items():
+        if step_path.get(key):
+            retry(lambda t=tag, v=str(step_path[key]): mlflow_client.set_tag(run_id, t, v[:5000]))
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -53,6 +53,8 @@ class TrialContext:
     parent_run_id: str
     launch_id: str
     cpus_per_trial: float
+    #: The GPU share of a trial (0 on a CPU cluster): where its tiles fit (timematch.data.views).
+    gpus_per_trial: float = 0.0
     #: The driver's MLflow credentials (``MLFLOW_TRACKING_USERNAME`` ...), checked against the
     #: server at start-up; trials on other nodes do not inherit the driver's environment.
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
@@ -140,6 +142,11 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
         _train_source_model(task, path, context)
 
 
+def _placed(spec, context: TrialContext):
+    """``spec`` with this trial's GPU share (how much of its GPU its tiles may take)."""
+    return spec.replace(gpu_share=context.gpus_per_trial) if context.gpus_per_trial > 0 else spec
+
+
 def _varying_fold(plan: LaunchPlan, fold: int) -> int | None:
     """The fold, for run names, where the launch has several (else None: names leave it out)."""
     return fold if len(plan.folds) > 1 else None
@@ -147,7 +154,7 @@ def _varying_fold(plan: LaunchPlan, fold: int) -> int | None:
 
 def _train_source_model(task, path: Path, context: TrialContext) -> None:
     plan = context.plan
-    spec = plan.pretrain_spec(task)
+    spec = _placed(plan.pretrain_spec(task), context)
     client = tracking.client(context.tracking_uri)
     tags = tracking.run_tags(
         "pretrain", ",".join(task.scenarios), short_name(task.source), "", spec.method, task.fold,
@@ -185,6 +192,7 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
             pretrained = pretrain_source(spec, on_epoch, resume_state)
         pretrained.save(path)
         partial.unlink(missing_ok=True)
+        tracking.tag_step_path(client, run_id, pretrained.info.get("step_path", {}))
         tracking.log_metrics(client, run_id, {"best_epoch": pretrained.best_epoch,
                                               "final_source_val_f1": pretrained.source_val_f1},
                              step=tracking.FINAL_STEP)
@@ -259,7 +267,8 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
                             checkpoint=tune.Checkpoint.from_directory(directory))
 
         with tracking.SystemMetrics(context.tracking_uri, run_id):
-            result = run_experiment(plan.spec(group, params), pretrained, on_epoch, resume_state)
+            result = run_experiment(_placed(plan.spec(group, params), context), pretrained, on_epoch, resume_state)
+        tracking.tag_step_path(client, run_id, result.step_path)
         final = final_metrics(result)
         tracking.log_metrics(client, run_id, {**final, **_numbers(result.timings)}, step=tracking.FINAL_STEP)
         _log_artifacts(client, run_id, result, logs)
