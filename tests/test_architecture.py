@@ -76,3 +76,29 @@ def test_library_imports_neither_ray_nor_mlflow():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("ray", "mlflow") for n in names), path
+
+
+#: MLflow client calls that set or end a run's status (or make a run the global active one).
+STATUS_CALLS = {"set_terminated", "update_run", "start_run", "end_run", "create_run"}
+RUNNER = PACKAGE / "runner"
+
+
+def test_only_the_run_module_sets_a_run_status():
+    """One owner for a run's life (timematch/runner/runs.py), in the driver and in trials."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == RUNNER / "runs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in STATUS_CALLS:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.func.attr}")
+    assert not offenders, offenders
+
+
+def test_every_runner_module_says_what_it_owns_and_a_long_one_why():
+    for path in sorted(RUNNER.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert len(doc) >= 40, f"{path.name}: no docstring saying what it owns"
+        lines = len(path.read_text().splitlines())
+        if lines > 400:
+            assert "Longer than 400 lines" in doc, f"{path.name}: {lines} lines and no stated reason"

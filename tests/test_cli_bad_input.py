@@ -31,14 +31,15 @@ LAUNCH_CASES = [
     ("--profile", ["--profile", "../profiles/quick"], ["unknown profile", "valid profiles:"]),
     ("--folds", ["--folds", "0"], ["expected a count N >= 1"]),
     ("--folds", ["--folds", "1,9"], ["folds must lie in [0, 2]"]),
-    ("--trials", ["--trials", "-1"], ["expected an integer >= 0"]),
-    ("--trials", ["--trials", "many"], ["expected an integer >= 0"]),
+    ("--trials", ["--trials", "-1"], ["expected an integer in [0, 1000]"]),
+    ("--trials", ["--trials", "many"], ["expected an integer in [0, 1000]"]),
     ("--no-search", ["--no-search=yes"], ["ignored explicit argument"]),
     ("--no-baseline", ["--no-baseline=yes"], ["ignored explicit argument"]),
     ("--objective", ["--objective", "test_macro_f1"], ["unknown objective", "target_val_f1", "target_im_score"]),
     ("--seed", ["--seed", "-1"], ["expected an integer in [0, 999999]"]),
     ("--seed", ["--seed", "1.5"], ["expected an integer in [0, 999999]"]),
     ("--seeds", ["--seeds", "0"], ["expected an integer in [1, 100]"]),
+    ("--trials", ["--trials", "1001"], ["argument --trials: expected an integer in [0, 1000], got '1001'"]),
     ("--precision", ["--precision", "fp16"], ["invalid choice: 'fp16'", "'fp32', 'bf16'"]),
     ("--set", ["--set", "methods.timematch.lr=abc"], ["'abc' is not a number", "allowed:"]),
     ("--data-root", ["--data-root", "{tmp}/nowhere"], ["no such directory",
@@ -207,7 +208,8 @@ def project(tmp):
     ("trials: -2\n", ["trials=-2 must be an integer >= 0"]),
     ("methods: {timematch: {lr: fast}}\n", ["methods.timematch", "lr='fast' is not a number", "allowed:"]),
     ("data: {normalization: zscore}\n", ["valid: source_stats, published"]),
-    ("budget: 3\n", ["unknown section(s) ['budget']", "valid: description"]),
+    ("budgets: 3\n", ["unknown section(s) ['budgets']", "valid: description"]),
+    ("budget: 3\n", ["budget must be a mapping, got 3"]),
 ])
 def test_a_bad_profile_file_is_one_line_naming_the_file(capsys, launch_args, project, text, fragments):
     path = project / "experiments" / "profiles" / "smoke.yaml"

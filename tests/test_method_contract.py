@@ -65,6 +65,25 @@ def test_runs_end_to_end(base, name):
         assert not bad, f"non-finite epoch metrics: {bad}"
 
 
+def test_a_training_on_the_source_alone_does_not_depend_on_the_target(base):
+    """Why the runner trains shift augmentation once per source tile: trained inside a
+    scenario's trial (its epochs evaluated on that target) or once without a target and then
+    evaluated, the weights, the source history and the target numbers are the same."""
+    spec, _ = base
+    spec = spec.replace(method="shift_aug", method_config=tiny_config("shift_aug"))
+    shared = pretrain_source(spec)  # no target: as stage 1 trains it
+    for target in ("FR1", "DK"):  # the test data has two tiles
+        scenario = spec.replace(target=target)
+        inside = run_experiment(scenario)  # trained in the trial, with per-epoch target metrics
+        reused = run_experiment(scenario, shared)
+        assert reused.history[0].logs == [f"reused the training {shared.key} on the source tile"]
+        for key, value in inside.model.state_dict().items():
+            assert torch.equal(value, reused.model.state_dict()[key]), key
+        assert inside.metrics == pytest.approx(reused.metrics, rel=0, abs=1e-12)
+        assert [h.metrics["source_val_f1"] for h in inside.history] == [
+            h.metrics["source_val_f1"] for h in shared.history]
+
+
 def _states(name, spec, pretrained, resume_state=None):
     states = []
     result = run_experiment(spec, pretrained, on_epoch=lambda report, state: states.append((report, state())),

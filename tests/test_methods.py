@@ -33,11 +33,13 @@ def test_registry_lists_methods_and_rejects_unknown():
         register("no_short_name")(type("NoShort", (), {}))
     with pytest.raises(ConfigError, match="short_name 'TM' is already 'timematch'"):
         register("another_tm")(type("Another", (), {"short_name": "TM"}))
-    assert "no_short_name" not in method_names() and "another_tm" not in method_names()
+    with pytest.raises(ConfigError, match="trains_on must be one of .*'source'.*got 'both tiles'"):
+        register("odd_reads")(type("Odd", (), {"short_name": "ODD", "trains_on": "both tiles"}))
+    assert not {"no_short_name", "another_tm", "odd_reads"} & set(method_names())
 
 
 def test_trial_run_names_fit_the_ui_column():
-    from timematch.runner.tracking import pretrain_run_name, trial_run_name
+    from timematch.runner.run_names import pretrain_run_name, trial_run_name
 
     # only what varies within the launch: fold (several folds), seed (--seeds), trial (--trials)
     assert trial_run_name("DK-FR1", "timematch", None, None) == "DK-FR1 TM"
@@ -46,6 +48,7 @@ def test_trial_run_names_fit_the_ui_column():
     assert trial_run_name("FR1-FR2", "cdan_e", 2, 3, seed=1) == "FR1-FR2 CDAN+E f2s1#3"
     assert trial_run_name("DK-AT1", "mmd", None, "e50d47dd") == "DK-AT1 MMD e50d47dd"  # no number: the trial id
     assert pretrain_run_name("DK", None) == "pretrain DK" and pretrain_run_name("DK", 0, 1) == "pretrain DK f0s1"
+    assert pretrain_run_name("FR1", None, None, "shift_aug") == "train FR1 SA"  # a method's own source training
 
 
 def test_published_defaults():

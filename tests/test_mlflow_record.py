@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from timematch.methods import get_method
 from timematch.runner.cli import EXIT_OK, main
-from timematch.runner.tracking import FINAL_STEP
+from timematch.runner.runs import FINAL_STEP
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -19,7 +19,8 @@ import pytest
 from mlflow import MlflowClient
 
 from timematch import training
-from timematch.runner import tracking
+from timematch.runner import run_names, tracking
+from timematch.runner.runs import open_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -71,14 +72,14 @@ def test_a_pretraining_run_is_found_only_among_pretraining_runs(tmp_path):
     adaptation = client.create_run(experiment, tags={"stage": "adapt", "pretrain_key": "K", "trial_key": "l/t1"})
     client.set_terminated(adaptation.info.run_id, status="FAILED")
 
-    run_id, finished = tracking.open_run(client, experiment, tracking.pretrain_run_key("K"), {"method": "m"}, {},
-                                         "pretrain", None, reuse_finished=False)
+    run_id, finished = open_run(client, experiment, run_names.pretrain_run_key("K"), {"method": "m"}, {},
+                                "pretrain", None, reuse_finished=False)
     assert run_id != adaptation.info.run_id and not finished
     assert client.get_run(adaptation.info.run_id).info.status == "FAILED"
     # a retried training continues its own run
     client.set_terminated(run_id, status="FAILED")
-    again, _ = tracking.open_run(client, experiment, tracking.pretrain_run_key("K"), {}, {}, "pretrain", None,
-                                 reuse_finished=False)
+    again, _ = open_run(client, experiment, run_names.pretrain_run_key("K"), {}, {}, "pretrain", None,
+                        reuse_finished=False)
     assert again == run_id and client.get_run(run_id).data.tags["attempt"] == "2"
 
 
@@ -280,8 +281,14 @@ def test_a_failed_source_model_skips_its_adaptation_trials(ray_address, data_roo
     out = "".join(seen)
     assert kills == 2 and process.returncode == 1, out[-3000:]
     assert "SKIPPED DK-FR1/timematch/fold0: not started: its source model DK/fold0 failed to train" in out
+    # the cause in a few words on the terminal; Ray's whole text in the run
+    retries = [line for line in seen if "] retry " in line]
+    assert retries and all(line.rstrip().endswith("after: its worker process died (killed, out of memory or "
+                                                  "crashed)") for line in retries), retries
     (pretrain,) = runs(uri_of(tmp_path), "no-source", "pretrain")
     assert pretrain.info.status == "FAILED" and pretrain.data.tags["attempt"] == "2"
+    logged = [a.path for a in MlflowClient(uri_of(tmp_path)).list_artifacts(pretrain.info.run_id, "errors")]
+    assert logged == ["errors/attempt-1.txt"], logged
     assert not runs(uri_of(tmp_path), "no-source", "adapt")
 
 

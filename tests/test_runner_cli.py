@@ -206,3 +206,23 @@ def test_bad_input_from_the_real_command_line(data_root, tmp_path):
     )
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip().count("\n") == 0 and "unknown method 'nope'" in result.stderr
+
+
+def test_a_failure_cause_in_a_few_words():
+    from timematch.runner.progress import short_cause
+
+    ray_text = (
+        "Failure # 1 (occurred at 2026-12-04_10-00-00)\nray::ImplicitFunc.train() (pid=123, ip=10.0.0.1)\n"
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: ImplicitFunc\n\tactor_id: 0123\n\tpid: 123\n"
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: "
+        "Worker unexpectedly exits with a connection error code 2. End of file. There are some potential root "
+        "causes. (1) The process is killed by SIGKILL by OOM killer due to high memory usage. (2) ray stop "
+        "--force is called. (3) The worker is crashed unexpectedly due to SIGSEGV or other unexpected errors.")
+    assert short_cause(ray_text) == "its worker process died (killed, out of memory or crashed)"
+    assert short_cause("ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+                       ) == "its worker was killed for lack of memory (Ray's memory monitor)"
+    own = 'Traceback (most recent call last):\n  File "x.py", line 1\nNonFiniteLoss: loss became nan at epoch 2'
+    assert short_cause(own) == "NonFiniteLoss: loss became nan at epoch 2"
+    assert len(short_cause("ValueError: " + "x" * 2000)) == 500
+

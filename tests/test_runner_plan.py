@@ -182,11 +182,22 @@ def test_set_overrides_and_their_errors():
 # -- search spaces ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["timematch", "fixmatch", "source_only", "upper_bound"])
-def test_shipped_search_spaces_are_valid(method):
+@pytest.mark.parametrize("method", method_names())  # the registry: a new method is tested as it registers
+def test_every_method_has_a_valid_search_space_that_holds_its_defaults(method):
     space = load_space(SPACES, method)
-    assert set(space) <= set(config_fields(method))
+    assert space and set(space) <= set(config_fields(method))
     assert all(isinstance(d, od.BaseDistribution) for d in to_optuna(space).values())
+    defaults = config_fields(method)
+    # the first trial of a search is the published defaults: the space must contain them
+    assert contains(space, {key: defaults[key] for key in space}), f"{method}'s defaults are outside its space"
+
+
+def test_the_methods_package_finds_its_modules_and_each_registers_its_method():
+    import timematch.methods as methods
+
+    assert methods.METHOD_MODULES == method_names()  # one module per method, named as it registers
+    for name in method_names():
+        assert methods.get_method(name).__module__ == f"timematch.methods.{name}"
 
 
 def test_shipped_spaces_cover_the_required_keys():
@@ -298,6 +309,32 @@ def test_source_models_are_shared_across_scenarios_and_keyed_by_settings(tmp_pat
     assert source_model_path(plan.cache_dir, "k") == Path(plan.cache_dir) / "source_models" / "k.pt"
 
 
+def test_shift_augmentation_is_trained_once_per_source_tile_and_evaluated_in_each_scenario(tmp_path, named):
+    plan = build_plan(_request(tmp_path, named, scenarios="all", methods="shift_aug,upper_bound", trials=1))
+    shared = [t for t in plan.pretrain_tasks if t.method == "shift_aug"]
+    assert [(t.id, t.scenarios) for t in shared] == [
+        ("DK/fold0/shift_aug", ("DK-FR1", "DK-FR2", "DK-AT1")), ("FR1/fold0/shift_aug", ("FR1-DK", "FR1-FR2"))]
+    models = [t for t in plan.pretrain_tasks if t.method is None]
+    assert len(models) == 2 and not {t.key for t in models} & {t.key for t in shared}
+    for group in plan.groups:
+        if group.method == "shift_aug":  # its first trial (the defaults) evaluates the shared training
+            task = plan.task(group.pretrain_key)
+            assert task.method == "shift_aug" and group.scenario.name in task.scenarios
+            assert group.pretrain_key == pretrain_key(plan.spec(group, plan.default_point(group)))
+            assert plan.resolved_pretrain_config(task) == {**plan.resolved_config(group), "shift_aug": True}
+        if group.method == "upper_bound":  # the source's classes and statistics: nothing to share
+            assert group.pretrain_key is None
+    pairs = build_plan(_request(tmp_path, named, scenarios="pairs", methods="shift_aug,upper_bound", trials=1))
+    assert len([t for t in pairs.pretrain_tasks if t.method == "shift_aug"]) == 4
+    assert len([g for g in pairs.groups if g.method == "upper_bound"]) == 12
+    assert LaunchPlan.from_json(pairs.to_json()).pretrain_tasks == pairs.pretrain_tasks  # --resume replays it
+    # defaults outside the searched space: the first trial is sampled, so nothing is shared
+    outside = build_plan(_request(tmp_path, named, scenarios="all", methods="shift_aug", trials=2,
+                                  sets=["methods.shift_aug.shift_aug_max=5"]))
+    assert not [t for t in outside.pretrain_tasks if t.method] and all(
+        g.pretrain_key is None for g in outside.groups if g.method == "shift_aug")
+
+
 def test_no_search_and_no_baseline(tmp_path, named):
     plan = build_plan(_request(tmp_path, named, trials=0, baseline=False))
     assert [g.trials for g in plan.groups] == [1] * 4 and not any(g.space or g.baseline for g in plan.groups)
@@ -335,3 +372,31 @@ def test_plan_survives_json(tmp_path, named):
     again = LaunchPlan.from_json(plan.to_json())
     assert again == plan
     assert again.spec(again.groups[-1], {"lr": 1e-4}) == plan.spec(plan.groups[-1], {"lr": 1e-4})
+
+
+def test_trial_configs_are_typed_and_strict():
+    from timematch.runner.trial_config import AdaptConfig, TrainingConfig, config_key
+
+    config = AdaptConfig("DK-FR1/timematch/fold0", 2, {"lr": 1e-3}).to_tune()
+    assert AdaptConfig.of(config) == AdaptConfig("DK-FR1/timematch/fold0", 2, {"lr": 1e-3})
+    assert config_key(config) == "DK-FR1/timematch/fold0" and config_key({"task": "k"}) == "k"
+    assert TrainingConfig.of({"task": "k"}).task == "k"
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['gruop'\]"):
+        AdaptConfig.of({"gruop": "x"})
+
+
+def test_a_profile_budget_reaches_every_method_and_is_checked(tmp_path):
+    quick = load_profile(PROFILES, "quick")
+    for method in method_names():
+        overrides = quick.method_overrides(method)
+        if method == "source_only":
+            assert overrides == {}  # its training is the profile's pretrain section
+        else:
+            assert {"epochs", "steps_per_epoch", "batch_size"} <= set(overrides)
+    assert quick.method_overrides("timematch") == {"epochs": 4, "steps_per_epoch": 25, "batch_size": 64,
+                                                   "sample_size": 16}
+    assert quick.method_overrides("upper_bound")["epochs"] == 40
+    with pytest.raises(ConfigError, match=r"budget: unknown key\(s\) \['lr'\]"):
+        load_profile(PROFILES, "smoke", ["budget.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"budget \(for alda\): .*batch_size"):
+        load_profile(PROFILES, "smoke", ["budget.batch_size=0"])

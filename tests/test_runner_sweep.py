@@ -169,15 +169,22 @@ def test_every_registered_method_runs_through_the_runner(ray_address, data_root,
 
     monkeypatch.setenv("TIMEMATCH_CACHE", str(tmp_path / "cache"))
     uri = tracking_uri(tmp_path)
+    # a two-trial search of every method (its search space sampled after the defaults)
     code = main(common_args(data_root, tmp_path, "all-methods") + ["--scenario", "DK-FR1", "--method", "all",
-                                                                    "--no-search"], project_root=REPO)
+                                                                    "--trials", "2"], project_root=REPO)
     out = capsys.readouterr().out
     methods = methods_in_table_order()
     assert code == EXIT_OK, out
-    assert f"0 failed ({len(methods)} planned)" in out
+    assert f"0 failed ({1 + 2 * (len(methods) - 1)} planned)" in out  # the baseline once, the others twice
     adapt = runs_of(uri, "all-methods", "adapt")
-    assert sorted(r.data.tags["method"] for r in adapt) == sorted(methods)
-    assert all(r.info.status == "FINISHED" and "test_macro_f1" in r.data.metrics for r in adapt)
+    assert sorted(set(r.data.tags["method"] for r in adapt)) == sorted(methods)
+    assert all(r.info.status == "FINISHED" for r in adapt)
+    for method in methods:  # each: its defaults and one sampled trial (ASHA may stop the second early)
+        mine = [r for r in adapt if r.data.tags["method"] == method]
+        assert len(mine) == (1 if method == "source_only" else 2), method
+        assert any("test_macro_f1" in r.data.metrics for r in mine), method
+        assert len(mine) == 1 or any("sampled" in r.data.tags for r in mine), method
+    adapt = [r for r in adapt if "test_macro_f1" in r.data.metrics]
     table = out[out.index("| Method |"):out.index("Selection gap")]  # the main table only
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
     assert rows == methods  # the paper's order, from each method class's table_order
@@ -192,6 +199,14 @@ def test_every_registered_method_runs_through_the_runner(ray_address, data_root,
     assert 0 < jumbot.data.metrics["transported_mass"] <= 1.0 + 1e-6
     alda = next(r for r in adapt if r.data.tags["method"] == "alda")
     assert "pseudo_label_acceptance" in alda.data.metrics
+    # shift augmentation trains once on the source tile (stage 1) and its trial evaluates it
+    trainings = {r.data.tags["pretrain_key"]: r for r in runs_of(uri, "all-methods", "pretrain")}
+    shift_aug = next(r for r in runs_of(uri, "all-methods", "adapt")
+                     if r.data.tags["method"] == "shift_aug" and r.data.tags["pretrain_key"] in trainings)
+    training = trainings[shift_aug.data.tags["pretrain_key"]]
+    assert training.data.tags["method"] == "shift_aug" and training.info.run_name == "train DK SA"
+    assert training.data.params["shift_aug"] == "True" and training.info.status == "FINISHED"
+    assert "stage 1, source models: 2" in out and "DK/fold0/shift_aug" in out
 
 
 def _metric_log(client: MlflowClient, run) -> set[tuple[str, int, float]]:

@@ -108,7 +108,7 @@ def test_logged_classifier_predicts_raw_parcels_alone(domains, model, data_root,
     import mlflow
 
     from timematch.runner.serving import CLASSIFIER_NAME, MODULE_NAME, log_parcel_model
-    from timematch.runner.tracking import PIP_REQUIREMENTS
+    from timematch.runner.runs import PIP_REQUIREMENTS
 
     uri, client, experiment = tracking
     _, target = domains
@@ -118,7 +118,8 @@ def test_logged_classifier_predicts_raw_parcels_alone(domains, model, data_root,
     uris = log_parcel_model(uri, run_id, predictor, example_input(data_root, "FR1"), pip_requirements=PIP_REQUIREMENTS)
 
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "RUNNING" and mlflow.active_run() is None  # left to its owner to end
+    assert mlflow.get_tracking_uri() != uri  # and MLflow's global URI as it was
     assert run.data.tags["classifier_uri"] == uris["classifier"] and run.data.tags["model_uri"] == uris["module"]
     mlflow.set_tracking_uri(uri)
     names = {m.name for m in mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")}

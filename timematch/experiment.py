@@ -196,19 +196,33 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _pretrain_spec(spec: ExperimentSpec) -> ExperimentSpec:
-    """The spec of the source model ``spec`` starts from (for the source-model method itself,
-    its own config)."""
+def source_training_spec(spec: ExperimentSpec) -> ExperimentSpec:
+    """The training on the source tile alone that ``spec`` evaluates or starts from, as a spec
+    of the source-model method (its ``method_config`` fully resolved).
+
+    - an adaptation method (``starts_from_source``): the source model it starts from, trained
+      with ``pretrain_config``;
+    - a method trained from scratch on the source alone
+      (:meth:`~timematch.methods.base.Method.trained_on_source_alone`: ``source_only``,
+      ``shift_aug``): its own training, with its config. It reads nothing of the target, so
+      one training serves every target of the source tile; being the source-model method's
+      training with that config, it shares its key (:func:`pretrain_key`) and cache.
+    """
     name = source_model_method().name
-    overrides = dict(spec.pretrain_config)
-    if spec.method == name:
-        overrides.update(spec.method_config)
+    method = get_method(spec.method)
+    if method.evaluates_source_model:
+        overrides = {**spec.pretrain_config, **spec.method_config}
+    elif method.trained_on_source_alone():
+        overrides = dataclasses.asdict(build_config(spec.method, spec.method_config))
+    else:
+        overrides = dict(spec.pretrain_config)
     return spec.replace(method=name, method_config=overrides, pretrain_config=overrides, target=spec.source)
 
 
 def pretrain_key(spec: ExperimentSpec) -> str:
-    """A stable hash of every input that determines the source model of ``spec``."""
-    p = _pretrain_spec(spec)
+    """A stable hash of every input that determines the source-tile training of ``spec``
+    (:func:`source_training_spec`): the key of its cached model."""
+    p = source_training_spec(spec)
     inputs = {
         # 2: batches drawn on the device (timematch.data.views): the same inputs train another model
         "version": 2,
@@ -243,12 +257,14 @@ def pretrain_source(
     resume_state: dict | None = None,
     target: Domain | None = None,
 ) -> PretrainedSource:
-    """Train the source model of ``spec``: source-only training on ``spec.source``, fold
-    ``spec.fold``, keeping the epoch with the best source validation macro F1.
+    """Train on the source tile alone (:func:`source_training_spec`: the source model of
+    ``spec``, or a source-only or shift-augmented training), fold ``spec.fold``, keeping the
+    epoch with the best source validation macro F1.
 
-    ``target``: a target domain to compute the epochs' target criteria on (a source-only
-    trial); without one, the epochs log source metrics only."""
-    p = _pretrain_spec(spec)
+    ``target``: a target domain to compute the epochs' target criteria on (a trial of one
+    scenario); without one, the epochs log source metrics only. The target is only evaluated,
+    never trained on: the same inputs give the same model with any target or none."""
+    p = source_training_spec(spec)
     config = build_config(p.method, p.method_config)
     device = pick_device(p.device)
     source, _ = _open(p, target=p.source)
@@ -278,8 +294,10 @@ def run_experiment(
     """Run ``spec.method`` from ``pretrained`` (trained here when None and the method needs it),
     then evaluate once on the target test split.
 
-    The source-model method (``source_only``) reuses ``pretrained`` when its key matches and
-    only evaluates it (one epoch report carries its selection metrics); otherwise it trains.
+    A method trained on the source alone (``source_only``, ``shift_aug``: one training per
+    source tile serves every scenario of it) reuses ``pretrained`` when its key is this
+    training's (:func:`pretrain_key`) and only evaluates it (one epoch report carries its
+    selection metrics); otherwise it trains it here.
     """
     method_cls = get_method(spec.method)
     config = build_config(spec.method, spec.method_config)  # rejects bad keys and ranges before any work
@@ -287,7 +305,7 @@ def run_experiment(
     source, target = _open(spec)
     timings: dict[str, float] = {}
     info: dict[str, Any] = {}
-    if method_cls.evaluates_source_model:
+    if method_cls.trained_on_source_alone():
         if pretrained is None or pretrained.key != pretrain_key(spec):
             pretrained = pretrain_source(spec, on_epoch, resume_state, target=target)
             history, best_epoch = pretrained.history, pretrained.best_epoch
@@ -296,7 +314,7 @@ def run_experiment(
         model = _from_pretrained(spec, pretrained, source, target, device)
         if not history:
             report = EpochReport(epoch=1, metrics=epoch_selection(model, source, target, device, _seed(spec)),
-                                 logs=[f"reused source model {pretrained.key}"])
+                                 logs=[f"reused the training {pretrained.key} on the source tile"])
             history = [report]
             if on_epoch:
                 on_epoch(report, lambda: {})

@@ -11,14 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from timematch.data.classes import CropCodes, normalize_code
-from timematch.data.format import TileReader
+from timematch.data.format import TileReader, find_tiles
 from timematch.data.tiles import TILES
 from timematch.errors import TimeMatchError
-
-
-def find_tiles(root: Path) -> list[str]:
-    """Tiles under ``root``: every ``country/tile/year`` folder holding ``meta/metadata.pkl``."""
-    return sorted(str(p.parent.parent.relative_to(root)) for p in root.glob("*/*/*/meta/metadata.pkl"))
 
 
 def tile_info(root: Path, tile: str, merge_seasons: bool = False) -> dict:

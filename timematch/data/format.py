@@ -44,6 +44,20 @@ _ALLOWED_GLOBALS: dict[str, frozenset[str]] = {
 }
 
 
+#: Where a tile keeps its metadata, relative to its ``country/tile/year`` folder: what marks a tile.
+METADATA_FILE = "meta/metadata.pkl"
+
+
+def find_tiles(root: Path) -> list[str]:
+    """Tiles under a dataset ``root``: every ``country/tile/year`` folder holding :data:`METADATA_FILE`."""
+    return sorted(str(p.parent.parent.relative_to(root)) for p in Path(root).glob(f"*/*/*/{METADATA_FILE}"))
+
+
+def missing_tiles(root: Path, tiles: set[str] | list[str]) -> list[str]:
+    """The ``tiles`` that ``root`` does not hold (no :data:`METADATA_FILE` in their folder)."""
+    return sorted(t for t in tiles if not (Path(root) / t / METADATA_FILE).is_file())
+
+
 class ForbiddenGlobalError(pickle.UnpicklingError):
     """A pickle asked for a global that plain data never needs."""
 
@@ -187,7 +201,7 @@ class TileReader:
             raise DatasetError(
                 f"{self.path}: tile folder is missing; tiles found under {self.root}: {found or 'none'}"
             )
-        self.metadata_path = self.path / "meta" / "metadata.pkl"
+        self.metadata_path = self.path / METADATA_FILE
         self.data_path = self.path / "data"
         self.metadata = read_metadata(self.metadata_path)
         if not self.data_path.is_dir():

@@ -35,7 +35,9 @@ What the runner and the report need to know about a method are class attributes:
 ``table_order`` (its row in the paper's table), ``short_name`` (in run names),
 ``reference`` (a reference row, never marked best), ``evaluates_source_model`` (its
 default trial evaluates the pretrained source model: the source-only baseline),
-``starts_from_source``, ``select_best_by`` and ``eager_reason``.
+``starts_from_source``, ``trains_on`` (which tile's labelled data its training reads: a
+training that reads the source alone is trained once per source tile and evaluated in every
+scenario of that tile), ``select_best_by`` and ``eager_reason``.
 """
 
 from __future__ import annotations
@@ -137,11 +139,26 @@ class Method:
     #: Its training is the source models' training, and its default trial only evaluates the
     #: pretrained source model on the target (the source-only baseline). Exactly one method.
     evaluates_source_model: ClassVar[bool] = False
+    #: Which tile's data its training reads: ``"source"`` (labelled source only: the source
+    #: models, shift augmentation), ``"target"`` (the upper bound) or ``"both"`` (adaptation).
+    #: A training from scratch that reads the source alone does not depend on the target, so
+    #: the runner trains it once per source tile and evaluates it in each of the tile's
+    #: scenarios (:meth:`trained_on_source_alone`). The class list and the band statistics
+    #: always come from the source tile, so a target-only training still depends on both.
+    trains_on: ClassVar[str] = "both"
     #: The method calls :meth:`step_optimizer` itself (several optimisers per step).
     manual_optimization: ClassVar[bool] = False
     #: Why its step cannot be captured as a CUDA graph (None: it can); it then runs eagerly,
     #: and the reason is logged and tagged on its MLflow run.
     eager_reason: ClassVar[str | None] = None
+
+    @classmethod
+    def trained_on_source_alone(cls) -> bool:
+        """Its training reads only the labelled source tile and starts from scratch: one
+        training per source tile serves every target (it is a source model, trained as the
+        source-model method trains with this method's config; see
+        :func:`timematch.experiment.source_training_spec`)."""
+        return cls.trains_on == "source" and not cls.starts_from_source
 
     def __init__(self, config: TrainConfig, model: nn.Module, source: Domain, target: Domain,
                  device: torch.device) -> None:

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from timematch.errors import ConfigError
 
 _REGISTRY: dict[str, type] = {}
+#: What a method's training may read (``Method.trains_on``).
+TRAINS_ON = ("source", "target", "both")
 
 T = TypeVar("T", bound=type)
 
@@ -31,6 +33,9 @@ def register(name: str):
         taken = [other for other, known in _REGISTRY.items() if known.short_name == short]
         if taken:
             raise ConfigError(f"method {name!r}: short_name {short!r} is already {taken[0]!r}'s")
+        trains_on = getattr(cls, "trains_on", None)
+        if trains_on not in TRAINS_ON:
+            raise ConfigError(f"method {name!r}: trains_on must be one of {TRAINS_ON}, got {trains_on!r}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -45,6 +45,7 @@ class SupervisedMethod(Method):
     """Supervised training on one domain's labelled train split (``train_domain``)."""
 
     config: SourceOnlyConfig
+    trains_on = "source"
 
     @property
     def train_domain(self) -> Domain:

@@ -22,6 +22,7 @@ class UpperBoundConfig(SourceOnlyConfig):
 class UpperBound(SupervisedMethod):
     config_class = UpperBoundConfig
     starts_from_source = False
+    trains_on = "target"  # with the source's class list and band statistics: see Method.trains_on
     select_best_by = "target_val_f1"
     table_order = 100.0
     short_name = "UB"

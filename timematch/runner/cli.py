@@ -3,6 +3,8 @@
 Everything the user named is resolved and checked first (scenarios, methods, profile,
 search spaces, objective, data root, tracking store, Ray address), in a few seconds and
 before Ray starts; an error prints one line and exits with code 2.
+
+Longer than 400 lines: two thirds of it are the two parsers' option texts (``--help``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any
 
 from timematch.errors import ConfigError, TimeMatchError
 from timematch.execution import PRECISIONS
-from timematch.runner.launch_state import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, Launch  # noqa: F401
+from timematch.runner.launch_state import (  # noqa: F401  (the exit codes are this module's API too)
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, ExperimentFolder, Launch,
+)
 
-TILE_MARKER = "meta/metadata.pkl"
 MAX_SEEDS = 100
+MAX_TRIALS = 1000  # per group: an Optuna study of its own; more is a typo, not a search
 MAX_SEED = 999_999  # Optuna seeds each group's sampler with seed * 1000 + group, below numpy's 2**32
 LAUNCH_ID = re.compile(r"[A-Za-z0-9_.-]+")  # launch ids are YYYYmmdd-HHMMSS-xxxx; 'all' fits too
 
@@ -132,9 +136,9 @@ def launch_parser() -> argparse.ArgumentParser:
         "3 folds), 'smoke' (tiny, for tests) (default: quick)"))
     what.add_argument("--folds", help=(
         "number of folds N (folds 0..N-1) or a comma list like 0,2 (default: the profile's)"))
-    what.add_argument("--trials", type=_integer(0), help=(
-        "Optuna trials per scenario x method x fold; the first is the defaults; 0 = defaults only "
-        "(default: the profile's)"))
+    what.add_argument("--trials", type=_integer(0, MAX_TRIALS), help=(
+        f"Optuna trials per scenario x method x fold, 0..{MAX_TRIALS}; the first is the defaults; 0 = defaults "
+        "only (default: the profile's)"))
     what.add_argument("--no-search", action="store_true", help="published/profile defaults only (same as --trials 0)")
     what.add_argument("--no-baseline", action="store_true", help=(
         "leave out the source_only baseline (one default trial per scenario x fold, the pretrained model "
@@ -276,13 +280,14 @@ def resolve_data_root(data_root: str | None, remote: bool = False) -> tuple[Path
 
 
 def check_tiles(root: Path, tiles: set[str]) -> None:
-    """Every tile the plan uses must be in the dataset (``<root>/<tile>/meta/metadata.pkl``)."""
-    missing = sorted(t for t in tiles if not (root / t / TILE_MARKER).is_file())
+    """Every tile the plan uses must be in the dataset (:func:`timematch.data.format.find_tiles`)."""
+    from timematch.data.format import METADATA_FILE, find_tiles, missing_tiles
+
+    missing = missing_tiles(root, tiles)
     if missing:
-        found = sorted(str(p.parent.parent.relative_to(root)) for p in root.glob(f"*/*/*/{TILE_MARKER}"))
         raise ConfigError(
-            f"data root {root}: missing tile(s) {', '.join(missing)} (no {TILE_MARKER}); tiles found: "
-            f"{', '.join(found) or 'none'}"
+            f"data root {root}: missing tile(s) {', '.join(missing)} (no {METADATA_FILE}); tiles found: "
+            f"{', '.join(find_tiles(root)) or 'none'}"
         )
 
 
@@ -315,51 +320,36 @@ def plan_launch(args: argparse.Namespace, root: Path) -> Any:
     ))
 
 
-def _launches_dir(results: Path, experiment: str) -> Path:
-    from timematch.runner.reporting import _safe
-
-    return results / _safe(experiment) / "launches"
-
-
 def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
     from timematch.runner.plan import LaunchPlan, check_embedded_root
     from timematch.runner.resources import check_address
     from timematch.runner.tracking import check_tracking
 
-    results = _results_dir(args, root)
-    experiment = _experiment_name(args)
+    experiment = ExperimentFolder(_results_dir(args, root), _experiment_name(args))
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if args.resume:
-        launches = _launches_dir(results, experiment)
-        latest = launches.parent / "LATEST"
-        if not latest.is_file():
-            known = sorted(p.parent.name for p in results.glob("*/LATEST")) if results.is_dir() else []
-            raise ConfigError(
-                f"--resume: no launch of experiment {experiment!r} under {results}; experiments with launches: "
-                f"{', '.join(known) or 'none'} (pick one with --experiment)"
-            )
-        launch_id = latest.read_text().strip()
-        saved = json.loads((launches / launch_id / "launch.json").read_text())
+        folder = experiment.latest()
+        saved = folder.load()
         plan = LaunchPlan.from_json(json.dumps(saved["plan"]))
         if plan.synthetic_data:
             check_embedded_root(plan)
         uri = args.tracking_uri or saved["tracking_uri"]
         check_tracking(uri)
         check_address(address)
-        return Launch(plan, launch_id, launches / launch_id, uri, address, True, saved.get("parent_run_id"))
+        return Launch(plan, folder, uri, address, True, saved.get("parent_run_id"))
     plan = plan_launch(args, root)
     uri = _tracking_uri(args, root)
     check_tracking(uri)
     check_address(address)
     launch_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-    return Launch(plan, launch_id, _launches_dir(results, experiment) / launch_id, uri, address, False)
+    return Launch(plan, experiment.launch(launch_id), uri, address, False)
 
 
 def _requested_resources(args: argparse.Namespace, plan) -> tuple[Any, Any, Any]:
     profile = plan.resources
-    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else profile.get("cpus_per_trial", "auto")
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.get("gpus_per_trial", "auto")
-    return cpus, gpus, profile.get("max_concurrent_per_group", "auto")
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else profile.cpus_per_trial
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.gpus_per_trial
+    return cpus, gpus, profile.max_concurrent_per_group
 
 
 def launch_command(args: argparse.Namespace, root: Path) -> int:
@@ -380,7 +370,7 @@ def launch_command(args: argparse.Namespace, root: Path) -> int:
             shown = {"cluster": launch.address, "cpus per trial": cpus, "gpus per trial": gpus,
                      "in flight per group": concurrent}
         shown["tracking"] = launch.tracking_uri
-        shown["results"] = str(launch.directory)
+        shown["results"] = str(launch.folder.path)
         print(describe(plan, shown, cached))
         if launch.resumed:
             print(f"\n--resume: would continue launch {launch.launch_id}")
@@ -420,7 +410,7 @@ def report_command(args: argparse.Namespace, root: Path) -> int:
     else:
         with _named("--experiment"):
             experiment_id(uri, experiment)
-    report = build_report(uri, experiment, results, args.objective, launch_id=args.launch)
+    report = build_report(uri, ExperimentFolder(results, experiment), args.objective, launch_id=args.launch)
     print(f"{experiment} ({report.runs} finished trials)\n")
     print(report.markdown)
     print("written: " + ", ".join(str(p) for p in report.files))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from timematch.runner import tracking
-from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch
+from timematch.runner import runs, tracking, waiting
+from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch, LaunchFolder
 from timematch.runner.plan import LaunchPlan, check_embedded_root, describe, get_objective, source_model_path
 from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
 
@@ -37,7 +36,7 @@ def _parent_params(plan: LaunchPlan) -> dict[str, Any]:
         "seed": plan.seed, "data_root": plan.data_root,
         "trials_per_group": max((g.trials for g in plan.groups), default=0),
         "trials_total": plan.n_trials, "search": plan.search, "baseline": plan.baseline,
-        "data": json.dumps(plan.data), "pretrain": json.dumps(plan.pretrain), "scheduler": json.dumps(plan.scheduler),
+        "data": json.dumps(plan.data), "pretrain": json.dumps(plan.pretrain), "scheduler": json.dumps(dataclasses.asdict(plan.scheduler)),
         "retries": plan.retries,
     }
 
@@ -45,45 +44,29 @@ def _parent_params(plan: LaunchPlan) -> dict[str, Any]:
 def _open_parent(launch: Launch, experiment_id: str, cluster: Cluster, resources) -> str:
     client = tracking.client(launch.tracking_uri)
     if launch.parent_run_id:
-        tracking.retry(lambda: client.update_run(launch.parent_run_id, status="RUNNING"))
-        tracking.retry(lambda: client.set_tag(launch.parent_run_id, "resumed", "true"))
-        if "interrupted" in tracking.retry(lambda: client.get_run(launch.parent_run_id)).data.tags:
-            tracking.retry(lambda: client.delete_tag(launch.parent_run_id, "interrupted"))
+        runs.resume_launch(client, launch.parent_run_id)
         return launch.parent_run_id
     plan = launch.plan
     objective = get_objective(plan.objective)
     tags = {"stage": "launch", "launch_id": launch.launch_id, "profile": plan.profile, "objective": objective.name,
             "selection_uses_target_labels": "true" if objective.uses_target_labels else "false",
             "cluster": cluster.address, "cpus_per_trial": str(resources.cpus), "gpus_per_trial": str(resources.gpus)}
-    run = client.create_run(experiment_id, tags=tags, run_name=f"launch {launch.launch_id}")
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in _parent_params(plan).items()])
-    client.log_text(run.info.run_id, plan.to_json(), "launch/plan.json")
-    return run.info.run_id
+    run_id, _ = runs.open_run(client, experiment_id, {"stage": "launch", "launch_id": launch.launch_id}, tags,
+                              _parent_params(plan), f"launch {launch.launch_id}", None)
+    waiting.retry(lambda: client.log_text(run_id, plan.to_json(), "launch/plan.json"))
+    return run_id
 
 
-def _save_launch(launch: Launch, experiment_id: str | None) -> None:
-    """Record the launch for ``--resume``: first before any work (a launch killed while it
-    generates or packs data resumes too), again once its MLflow parent run exists."""
-    launch.directory.mkdir(parents=True, exist_ok=True)
-    record = {"launch_id": launch.launch_id, "experiment": launch.plan.experiment, "tracking_uri": launch.tracking_uri,
-              "experiment_id": experiment_id, "parent_run_id": launch.parent_run_id,
-              "plan": json.loads(launch.plan.to_json())}
-    (launch.directory / "launch.json").write_text(json.dumps(record, indent=1))
-    (launch.directory.parent.parent / "LATEST").write_text(launch.launch_id + "\n")
-
-
-def _run_stages(plan: LaunchPlan, context, resources, storage: Path, resumed: bool) -> list:
+def _run_stages(plan: LaunchPlan, context, resources, folder: LaunchFolder, resumed: bool) -> list:
     from timematch.runner.stages import (
         StageSummary, link_source_runs, run_adapt_stage, run_pretrain_stage, without_failed_sources,
     )
 
-    summaries = [run_pretrain_stage(plan, context, resources, storage)]
+    summaries = [run_pretrain_stage(plan, context, resources, folder)]
     link_source_runs(plan, context)
     adapt_plan, not_started = without_failed_sources(plan)
     if adapt_plan.groups:
-        adapt = run_adapt_stage(adapt_plan, dataclasses.replace(context, plan=adapt_plan), resources, storage,
+        adapt = run_adapt_stage(adapt_plan, dataclasses.replace(context, plan=adapt_plan), resources, folder,
                                 resume=resumed)
     else:
         adapt = StageSummary("adaptation")
@@ -98,13 +81,9 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
     from timematch.runner.trainables import TrialContext
 
     plan = launch.plan
-    # Named in the messages of a tracking server that stops answering; MLflow's own silent HTTP
-    # retries made short, so the waiting is bounded and said (tracking.retry).
-    os.environ["MLFLOW_TRACKING_URI"] = launch.tracking_uri
-    for name, value in tracking.CLIENT_HTTP_SETTINGS.items():
-        os.environ.setdefault(name, value)
+    tracking.configure_client(launch.tracking_uri)
     if not launch.resumed:
-        _save_launch(launch, None)
+        launch.save(None)
     if plan.synthetic_data:
         from timematch.data.embedded import ensure_embedded_dataset
 
@@ -123,29 +102,27 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
                  ", and keep --results-dir and $TIMEMATCH_CACHE on storage every node shares")
         experiment_id = tracking.ensure_experiment(launch.tracking_uri, plan.experiment)
         launch.parent_run_id = _open_parent(launch, experiment_id, cluster, resources)
-        _save_launch(launch, experiment_id)
+        launch.save(experiment_id)
         cached = {t.key for t in plan.pretrain_tasks if source_model_path(plan.cache_dir, t.key).is_file()}
         size = f"{cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
         shown = {"cluster": f"{cluster.address} ({size})",
                  "cpus per trial": resources.cpus, "gpus per trial": resources.describe_gpus(),
                  "trials at once": resources.slots, "in flight per group": resources.max_concurrent_per_group,
                  "tracking": f"{launch.tracking_uri} (experiment {plan.experiment!r})",
-                 "results": str(launch.directory)}
+                 "results": str(launch.folder.path)}
         _say(("resuming launch " if launch.resumed else "launch ") + launch.launch_id)
         _say(describe(plan, shown, cached) + "\n")
-        events = launch.directory / "events.log"
         context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
-                               resources.cpus, resources.gpus, tracking.credentials(), str(events),
-                               tracking.patience())
-        storage = launch.directory / "tune"
-        with tracking.EventTail(events, _say):
-            summaries = _run_stages(plan, context, resources, storage, launch.resumed)
+                               resources.cpus, resources.gpus, tracking.credentials(), str(launch.folder.events),
+                               waiting.patience())
+        with waiting.EventTail(launch.folder.events, _say):
+            summaries = _run_stages(plan, context, resources, launch.folder, launch.resumed)
         failed = sum(len(s.failed) for s in summaries)
         _say("\n" + "\n".join(line for s in summaries for line in s.lines()))
         client = tracking.client(launch.tracking_uri)
         try:
-            report = build_report(launch.tracking_uri, plan.experiment, launch.directory.parent.parent.parent,
-                                  plan.objective, launch_id=launch.launch_id)
+            report = build_report(launch.tracking_uri, launch.folder.experiment, plan.objective,
+                                  launch_id=launch.launch_id)
             _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}")
             registered = register_best_models(launch.tracking_uri, plan.experiment, report, plan.objective,
                                               launch.launch_id)
@@ -157,16 +134,16 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
                   "trials_stopped_early": sum(len(s.stopped) for s in summaries),
                   "trials_failed": failed}
         for key, value in counts.items():
-            tracking.retry(lambda k=key, v=value: client.set_tag(launch.parent_run_id, k, str(v)))
-        tracking.log_metrics(client, launch.parent_run_id, counts, step=tracking.FINAL_STEP)
-        tracking.retry(lambda: client.set_terminated(launch.parent_run_id, status="FINISHED"))
+            waiting.retry(lambda k=key, v=value: client.set_tag(launch.parent_run_id, k, str(v)))
+        runs.log_metrics(client, launch.parent_run_id, counts, step=runs.FINAL_STEP)
+        runs.finish(client, launch.parent_run_id)
         _say(f"MLflow: {launch.tracking_uri}, experiment {plan.experiment!r}, launch run {launch.parent_run_id}")
         _say(f"in the UI: {tracking.ui_address(launch.tracking_uri, experiment_id, launch.parent_run_id)}")
         return EXIT_TRIALS_FAILED if failed else EXIT_OK
     except KeyboardInterrupt:
         if launch.parent_run_id:
-            tracking.mark_interrupted(tracking.client(launch.tracking_uri), experiment_id, launch.launch_id,
-                                      launch.parent_run_id)
+            runs.kill_interrupted(tracking.client(launch.tracking_uri), experiment_id, launch.launch_id,
+                                  also=(launch.parent_run_id,))
         raise KeyboardInterrupt(f"continue with: python launch.py --resume --experiment {plan.experiment}") from None
     finally:
         disconnect(cluster)

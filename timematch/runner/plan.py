@@ -13,6 +13,9 @@ A plan has two stages:
 
 Nothing here imports Ray or MLflow: the plan is built and printed (``--dry-run``) in a
 second or two, and every error surfaces before a Ray cluster is touched.
+
+Longer than 400 lines: the plan's parts (objectives, methods, folds, tasks, groups), its
+expansion and its printed description are one concept; split, each would import the others.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ from typing import Any
 from timematch.data.dataset import DataConfig
 from timematch.data.tiles import short_name
 from timematch.errors import ConfigError
-from timematch.experiment import EPOCH_METRICS, ExperimentSpec, pretrain_key
+from timematch.experiment import EPOCH_METRICS, ExperimentSpec, pretrain_key, source_training_spec
 from timematch.selection import CRITERIA, ORACLE
 from timematch.methods import build_config, get_method, methods_in_table_order, source_model_method
-from timematch.runner.profiles import Profile
+from timematch.runner.profiles import Profile, Resources, Scheduler
 from timematch.runner.scenarios import Scenario
 from timematch.runner.search_space import contains, load_space
 
@@ -122,17 +125,30 @@ def parse_folds(text: str | None, profile: Profile, n_folds: int) -> list[int]:
 
 @dataclass(frozen=True)
 class PretrainTask:
-    """One source model: source-only training on ``source`` (a tile path), fold ``fold``."""
+    """One training on a source tile alone, trained once and shared by every scenario of the
+    tile that needs it: a source model (``method`` None: the source-model method with the
+    profile's ``pretrain`` settings), which adaptation methods start from and the source-only
+    baseline evaluates; or the training of a method trained from scratch on the source alone
+    (``method``, e.g. ``shift_aug``, with the profile's ``config`` for it), which each of its
+    scenarios' trials evaluates on its target."""
 
     key: str
     source: str
     fold: int
     scenarios: tuple[str, ...]
     seed: int | None = None  # set when the launch repeats over seeds (--seeds N)
+    method: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
-        return f"{short_name(self.source)}/fold{self.fold}" + (f"/seed{self.seed}" if self.seed is not None else "")
+        return (f"{short_name(self.source)}/fold{self.fold}" + (f"/{self.method}" if self.method else "")
+                + (f"/seed{self.seed}" if self.seed is not None else ""))
+
+    @property
+    def method_name(self) -> str:
+        """The method whose training this is (the source-model method for a source model)."""
+        return self.method or baseline_method()
 
 
 @dataclass(frozen=True)
@@ -177,9 +193,9 @@ class LaunchPlan:
     methods: list[str]
     pretrain_tasks: list[PretrainTask]
     groups: list[TrialGroup]
-    scheduler: dict[str, Any]
+    scheduler: Scheduler
     retries: int
-    resources: dict[str, Any]
+    resources: Resources
     search: bool
     baseline: bool
     synthetic_data: bool = False
@@ -214,7 +230,9 @@ class LaunchPlan:
         )
 
     def pretrain_spec(self, task: PretrainTask) -> ExperimentSpec:
-        return base_spec(self, task.source, task.source, task.fold, task.seed).replace(method=baseline_method())
+        """The spec whose :func:`~timematch.experiment.pretrain_source` training is ``task``."""
+        spec = base_spec(self, task.source, task.source, task.fold, task.seed)
+        return spec if task.method is None else spec.replace(method=task.method, method_config=dict(task.config))
 
     def resolved_config(self, group: TrialGroup, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """The full method config of a trial (source_only: the source model's training config)."""
@@ -224,9 +242,10 @@ class LaunchPlan:
             overrides = {**spec.pretrain_config, **overrides}
         return dataclasses.asdict(build_config(group.method, overrides))
 
-    def resolved_pretrain_config(self) -> dict[str, Any]:
-        """The full config of the source models' training."""
-        return dataclasses.asdict(build_config(baseline_method(), self.pretrain))
+    def resolved_pretrain_config(self, task: PretrainTask) -> dict[str, Any]:
+        """The full config of ``task``'s training."""
+        training = source_training_spec(self.pretrain_spec(task))
+        return dataclasses.asdict(build_config(training.method, training.method_config))
 
     def default_point(self, group: TrialGroup) -> dict[str, Any] | None:
         """The defaults (published, then profile) of a group's searched keys, when its space holds them."""
@@ -246,6 +265,8 @@ class LaunchPlan:
         raw["pretrain_tasks"] = [PretrainTask(**{**t, "scenarios": tuple(t["scenarios"])})
                                  for t in raw["pretrain_tasks"]]
         raw["groups"] = [TrialGroup(**{**g, "scenario": Scenario(**g["scenario"])}) for g in raw["groups"]]
+        raw["scheduler"] = Scheduler(**raw["scheduler"])
+        raw["resources"] = Resources(**raw["resources"])
         return cls(**raw)
 
 
@@ -308,8 +329,8 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
         data_root=str(Path(request.data_root).expanduser().resolve()),
         cache_dir=str(Path(request.cache_dir).expanduser().resolve()), data=dict(profile.data),
         pretrain=dict(profile.pretrain), folds=list(request.folds), scenarios=list(request.scenarios),
-        methods=[], pretrain_tasks=[], groups=[], scheduler=dict(profile.scheduler), retries=profile.retries,
-        resources=dict(profile.resources), search=search, baseline=request.baseline,
+        methods=[], pretrain_tasks=[], groups=[], scheduler=profile.scheduler, retries=profile.retries,
+        resources=profile.resources, search=search, baseline=request.baseline,
         synthetic_data=request.synthetic_data, seeds=request.seeds, precision=request.precision,
         cuda_graph=request.cuda_graph,
     )
@@ -337,14 +358,18 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
         config = build_config(method, {**profile.pretrain, **overrides} if is_baseline_method else overrides)
         space = spaces.get(method, {})
         epochs = int(space.get("epochs", {}).get("high", config.epochs)) if "epochs" in space else config.epochs
-        needs_source = is_baseline_method or get_method(method).starts_from_source
+        training = _source_training(method, overrides, config, space)
         key = None
-        if needs_source:
+        if training is not None:
+            training_method, training_config = training
             spec = base_spec(plan, scenario.source, scenario.source, fold, seed)
+            if training_method is not None:
+                spec = spec.replace(method=training_method, method_config=dict(training_config))
             key = pretrain_key(spec)
             task = tasks.get(key)
             names = (task.scenarios if task else ()) + (scenario.name,)
-            tasks[key] = PretrainTask(key, scenario.source, fold, tuple(dict.fromkeys(names)), seed)
+            tasks[key] = PretrainTask(key, scenario.source, fold, tuple(dict.fromkeys(names)), seed,
+                                      training_method, dict(training_config))
         groups.append(TrialGroup(
             scenario=scenario, method=method, fold=fold, trials=request.trials if searched else 1,
             space=space, overrides=overrides, epochs=max(1, epochs), pretrain_key=key, baseline=baseline,
@@ -354,6 +379,26 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
     plan.groups = [g for g in groups if g.baseline] + [g for g in groups if not g.baseline]
     plan.pretrain_tasks = list(tasks.values())
     return plan
+
+
+def _source_training(method: str, overrides: dict[str, Any], config: Any, space: dict[str, Any]
+                     ) -> tuple[str | None, dict[str, Any]] | None:
+    """The training on the source tile alone that a group's default trial uses, as
+    ``(method, config)`` of a :class:`PretrainTask` (method None: the source model), or None.
+
+    Adaptation methods start from the source model and the source-only baseline evaluates it.
+    A method trained from scratch on the source alone (shift augmentation) is trained once per
+    source tile with its default config and evaluated in each of the tile's scenarios; a
+    searched group's sampled configs (trials after the first) train in their own trials.
+    """
+    cls = get_method(method)
+    if cls.evaluates_source_model or cls.starts_from_source:
+        return None, {}
+    if not cls.trained_on_source_alone():
+        return None
+    if space and not contains(space, {key: dataclasses.asdict(config)[key] for key in space}):
+        return None  # the first trial is sampled, not the defaults: nothing to share
+    return method, dict(overrides)
 
 
 def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: set[str] | None = None) -> str:
@@ -372,19 +417,27 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
         f"folds: {', '.join(map(str, plan.folds))}",
         "",
         f"stage 1, source models: {len(plan.pretrain_tasks)} "
-        f"({sum(t.key in cached for t in plan.pretrain_tasks)} cached, reused)",
+        f"({sum(t.key in cached for t in plan.pretrain_tasks)} cached, reused); each trained once on its "
+        "source tile for every scenario listed",
     ]
     width = max([14, *(len(t.id) for t in plan.pretrain_tasks)])
     for task in plan.pretrain_tasks:
         state = "cached" if task.key in cached else "to train"
         lines.append(f"  {task.id:<{width}} {state:<9} key {task.key}  (for {', '.join(task.scenarios)})")
     lines.append(f"  training overrides: {plan.pretrain or '{}'}")
+    for method in dict.fromkeys(t.method for t in plan.pretrain_tasks if t.method):
+        overrides = next(t.config for t in plan.pretrain_tasks if t.method == method)
+        lines.append(f"  {method}: its training reads the source tile alone; its trials evaluate it on each "
+                     f"target (overrides {overrides or '{}'})")
     lines += ["", f"stage 2, adaptation: {len(plan.groups)} groups, {plan.n_trials} trials "
-                  f"(Optuna TPE per group, ASHA over epochs {plan.scheduler or '{}'}, retries {plan.retries})"]
+                  f"(Optuna TPE per group, ASHA over epochs: {plan.scheduler}; retries {plan.retries})"]
     group_width = max([28, *(len(g.id) for g in plan.groups)])
     for group in plan.groups:
         how = "baseline, default config" if group.baseline else (
             f"{group.trials} trials over {', '.join(group.space)}" if group.searched else "1 trial, default config")
+        shared = next((t for t in plan.pretrain_tasks if t.key == group.pretrain_key and t.method == group.method), None)
+        if shared is not None:
+            how += f" (the defaults: evaluates {shared.id} of stage 1)"
         lines.append(f"  {group.id:<{group_width}} {how}; {group.epochs} epochs; overrides {group.overrides or '{}'}")
     if resources:
         lines += ["", "resources: " + ", ".join(f"{k} {v}" for k, v in resources.items())]

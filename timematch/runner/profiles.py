@@ -1,9 +1,12 @@
 """Profiles: ``experiments/profiles/<name>.yaml``, the budgets of a launch.
 
-A profile holds the number of folds and of Optuna trials, per-method config overrides
-(epochs, steps per epoch, ...), the overrides of the source-model training, data
-overrides (:class:`~timematch.data.dataset.DataConfig`), the ASHA settings, per-trial
-resources and retries. ``--set section.key=value`` on the command line changes one entry.
+A profile holds the number of folds and of Optuna trials, a ``budget`` every method gets
+(epochs, steps per epoch, batch size: a new method needs no line here), per-method config
+overrides (only what differs), the overrides of the source-model training, data overrides
+(:class:`~timematch.data.dataset.DataConfig`), the ASHA settings (:class:`Scheduler`),
+per-trial resources (:class:`Resources`) and retries. ``--set section.key=value`` on the
+command line changes one entry. The file is parsed and checked once, here: unknown sections
+and keys are errors naming the file (or the ``--set``) and the valid ones.
 """
 
 from __future__ import annotations
@@ -21,9 +24,58 @@ from timematch.data.dataset import DataConfig
 from timematch.errors import ConfigError
 from timematch.methods import build_config, get_method, method_names, source_model_method
 
-SECTIONS = ("description", "folds", "trials", "data", "pretrain", "methods", "scheduler", "resources", "retries")
-SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+SECTIONS = ("description", "folds", "trials", "data", "pretrain", "budget", "methods", "scheduler", "resources",
+            "retries")
+#: What ``budget`` may set: every method's config has these (the source model's is ``pretrain``).
+BUDGET_KEYS = ("epochs", "steps_per_epoch", "batch_size")
+SCHEDULER_KEYS = ("grace_period", "reduction_factor")  # Scheduler's fields
 RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent_per_group")
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """ASHA within each searched group (:class:`~timematch.runner.search.GroupedASHA`), on epochs:
+    a trial runs at least ``grace_period`` epochs; at each rung ``1/reduction_factor`` go on."""
+
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    @classmethod
+    def parse(cls, values: dict[str, Any], where: str) -> "Scheduler":
+        """The ``scheduler`` section of a profile, checked (errors name ``where`` and the key)."""
+        _only(values, SCHEDULER_KEYS, "scheduler", where)
+        grace = _count(values.get("grace_period", cls.grace_period), "scheduler.grace_period", where, minimum=1)
+        reduction = values.get("reduction_factor", cls.reduction_factor)
+        if not _finite(reduction) or reduction <= 1:
+            raise ConfigError(f"{where}: scheduler.reduction_factor={reduction!r} must be a number > 1")
+        return cls(grace, float(reduction))
+
+    def __str__(self) -> str:
+        return f"grace period {self.grace_period} epochs, reduction factor {self.reduction_factor:g}"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-trial resources as a profile asks for them; ``"auto"`` is decided from the cluster
+    (:func:`timematch.runner.resources.trial_resources`)."""
+
+    cpus_per_trial: float | str = "auto"
+    gpus_per_trial: float | str = "auto"
+    max_concurrent_per_group: int | str = "auto"
+
+    @classmethod
+    def parse(cls, values: dict[str, Any], where: str) -> "Resources":
+        _only(values, RESOURCE_KEYS, "resources", where)
+        for key in ("cpus_per_trial", "gpus_per_trial"):
+            value = values.get(key, "auto")
+            if value != "auto" and (not _finite(value) or value < 0):
+                raise ConfigError(f"{where}: resources.{key}={value!r} must be 'auto' or a number >= 0")
+        concurrent = values.get("max_concurrent_per_group", "auto")
+        if concurrent != "auto" and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
+            raise ConfigError(
+                f"{where}: resources.max_concurrent_per_group={concurrent!r} must be 'auto' or an integer >= 1"
+            )
+        return cls(values.get("cpus_per_trial", "auto"), values.get("gpus_per_trial", "auto"), concurrent)
 
 
 @dataclass(frozen=True)
@@ -37,15 +89,20 @@ class Profile:
     data: dict[str, Any] = field(default_factory=dict)
     pretrain: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
     retries: int = 1
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def data_config(self) -> DataConfig:
         return DataConfig.from_dict(self.data)
 
     def method_overrides(self, method: str) -> dict[str, Any]:
-        return dict(self.methods.get(method, {}))
+        """The profile's config of ``method``: the budget, then what the profile names for it
+        (none for the source-model method: its training is ``pretrain``)."""
+        if get_method(method).evaluates_source_model:
+            return dict(self.methods.get(method, {}))
+        return {**self.budget, **self.methods.get(method, {})}
 
 
 def profile_names(directory: Path) -> list[str]:
@@ -121,6 +178,8 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
         check_flags(build_config(source_model_method().name, pretrain))
     except ConfigError as err:
         raise ConfigError(f"{where}: pretrain: {err}") from None
+    budget = _mapping(document.get("budget"), "budget", where)
+    _only(budget, BUDGET_KEYS, "budget", where)
     methods = _mapping(document.get("methods"), "methods", where)
     registered = method_names()
     for method, overrides in methods.items():
@@ -131,31 +190,21 @@ def validate_profile(document: dict[str, Any], name: str, where: str) -> Profile
                 f"{where}: methods.{method}: set the source model's training under 'pretrain:' "
                 "(the source-only baseline is the pretrained source model)"
             )
-        values = _mapping(overrides, f"methods.{method}", where)
+        _mapping(overrides, f"methods.{method}", where)
+    for method in registered:  # every method with the budget, so a new one is checked too
+        if get_method(method).evaluates_source_model:
+            continue
+        values = {**budget, **(methods.get(method) or {})}
         try:
             check_flags(build_config(method, values))
         except ConfigError as err:
-            raise ConfigError(f"{where}: methods.{method}: {err}") from None
-    scheduler = _mapping(document.get("scheduler"), "scheduler", where)
-    _only(scheduler, SCHEDULER_KEYS, "scheduler", where)
-    _count(scheduler.get("grace_period", 1), "scheduler.grace_period", where, minimum=1)
-    reduction = scheduler.get("reduction_factor", 2)
-    if not _finite(reduction) or reduction <= 1:
-        raise ConfigError(f"{where}: scheduler.reduction_factor={reduction!r} must be a number > 1")
-    resources = _mapping(document.get("resources"), "resources", where)
-    _only(resources, RESOURCE_KEYS, "resources", where)
-    for key in ("cpus_per_trial", "gpus_per_trial"):
-        value = resources.get(key, "auto")
-        if value != "auto" and (not _finite(value) or value < 0):
-            raise ConfigError(f"{where}: resources.{key}={value!r} must be 'auto' or a number >= 0")
-    concurrent = resources.get("max_concurrent_per_group", "auto")
-    if concurrent != "auto" and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
-        raise ConfigError(
-            f"{where}: resources.max_concurrent_per_group={concurrent!r} must be 'auto' or an integer >= 1"
-        )
+            section = f"methods.{method}" if method in methods else f"budget (for {method})"
+            raise ConfigError(f"{where}: {section}: {err}") from None
+    scheduler = Scheduler.parse(_mapping(document.get("scheduler"), "scheduler", where), where)
+    resources = Resources.parse(_mapping(document.get("resources"), "resources", where), where)
     return Profile(
         name=name, description=str(document.get("description", "")), folds=folds, trials=trials,
-        data=data, pretrain=pretrain, methods={m: dict(o or {}) for m, o in methods.items()},
+        data=data, pretrain=pretrain, methods={m: dict(o or {}) for m, o in methods.items()}, budget=budget,
         scheduler=scheduler, resources=resources, retries=retries,
     )
 

@@ -16,6 +16,7 @@ clients or open files.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
 import warnings
@@ -25,7 +26,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from timematch.runner import tracking
+from timematch.runner import run_names, runs, tracking
+from timematch.runner.trial_config import AdaptConfig, TrainingConfig, config_key
 
 
 def _never_raise(method: Callable) -> Callable:
@@ -42,18 +44,43 @@ def _never_raise(method: Callable) -> Callable:
     return wrapper
 
 
+#: Ray's failures that are not the trial's own exception, in a few words (the whole text, with
+#: Ray's hints on OOM and SIGKILL, goes to the run's error artifact): pattern -> cause.
+CAUSES = (
+    (re.compile(r"OutOfMemoryError|memory monitor|killed .* due to memory", re.I),
+     "its worker was killed for lack of memory (Ray's memory monitor)"),
+    (re.compile(r"NodeDiedError|node .* (died|was lost|is dead)|raylet .* died", re.I), "its node was lost"),
+    (re.compile(r"ActorDiedError|RayActorError|WorkerCrashedError|worker process has died|"
+                r"actor died unexpectedly", re.I),
+     "its worker process died (killed, out of memory or crashed)"),
+    (re.compile(r"ActorUnavailableError|ActorUnschedulableError", re.I), "its worker could not be placed"),
+)
+SHORT = 500
+
+
+def short_cause(text: str) -> str:
+    """A failure's cause in a few words: a known Ray failure by name, else the exception's line
+    (the last line of the traceback that is not a frame), cut to :data:`SHORT` characters."""
+    for pattern, cause in CAUSES:
+        if pattern.search(text):
+            return cause
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "error (no details recorded)"
+    # The last line of a traceback is the exception; Ray wraps it, so skip its own frames.
+    summary = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), lines[-1])
+    return summary if len(summary) <= SHORT else summary[: SHORT - 3] + "..."
+
+
 def _error_text(trial) -> tuple[str, str | None]:
-    """(one line, full traceback) of a failed trial."""
+    """(its cause in a few words, the full text) of a failed trial."""
     path = getattr(trial, "error_file", None)
     text = None
     if path and Path(path).is_file():
         text = Path(path).read_text(errors="replace")
     if not text:
         return "error (no details recorded)", None
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    # The last line of a traceback is the exception; Ray wraps it, so skip its own frames.
-    summary = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), lines[-1])
-    return summary[:500], text
+    return short_cause(text), text
 
 
 class ProgressPrinter(Callback):
@@ -87,14 +114,13 @@ class ProgressPrinter(Callback):
         print(f"[{self.stage} {int(elapsed // 60):3d}:{int(elapsed % 60):02d}] {text}", file=self.out, flush=True)
 
     def _name(self, trial) -> str:
-        config = trial.config or {}
-        key = config.get("group") or config.get("task") or ""
+        key = config_key(trial.config)
         return f"{self.labels.get(key, key)} [{trial.trial_id}]"
 
     @_never_raise
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        params = (trial.config or {}).get("params")
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in (params or {}).items())
+        params = AdaptConfig.of(trial.config).params if self.stage == "adapt" else {}
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
         self._print(f"start   {self._name(trial)}" + (f"  {shown}" if shown else ""))
 
     @_never_raise
@@ -112,7 +138,7 @@ class ProgressPrinter(Callback):
         if "test_macro_f1" in result:
             self.counts["done"] += 1
             value = result.get(self.objective)
-            group = (trial.config or {}).get("group", "")
+            group = config_key(trial.config)
             line = (f"done    {self._name(trial)}  {self.objective} {value:.4f}  "
                     f"test_macro_f1 {result['test_macro_f1']:.4f}")
             if value is not None and (group not in self._best or value > self._best[group][0]):
@@ -173,30 +199,34 @@ class RunStatusCallback(Callback):
 
     def _key_tags(self, trial) -> dict[str, str]:
         if self.key == "pretrain_key":
-            return tracking.pretrain_run_key(trial.config["task"])
-        return tracking.adapt_run_key(self.launch_id, trial.trial_id)
+            return run_names.pretrain_run_key(TrainingConfig.of(trial.config).task)
+        return run_names.adapt_run_key(self.launch_id, trial.trial_id)
 
     @_never_raise
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         client = tracking.client(self.tracking_uri)
-        run = tracking.find_run(client, self.experiment_id, self._key_tags(trial), ("RUNNING",))
+        run = runs.find_run(client, self.experiment_id, self._key_tags(trial), ("RUNNING",))
         if run is not None:  # the trial reported and was stopped before it finished
-            from mlflow.entities import RunTag
+            runs.stopped_early(client, run.info.run_id, (trial.last_result or {}).get("epoch", "?"))
 
-            epochs = (trial.last_result or {}).get("epoch", "?")
-            stopped = [RunTag("stopped_early", "asha"), RunTag("epochs_run", str(epochs))]
-            tracking.retry(lambda: client.log_batch(run.info.run_id, tags=stopped))
-            tracking.retry(lambda: client.set_terminated(run.info.run_id, status="FINISHED"))
+    @_never_raise
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """A trial about to be retried: the whole text of its failure goes to its run
+        (``errors/attempt-<n>.txt``); the terminal shows its cause in a few words."""
+        _, text = _error_text(trial)
+        client = tracking.client(self.tracking_uri)
+        run = runs.find_run(client, self.experiment_id, self._key_tags(trial))
+        if run is not None and text:
+            runs.log_attempt_error(client, run.info.run_id, run.data.tags.get("attempt", "1"), text)
 
     @_never_raise
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         client = tracking.client(self.tracking_uri)
         summary, text = _error_text(trial)
-        run = tracking.find_run(client, self.experiment_id, self._key_tags(trial))
+        run = runs.find_run(client, self.experiment_id, self._key_tags(trial))
         if run is None:  # died before opening its run: record the failure anyway
-            config = trial.config or {}
-            tags = {**self.tags.get(config.get("group") or config.get("task"), {}), **self._key_tags(trial),
+            tags = {**self.tags.get(config_key(trial.config), {}), **self._key_tags(trial),
                     "launch_id": self.launch_id, "mlflow.parentRunId": self.parent_run_id}
-            run = tracking.retry(lambda: client.create_run(self.experiment_id, tags=tags))
-        if run.info.status != "FAILED" or "error" not in run.data.tags:
-            tracking.mark_failed(client, run.info.run_id, summary, text)
+            runs.record_failure(client, self.experiment_id, tags, summary, text)
+        elif run.info.status != "FAILED" or "error" not in run.data.tags:
+            runs.fail(client, run.info.run_id, summary, text)

@@ -8,21 +8,19 @@ them to the latest launch's parent run.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from timematch.errors import ConfigError
 from timematch.report import (
     AVERAGE, ResultTable, best_trials, paired_comparison, plot_methods, selection_gap, summarize,
 )
-from timematch.runner import tracking
+from timematch.runner import runs, tracking, waiting
+from timematch.runner.launch_state import ExperimentFolder, safe_name
 from timematch.runner.plan import OBJECTIVES, get_objective
-
-
-#: The criterion that uses target validation labels: the optimistic reference of the selection gap.
-ORACLE = "target_val_f1"
+from timematch.selection import ORACLE
 
 
 class NoFinishedTrial(ConfigError):
@@ -99,14 +97,16 @@ def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[di
             return rows
 
 
-def build_report(uri: str, experiment: str, results_dir: Path, objective: str | None = None,
+def build_report(uri: str, folder: ExperimentFolder, objective: str | None = None,
                  log_to_mlflow: bool = True, launch_id: str | None = None) -> Report:
-    """Collect, tabulate, write and log the report of one launch of ``experiment``.
+    """Collect, tabulate, write (into ``folder``) and log the report of one launch of the
+    folder's experiment.
 
     ``launch_id``: a launch (None: the latest; :data:`ALL_LAUNCHES`: every launch pooled,
     which turns each cell into a best-of-all-their-trials). The report is logged to that
     launch's parent run (the latest one when pooling).
     """
+    experiment = folder.experiment
     exp_id = experiment_id(uri, experiment)
     pooled = launch_id == ALL_LAUNCHES
     launch = find_launch(uri, exp_id, None if pooled else launch_id)
@@ -136,9 +136,8 @@ def build_report(uri: str, experiment: str, results_dir: Path, objective: str | 
         paired = paired_comparison(rows, chosen.name, scenarios=scenarios)
         if paired.rows:
             markdown += "\n" + paired.to_markdown()
-    directory = Path(results_dir) / _safe(experiment)
-    directory.mkdir(parents=True, exist_ok=True)
-    files = [directory / "report.md", directory / "report.html", directory / "report.png"]
+    folder.path.mkdir(parents=True, exist_ok=True)
+    files = folder.report_files
     files[0].write_text(f"# {experiment}\n\n{markdown}")
     files[1].write_text(table.to_html(title=experiment))
     import matplotlib.pyplot as plt
@@ -149,8 +148,8 @@ def build_report(uri: str, experiment: str, results_dir: Path, objective: str | 
     if log_to_mlflow and launch is not None:
         client = tracking.client(uri)
         for path in files:
-            tracking.retry(lambda p=path: client.log_artifact(launch.info.run_id, str(p), "report"))
-        tracking.log_metrics(client, launch.info.run_id, report_metrics(table, len(rows)), step=tracking.FINAL_STEP)
+            waiting.retry(lambda p=path: client.log_artifact(launch.info.run_id, str(p), "report"))
+        runs.log_metrics(client, launch.info.run_id, report_metrics(table, len(rows)), step=runs.FINAL_STEP)
     return Report(table, markdown, files, len(rows), rows, launch.info.run_id if launch is not None else None)
 
 
@@ -183,14 +182,30 @@ def register_best_models(uri: str, experiment: str, report: Report, objective: s
             best[key] = row
     names = []
     for (scenario, method), row in sorted(best.items()):
-        name = f"{_safe(experiment)}.{scenario}.{method}"
+        name = f"{safe_name(experiment)}.{scenario}.{method}"
         tags = {"objective": objective, objective: f"{row[objective]:.4f}", "fold": str(row["fold"]),
                 "launch_id": launch_id, "trial_key": str(row["trial"]),
                 "description": f"{method} adapted for {scenario}; the best trial of launch {launch_id} by {objective}"}
-        tracking.register_best(client, name, str(row["model_uri"]), str(row["run_id"]), tags)
+        register_best(client, name, str(row["model_uri"]), str(row["run_id"]), tags)
         names.append(name)
     return names
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+def register_best(mlflow_client, name: str, model_uri: str, run_id: str, tags: Mapping[str, str],
+                  alias: str = "best") -> int:
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        waiting.retry(lambda: mlflow_client.create_registered_model(name, description=tags.get("description")))
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    source, model_id = model_uri, None
+    if model_uri.startswith("models:/m-"):  # a logged model: resolved here, not through MLflow's global URI
+        logged = waiting.retry(lambda: mlflow_client.get_logged_model(model_uri.removeprefix("models:/")))
+        source, model_id = logged.artifact_location, logged.model_id
+    version = waiting.retry(lambda: mlflow_client.create_model_version(name, source, run_id=run_id, tags=dict(tags),
+                                                               model_id=model_id))
+    waiting.retry(lambda: mlflow_client.set_registered_model_alias(name, alias, version.version))
+    return int(version.version)

@@ -30,6 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from timematch.runner.plan import LaunchPlan, TrialGroup
 from timematch.runner.search_space import to_optuna
+from timematch.runner.trial_config import AdaptConfig, config_key
 
 
 def optuna_storage(path: Path):
@@ -57,8 +58,8 @@ class _FixedConfig(Searcher):
 
 
 class GroupedSearch(Searcher):
-    """Trials of every group of a plan; each config is ``{"group": id, "number": n, "params": {...}}``,
-    ``n`` the trial's number in its group (0, the first, is the defaults where the group has them)."""
+    """Trials of every group of a plan; each config an :class:`~timematch.runner.trial_config.AdaptConfig`
+    (its number in its group: 0, the first, is the defaults where the group has them)."""
 
     def __init__(self, plan: LaunchPlan, max_concurrent_per_group: int, seed: int = 0,
                  optuna_db: Path | None = None, launch_id: str = "") -> None:
@@ -107,7 +108,7 @@ class GroupedSearch(Searcher):
             number = self._trials[group_id] - self._remaining[group_id]  # in its group: 0 is the defaults
             self._remaining[group_id] -= 1
             self._owner[trial_id] = group_id
-            return {"group": group_id, "number": number, "params": dict(params)}
+            return AdaptConfig(group_id, number, dict(params)).to_tune()
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -169,7 +170,7 @@ class GroupedASHA(FIFOScheduler):
         return True
 
     def _for(self, trial) -> ASHAScheduler | None:
-        return self._schedulers.get(trial.config.get("group"))
+        return self._schedulers.get(config_key(trial.config))
 
     def on_trial_add(self, tune_controller, trial) -> None:
         scheduler = self._for(trial)

@@ -24,6 +24,8 @@ Both carry the predictor's settings as MLmodel metadata (classes, normaliser, po
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,36 +124,63 @@ def log_parcel_model(
     ``module_name`` (None: skip it); returns the model URIs ``{"classifier": ..., "module": ...}``.
 
     ``input_example``: a few parcels in the input format (:func:`timematch.serving.example_input`);
-    ``pip_requirements``: written as given (inferring them costs seconds per model). Ends the
-    run FINISHED, like :func:`~timematch.runner.tracking.finish_with_model`, and tags it
-    ``classifier_uri`` and ``model_uri`` (the module, as before). Not retried here: the caller
-    wraps it in :func:`~timematch.runner.tracking.retry` (this module does not import
-    ``tracking``, so ``tracking`` may import it).
+    ``pip_requirements``: written as given (inferring them costs seconds per model). Tags the
+    run ``classifier_uri`` and ``model_uri`` (the module). The run is addressed by its id, never
+    made MLflow's active run, and left as it is (its owner, :mod:`timematch.runner.runs`, ends
+    it); MLflow's tracking URI is ``uri`` only while the models are written. Not retried here:
+    the caller wraps it in :func:`~timematch.runner.waiting.retry`.
     """
     import mlflow
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    from mlflow.models import Model
 
     example = check_input(input_example)
     metadata = predictor.settings()
-    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
     uris: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="parcel_classifier-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="parcel_classifier-") as tmp, _tracking_uri(uri):
         saved = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)
         code = Path(tmp) / "parcel_classifier.py"
         code.write_text(MODEL_CODE)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):  # its exit marks the run FINISHED
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=str(code), artifacts={PREDICTOR_ARTIFACT: str(saved)},
-                signature=classifier_signature(predictor.classes), input_example=example,
+        info = Model.log(
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+            model_id=_new_logged_model(client, run_id, name), python_model=str(code),
+            artifacts={PREDICTOR_ARTIFACT: str(saved)}, signature=classifier_signature(predictor.classes),
+            input_example=example, pip_requirements=pip_requirements, metadata=metadata,
+        )
+        uris["classifier"] = info.model_uri
+        client.set_tag(run_id, "classifier_uri", info.model_uri)
+        if module_name:
+            module = Model.log(
+                artifact_path=None, name=module_name, flavor=mlflow.pytorch, run_id=run_id,
+                model_id=_new_logged_model(client, run_id, module_name), pytorch_model=predictor.model,
+                serialization_format="pickle", signature=module_signature(len(predictor.classes)),
                 pip_requirements=pip_requirements, metadata=metadata,
             )
-            uris["classifier"] = info.model_uri
-            mlflow.set_tag("classifier_uri", info.model_uri)
-            if module_name:
-                module = mlflow.pytorch.log_model(
-                    predictor.model, name=module_name, serialization_format="pickle",
-                    signature=module_signature(len(predictor.classes)), pip_requirements=pip_requirements,
-                    metadata=metadata,
-                )
-                uris["module"] = module.model_uri
-                mlflow.set_tag("model_uri", module.model_uri)
+            uris["module"] = module.model_uri
+            client.set_tag(run_id, "model_uri", module.model_uri)
     return uris
+
+
+def _new_logged_model(client, run_id: str, name: str) -> str:
+    """A logged model of run ``run_id``, in the run's experiment, with the run's params (as
+    MLflow gives them to a model it creates for the active run); its id."""
+    run = client.get_run(run_id)
+    params = {key: str(value) for key, value in run.data.params.items()}
+    return client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                      params=params).model_id
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's tracking URI is ``uri`` inside the block and what it was before after it
+    (``Model.log`` writes through MLflow's default client)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -18,16 +18,16 @@ from pathlib import Path
 from ray import tune
 
 from timematch.data.tiles import short_name
-from timematch.runner import tracking
-from timematch.runner.plan import LaunchPlan, baseline_method, get_objective, source_model_path
-from timematch.runner.progress import ProgressPrinter, RunStatusCallback
+from timematch.runner import runs, tracking, waiting
+from timematch.runner.launch_state import LaunchFolder
+from timematch.runner.plan import LaunchPlan, source_model_path
+from timematch.runner.progress import ProgressPrinter, RunStatusCallback, short_cause
 from timematch.runner.resources import TrialResources
 from timematch.runner.search import GroupedASHA, GroupedSearch
-from timematch.runner.trainables import TrialContext, adapt_trial, pretrain_trial
+from timematch.runner.trainables import TrialContext, adapt_run_tags, adapt_trial, pretrain_trial
+from timematch.runner.trial_config import config_key
 
-ADAPT_DIR = "adapt"
-#: results/<experiment>/optuna.db: the Optuna studies of every launch of the experiment
-OPTUNA_DB = "optuna.db"
+ADAPT_DIR = "adapt"  # the adaptation Tuner's folder in the launch's Tune storage
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _trainable(function, context: TrialContext, resources: TrialResources):
 
 
 def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources,
-                       storage: Path) -> StageSummary:
+                       folder: LaunchFolder) -> StageSummary:
     """Train the missing source models (in parallel, one trial each)."""
     todo = [t for t in plan.pretrain_tasks if not source_model_path(plan.cache_dir, t.key).is_file()]
     summary = StageSummary("source models", planned=len(plan.pretrain_tasks))
@@ -75,7 +75,7 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
         return summary
     labels = {t.key: f"pretrain {t.id}" for t in todo}
     tags = {t.key: {"stage": "pretrain", "source": short_name(t.source), "fold": str(t.fold),
-                    "method": baseline_method(), "pretrain_key": t.key} for t in todo}
+                    "method": t.method_name, "pretrain_key": t.key} for t in todo}
     callbacks = [
         ProgressPrinter("pretrain", labels, len(todo), "source_val_f1"),
         RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,
@@ -83,16 +83,16 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
     ]
     tuner = tune.Tuner(
         _trainable(pretrain_trial, context, resources),
-        param_space={"task": tune.grid_search([t.key for t in todo])},
+        param_space={"task": tune.grid_search([t.key for t in todo])},  # a TrainingConfig each
         tune_config=tune.TuneConfig(reuse_actors=False),
         # A fresh directory per attempt: an interrupted training continues from the
         # source model's own partial checkpoint in the cache, not from Tune's state.
-        run_config=_run_config(f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", storage, plan, callbacks),
+        run_config=_run_config(f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", folder.tune, plan, callbacks),
     )
     grid = tuner.fit()
     _raise_if_interrupted(grid, len(todo))
     for result in grid:
-        label = labels.get((result.config or {}).get("task"), "?")
+        label = labels.get(config_key(result.config), "?")
         if result.error is not None:
             summary.failed.append((label, _first_line(result.error)))
         else:
@@ -116,44 +116,39 @@ def link_source_runs(plan: LaunchPlan, context: TrialContext) -> None:
     (``source_run <source>/fold<k>``), trained by this launch or reused from an earlier one."""
     client = tracking.client(context.tracking_uri)
     for task in plan.pretrain_tasks:
-        run = tracking.find_source_run(client, task.key)
+        run = runs.find_source_run(client, task.key)
         if run is not None:
-            tracking.retry(lambda r=run, t=task: client.set_tag(
+            waiting.retry(lambda r=run, t=task: client.set_tag(
                 context.parent_run_id, f"source_run {t.id}", r.info.run_id))
 
 
-def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources, storage: Path,
+def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources, folder: LaunchFolder,
                     resume: bool) -> StageSummary:
     """Every adaptation trial of the plan in one Tuner (restored when resuming)."""
     trainable = _trainable(adapt_trial, context, resources)
-    path = storage / ADAPT_DIR
+    path = folder.tune / ADAPT_DIR
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
-        objective = get_objective(plan.objective)
         labels = {g.id: g.id for g in plan.groups}
-        tags = {g.id: tracking.run_tags("adapt", g.scenario.name, g.scenario.source_short, g.scenario.target_short,
-                                        g.method, g.fold, objective.name, objective.uses_target_labels, group=g.id)
-                for g in plan.groups}
+        tags = {g.id: adapt_run_tags(plan, g) for g in plan.groups}
         callbacks = [
             ProgressPrinter("adapt", labels, plan.n_trials, plan.objective),
             RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,
                               context.parent_run_id, "trial_key", tags),
         ]
-        scheduler = plan.scheduler
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=GroupedSearch(plan, resources.max_concurrent_per_group, seed=plan.seed,
-                                         optuna_db=storage.parent.parent.parent / OPTUNA_DB,
+                                         optuna_db=folder.experiment.optuna_db,
                                          launch_id=context.launch_id),
-                scheduler=GroupedASHA(plan, int(scheduler.get("grace_period", 1)),
-                                      float(scheduler.get("reduction_factor", 2))),
+                scheduler=GroupedASHA(plan, plan.scheduler.grace_period, plan.scheduler.reduction_factor),
                 # a worker process serves several trials in turn: it saves each trial the start of a
                 # process that imports torch, Ray and MLflow (~6 s on 2 cores; trials are seconds to minutes)
                 num_samples=plan.n_trials, reuse_actors=True,
             ),
-            run_config=_run_config(ADAPT_DIR, storage, plan, callbacks),
+            run_config=_run_config(ADAPT_DIR, folder.tune, plan, callbacks),
         )
     grid = tuner.fit()
     _raise_if_interrupted(grid, plan.n_trials)
@@ -161,8 +156,7 @@ def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialRes
     summary = StageSummary("adaptation", planned=plan.n_trials)
     summary.interrupted = closed
     for result in grid:
-        config = result.config or {}
-        label = f"{config.get('group', '?')} [{_trial_id(result)}]"
+        label = f"{config_key(result.config) or '?'} [{_trial_id(result)}]"
         metrics = result.metrics or {}
         if result.error is not None:
             summary.failed.append((label, _first_line(result.error)))
@@ -182,16 +176,8 @@ def _raise_if_interrupted(grid, planned: int) -> None:
 def close_interrupted_runs(context: TrialContext) -> int:
     """Once every trial of the launch has ended, a trial run still RUNNING belongs to a trial
     that an interrupted launch started after Tune last saved its state: close it."""
-    client = tracking.client(context.tracking_uri)
-    runs = tracking.retry(lambda: client.search_runs(
-        [context.experiment_id],
-        f"tags.launch_id = '{context.launch_id}' and tags.stage = 'adapt' and attributes.status = 'RUNNING'",
-        max_results=1000,
-    ))
-    for run in runs:
-        tracking.retry(lambda r=run: client.set_tag(r.info.run_id, "interrupted", "true"))
-        tracking.retry(lambda r=run: client.set_terminated(r.info.run_id, status="KILLED"))
-    return len(runs)
+    return runs.kill_interrupted(tracking.client(context.tracking_uri), context.experiment_id, context.launch_id,
+                                 stage="adapt")
 
 
 def _trial_id(result) -> str:
@@ -199,8 +185,4 @@ def _trial_id(result) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    lines = [line.strip() for line in text if line.strip()]
-    summary = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
-    return (summary or type(error).__name__)[:500]
-
+    return short_cause(str(error)) if str(error).strip() else type(error).__name__

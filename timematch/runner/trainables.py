@@ -16,7 +16,6 @@ finished reports its logged results again instead of training twice.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import traceback
 from dataclasses import dataclass, field
@@ -28,14 +27,15 @@ from ray import tune
 
 from timematch.data.tiles import short_name
 from timematch.experiment import (
-    ExperimentResult, PretrainedSource, atomic_torch_save, pretrain_source, run_experiment,
+    ExperimentResult, PretrainedSource, atomic_torch_save, pretrain_key, pretrain_source, run_experiment,
 )
 from timematch.data.dataset import Normalizer
 from timematch.models import build_model
 from timematch.serving import ParcelPredictor, example_input
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
-from timematch.runner import tracking
+from timematch.runner import run_names, runs, tracking, waiting
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, TrialGroup, get_objective, source_model_path
+from timematch.runner.trial_config import AdaptConfig, TrainingConfig
 from timematch.evaluation import pick_device
 from timematch.locks import cache_lock
 
@@ -62,19 +62,14 @@ class TrialContext:
     #: in the launch's results folder, which every node shares; the driver prints new lines.
     events_path: str = ""
     #: How long trials wait for a tracking server that does not answer (the driver's setting).
-    tracking_patience_s: float = tracking.PATIENCE_S
+    tracking_patience_s: float = waiting.PATIENCE_S
 
 
 def _start(context: TrialContext) -> None:
     """Set up this worker process for a trial: threads, and the launch's MLflow credentials."""
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
-    os.environ.update(context.credentials)
-    os.environ["MLFLOW_TRACKING_URI"] = context.tracking_uri  # named when the server does not answer
-    if context.events_path:
-        os.environ[tracking.EVENTS_VARIABLE] = context.events_path
-    os.environ[tracking.PATIENCE_VARIABLE] = str(context.tracking_patience_s)
-    for name, value in tracking.CLIENT_HTTP_SETTINGS.items():
-        os.environ.setdefault(name, value)
+    tracking.configure_client(context.tracking_uri, context.credentials, context.events_path,
+                              context.tracking_patience_s)
 
 
 def _placement_tags() -> dict[str, str]:
@@ -118,7 +113,7 @@ def _log_data(client, run_id: str, plan: LaunchPlan, tiles: list[tuple[str, str]
         manifest = json.loads((packed.path / "manifest.json").read_text())
         split = make_split(len(packed), fold, data.split_seed, packed.tile, data.n_folds)
         sizes = {part: int(len(split.part(part))) for part in ("train", "val", "test")}
-        tracking.log_dataset(
+        runs.log_dataset(
             client, run_id, f"{packed.tile} fold{fold}", str(manifest.get("fingerprint", packed.path.name)),
             {"data_root": plan.data_root, "tile": packed.tile, "cache": str(packed.path)},
             {"fold": fold, "parcels": len(packed), "dates": packed.n_dates, **sizes}, role)
@@ -131,7 +126,7 @@ def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Train (or finish training) one source model and store it under the cache."""
     _start(context)
     plan = context.plan
-    task = plan.task(config["task"])
+    task = plan.task(TrainingConfig.of(config).task)
     path = source_model_path(plan.cache_dir, task.key)
     # One training per source model, whatever the number of launches: a second launch that
     # needs it waits here for the first's, then reuses it.
@@ -156,20 +151,20 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     plan = context.plan
     spec = _placed(plan.pretrain_spec(task), context)
     client = tracking.client(context.tracking_uri)
-    tags = tracking.run_tags(
-        "pretrain", ",".join(task.scenarios), short_name(task.source), "", spec.method, task.fold,
+    tags = run_names.run_tags(
+        "pretrain", ",".join(task.scenarios), short_name(task.source), "", task.method_name, task.fold,
         "source_val_f1", False, launch_id=context.launch_id, model=spec.model, seed=spec.seed,
         source_model_path=str(path),
     )
-    run_id, _ = tracking.open_run(
-        client, context.experiment_id, tracking.pretrain_run_key(task.key), tags,
-        plan.resolved_pretrain_config(),
-        tracking.pretrain_run_name(short_name(task.source), _varying_fold(plan, task.fold), task.seed),
+    run_id, _ = runs.open_run(
+        client, context.experiment_id, run_names.pretrain_run_key(task.key), tags,
+        plan.resolved_pretrain_config(task),
+        run_names.pretrain_run_name(short_name(task.source), _varying_fold(plan, task.fold), task.seed, task.method),
         context.parent_run_id, reuse_finished=False, refresh=_placement_tags(),
     )
     partial = path.with_name(path.stem + ".partial.pt")
     try:
-        tracking.refuse_if_diverged(client, run_id)
+        runs.refuse_if_diverged(client, run_id)
         _log_data(client, run_id, plan, [(task.source, "train")], task.fold)
         resume_state = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
         if resume_state is not None:
@@ -177,62 +172,73 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
             # them already; a new run (the old one was deleted) gets them now.
             history = resume_state.get("history", [])
             first = next(iter(history[0]["metrics"]), None) if history else None
-            have = tracking.logged_steps(client, run_id, first) if first else set()
+            have = runs.logged_steps(client, run_id, first) if first else set()
             for entry in history:
                 if int(entry["epoch"]) not in have:
-                    tracking.log_metrics(client, run_id, _source_only(entry["metrics"]), step=int(entry["epoch"]))
+                    runs.log_metrics(client, run_id, _source_only(entry["metrics"]), step=int(entry["epoch"]))
 
         def on_epoch(report, state) -> None:
             metrics = _source_only(report.metrics)
-            tracking.log_metrics(client, run_id, metrics, step=report.epoch)
+            runs.log_metrics(client, run_id, metrics, step=report.epoch)
             atomic_torch_save(state(), partial)
             tune.report({**metrics, "epoch": report.epoch})
 
-        with tracking.SystemMetrics(context.tracking_uri, run_id):
+        with runs.SystemMetrics(context.tracking_uri, run_id):
             pretrained = pretrain_source(spec, on_epoch, resume_state)
         pretrained.save(path)
         partial.unlink(missing_ok=True)
-        tracking.tag_step_path(client, run_id, pretrained.info.get("step_path", {}))
-        tracking.log_metrics(client, run_id, {"best_epoch": pretrained.best_epoch,
+        runs.tag_step_path(client, run_id, pretrained.info.get("step_path", {}))
+        runs.log_metrics(client, run_id, {"best_epoch": pretrained.best_epoch,
                                               "final_source_val_f1": pretrained.source_val_f1},
-                             step=tracking.FINAL_STEP)
+                             step=runs.FINAL_STEP)
         model = build_model(spec.model, num_classes=len(pretrained.classes))
         model.load_state_dict(pretrained.state_dict)
         described = {"classes": pretrained.classes, "key": pretrained.key}
-        tracking.retry(lambda: client.log_dict(run_id, described, "source_model.json"))
+        waiting.retry(lambda: client.log_dict(run_id, described, "source_model.json"))
         predictor = ParcelPredictor(model.eval(), list(pretrained.classes), Normalizer.from_dict(pretrained.normalizer),
-                                    info={"model": spec.model, "method": "pretrain", "source": spec.source,
+                                    info={"model": spec.model, "method": task.method or "pretrain", "source": spec.source,
                                           "fold": spec.fold, "key": pretrained.key})
-        tracking.finish_with_models(context.tracking_uri, run_id, predictor, example_input(plan.data_root, spec.source))
+        runs.log_models(context.tracking_uri, run_id, predictor, example_input(plan.data_root, spec.source))
+        runs.finish(client, run_id)
         tune.report({"source_val_f1": pretrained.source_val_f1, "best_epoch": pretrained.best_epoch, "final": 1.0})
     except Exception as err:
-        tracking.mark_failed(client, run_id, err, traceback.format_exc())
+        runs.fail(client, run_id, err, traceback.format_exc())
         raise
 
 
 # -- stage 2: adaptation trials ---------------------------------------------------------
 
 
+def adapt_run_tags(plan: LaunchPlan, group: TrialGroup, **extra: Any) -> dict[str, str]:
+    """The tags of a trial's run in ``group`` (also those the driver gives the run of a trial
+    that died before it could open its own)."""
+    objective = get_objective(plan.objective)
+    return run_names.run_tags("adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short,
+                             group.method, group.fold, objective.name, objective.uses_target_labels, group=group.id,
+                             **extra)
+
+
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """One trial: adapt the group's source model with ``config["params"]``, evaluate, log, report."""
+    """One trial (``config``: an :class:`~timematch.runner.trial_config.AdaptConfig`): adapt the
+    group's source model with its sampled params, evaluate, log, report."""
+    trial = AdaptConfig.of(config)
     _start(context)
     plan = context.plan
-    group = plan.group(config["group"])
-    params = dict(config.get("params") or {})
+    group = plan.group(trial.group)
+    params = dict(trial.params)
     objective = get_objective(plan.objective)
     trial_id = tune.get_context().get_trial_id()
     resolved = plan.resolved_config(group, params)
     client = tracking.client(context.tracking_uri)
-    tags = tracking.run_tags(
-        "adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short, group.method,
-        group.fold, objective.name, objective.uses_target_labels, launch_id=context.launch_id, group=group.id,
-        trial_id=trial_id, baseline="true" if group.baseline else None, sampled=json.dumps(params) if params else None,
-        pretrain_key=group.pretrain_key, seed=plan.seed if group.seed is None else group.seed, profile=plan.profile,
+    tags = adapt_run_tags(
+        plan, group, launch_id=context.launch_id, trial_id=trial_id, baseline="true" if group.baseline else None,
+        sampled=json.dumps(params) if params else None, pretrain_key=_training_key(plan, group, params),
+        seed=plan.seed if group.seed is None else group.seed, profile=plan.profile,
     )
-    run_id, finished = tracking.open_run(
-        client, context.experiment_id, tracking.adapt_run_key(context.launch_id, trial_id), tags, resolved,
-        tracking.trial_run_name(group.scenario.name, group.method, _varying_fold(plan, group.fold),
-                                config.get("number", trial_id) if group.trials > 1 else None, group.seed),
+    run_id, finished = runs.open_run(
+        client, context.experiment_id, run_names.adapt_run_key(context.launch_id, trial_id), tags, resolved,
+        run_names.trial_run_name(group.scenario.name, group.method, _varying_fold(plan, group.fold),
+                                trial.number if group.trials > 1 else None, group.seed),
         context.parent_run_id,
         refresh=_placement_tags(),
     )
@@ -240,7 +246,7 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         tune.report(_logged_final(client, run_id, objective.name, resolved["epochs"]))
         return
     try:
-        tracking.refuse_if_diverged(client, run_id)
+        runs.refuse_if_diverged(client, run_id)
         _log_data(client, run_id, plan, [(group.scenario.source, "train"), (group.scenario.target, "target")],
                   group.fold)
         checkpoint = tune.get_checkpoint()
@@ -254,7 +260,7 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
 
         def on_epoch(report, state) -> None:
             metrics = _numbers(report.metrics)
-            tracking.log_metrics(client, run_id, metrics, step=report.epoch)
+            runs.log_metrics(client, run_id, metrics, step=report.epoch)
             logs.extend(f"epoch {report.epoch}: {line}" for line in report.logs)
             if report.epoch >= last_epoch:
                 return  # reported with the test metrics, below
@@ -266,20 +272,28 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
                 tune.report({**metrics, "epoch": report.epoch},
                             checkpoint=tune.Checkpoint.from_directory(directory))
 
-        with tracking.SystemMetrics(context.tracking_uri, run_id):
+        with runs.SystemMetrics(context.tracking_uri, run_id):
             result = run_experiment(_placed(plan.spec(group, params), context), pretrained, on_epoch, resume_state)
-        tracking.tag_step_path(client, run_id, result.step_path)
+        runs.tag_step_path(client, run_id, result.step_path)
         final = final_metrics(result)
-        tracking.log_metrics(client, run_id, {**final, **_numbers(result.timings)}, step=tracking.FINAL_STEP)
+        runs.log_metrics(client, run_id, {**final, **_numbers(result.timings)}, step=runs.FINAL_STEP)
         _log_artifacts(client, run_id, result, logs)
         predictor = ParcelPredictor.from_result(result, trial=trial_id, launch_id=context.launch_id)
-        tracking.finish_with_models(context.tracking_uri, run_id, predictor,
-                                    example_input(plan.data_root, group.scenario.target))
+        runs.log_models(context.tracking_uri, run_id, predictor, example_input(plan.data_root, group.scenario.target))
+        runs.finish(client, run_id)
         selection = {name: final[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in final}
         tune.report({**final, **selection, "epoch": last_epoch, "final": 1.0, "mlflow_run_id": run_id})
     except Exception as err:
-        tracking.mark_failed(client, run_id, err, traceback.format_exc())
+        runs.fail(client, run_id, err, traceback.format_exc())
         raise
+
+
+def _training_key(plan: LaunchPlan, group: TrialGroup, params: dict[str, Any]) -> str | None:
+    """The key of the source-tile training this trial starts from or evaluates (its own, for a
+    sampled config of a method trained on the source alone), or None (the upper bound)."""
+    if group.pretrain_key is None or params == (plan.default_point(group) or {}):
+        return group.pretrain_key
+    return pretrain_key(plan.spec(group, params))
 
 
 def _load_source_model(plan: LaunchPlan, group: TrialGroup) -> PretrainedSource | None:
@@ -317,19 +331,19 @@ def _log_artifacts(client, run_id: str, result: ExperimentResult, logs: list[str
     spec = result.spec
     title = f"{spec.method}: {short_name(spec.source)} -> {short_name(spec.target)}, fold {spec.fold}"
     figure = plot_confusion(result.confusion, result.classes, title=f"{title} (target test)")
-    tracking.retry(lambda: client.log_figure(run_id, figure, "plots/confusion_matrix.png"))
+    waiting.retry(lambda: client.log_figure(run_id, figure, "plots/confusion_matrix.png"))
     plt.close(figure)
     matrix = {"classes": result.classes, "matrix": result.confusion.tolist()}
-    tracking.retry(lambda: client.log_dict(run_id, matrix, "confusion_matrix.json"))
-    tracking.retry(lambda: client.log_dict(run_id, _plain(result.report), "per_class_report.json"))
-    tracking.retry(lambda: client.log_text(run_id, per_class_csv(result.report), "per_class_report.csv"))
+    waiting.retry(lambda: client.log_dict(run_id, matrix, "confusion_matrix.json"))
+    waiting.retry(lambda: client.log_dict(run_id, _plain(result.report), "per_class_report.json"))
+    waiting.retry(lambda: client.log_text(run_id, per_class_csv(result.report), "per_class_report.csv"))
     if result.shift_scores:
         figure = plot_shift_scores(result.shift_scores, title=f"{title}: shift scores")
-        tracking.retry(lambda: client.log_figure(run_id, figure, "plots/shift_scores.png"))
+        waiting.retry(lambda: client.log_figure(run_id, figure, "plots/shift_scores.png"))
         plt.close(figure)
-        tracking.retry(lambda: client.log_dict(run_id, _plain(result.shift_scores), "shift_scores.json"))
+        waiting.retry(lambda: client.log_dict(run_id, _plain(result.shift_scores), "shift_scores.json"))
     if logs:
-        tracking.retry(lambda: client.log_text(run_id, "\n".join(logs) + "\n", "epoch_logs.txt"))
+        waiting.retry(lambda: client.log_text(run_id, "\n".join(logs) + "\n", "epoch_logs.txt"))
 
 
 def _plain(value: Any) -> Any:
