@@ -1,5 +1,8 @@
 """Errors a user can act on. Each message names what is wrong and how to fix it."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class TimeMatchError(Exception):
     """Base class of every error the project raises on purpose."""
@@ -34,3 +37,15 @@ class NonFiniteLoss(TrainingError):
 
 class StorageError(TimeMatchError):
     """A cache or dataset cannot be written: the disk is full or not writable."""
+
+
+@contextmanager
+def named_option(option: str) -> Iterator[None]:
+    """A :class:`ConfigError` raised inside names ``option`` (``--scenario: ...``), unless it
+    names an option already."""
+    try:
+        yield
+    except ConfigError as err:
+        if str(err).startswith("--"):
+            raise
+        raise ConfigError(f"{option}: {err}") from None

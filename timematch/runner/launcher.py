@@ -24,8 +24,7 @@ def pack_tiles(plan: LaunchPlan) -> None:
     every trial; the trials then memory-map the packed caches."""
     from timematch.data.packed import PackedTile
 
-    tiles = sorted({tile for scenario in plan.scenarios for tile in (scenario.source, scenario.target)})
-    for tile in tiles:
+    for tile in plan.tiles:
         PackedTile.open(plan.data_root, tile, Path(plan.cache_dir), progress=_say)
 
 

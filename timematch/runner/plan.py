@@ -29,7 +29,7 @@ from typing import Any
 
 from timematch.data.dataset import DataConfig
 from timematch.data.tiles import short_name
-from timematch.errors import ConfigError
+from timematch.errors import ConfigError, named_option
 from timematch.experiment import EPOCH_METRICS, ExperimentSpec, pretrain_key, source_training_spec
 from timematch.selection import CRITERIA, ORACLE
 from timematch.methods import build_config, get_method, methods_in_table_order, source_model_method
@@ -208,6 +208,11 @@ class LaunchPlan:
     def n_trials(self) -> int:
         return sum(g.trials for g in self.groups)
 
+    @property
+    def tiles(self) -> list[str]:
+        """Every tile a scenario of the launch reads (source or target), sorted."""
+        return sorted({tile for scenario in self.scenarios for tile in (scenario.source, scenario.target)})
+
     def group(self, group_id: str) -> TrialGroup:
         for group in self.groups:
             if group.id == group_id:
@@ -319,8 +324,55 @@ class PlanRequest:
     cuda_graph: bool = True
 
 
+@dataclass(frozen=True)
+class PlanChoices:
+    """What the command line chose, as the user wrote it (``--scenario all``, ``--folds 0,2``...)."""
+
+    experiment: str
+    scenario: str = "all"
+    method: str = "all"
+    profile: str = "quick"
+    sets: tuple[str, ...] = ()
+    folds: str | None = None
+    trials: int | None = None  # None: the profile's; 0: the defaults only
+    objective: str = "target_val_f1"
+    seed: int = 0
+    seeds: int = 1
+    baseline: bool = True
+    precision: str = "fp32"
+    cuda_graph: bool = True
+
+
+def plan_from_choices(choices: PlanChoices, project_root: Path, data_root: Path, synthetic_data: bool,
+                      cache_dir: Path) -> LaunchPlan:
+    """The plan of a launch from the command line's choices, in one call: scenarios
+    (``experiments/scenarios.yaml``), methods, profile (``experiments/profiles/``), folds and
+    objective resolved and checked (errors name the option), then :func:`build_plan`."""
+    from timematch.runner.profiles import load_profile
+    from timematch.runner.scenarios import load_scenarios, parse_scenarios
+
+    root = Path(project_root)
+    known = load_scenarios(root / "experiments" / "scenarios.yaml")
+    with named_option("--scenario"):
+        scenarios = parse_scenarios(choices.scenario, known)
+    with named_option("--method"):
+        methods = parse_methods(choices.method)
+    profile = load_profile(root / "experiments" / "profiles", choices.profile, list(choices.sets))
+    with named_option("--objective"):
+        get_objective(choices.objective)
+    trials = choices.trials if choices.trials is not None else profile.trials
+    folds = parse_folds(choices.folds, profile, profile.data_config().n_folds)
+    return build_plan(PlanRequest(
+        experiment=choices.experiment, scenarios=scenarios, methods=methods, profile=profile, folds=folds,
+        trials=trials, objective=choices.objective, seed=choices.seed, seeds=choices.seeds, data_root=data_root,
+        cache_dir=cache_dir, spaces_dir=root / "search_spaces", baseline=choices.baseline,
+        synthetic_data=synthetic_data, precision=choices.precision, cuda_graph=choices.cuda_graph,
+    ))
+
+
 def build_plan(request: PlanRequest) -> LaunchPlan:
-    """Expand scenarios x methods x folds into pretrain tasks and trial groups; validate all."""
+    """Expand scenarios x methods x folds into pretrain tasks and trial groups; validate all
+    (the objective was checked by :func:`plan_from_choices`, or is a name the caller knows)."""
     profile = request.profile
     get_objective(request.objective)
     search = request.trials > 0
