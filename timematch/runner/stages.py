@@ -1,6 +1,8 @@
 """The two stages of a launch as Ray Tune runs.
 
-Stage 1 trains the source models that are not cached yet, one trial each (no search).
+Stage 1 trains the trainings on a source tile alone that are not cached yet (the source
+models, and the shift-augmented baseline's models: each once per source tile, for every
+scenario of the tile), one trial each (no search).
 Stage 2 is one Tuner over every adaptation trial of the plan, with :class:`GroupedSearch`
 (Optuna TPE per group behind a concurrency limit) and :class:`GroupedASHA` (ASHA per
 group on epochs); per-epoch checkpoints and ``FailureConfig`` retries make a failed trial
@@ -67,7 +69,7 @@ def _trainable(function, context: TrialContext, resources: TrialResources):
 
 def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources,
                        folder: LaunchFolder) -> StageSummary:
-    """Train the missing source models (in parallel, one trial each)."""
+    """Train the missing source-tile trainings (in parallel, one trial each)."""
     todo = [t for t in plan.pretrain_tasks if not source_model_path(plan.cache_dir, t.key).is_file()]
     summary = StageSummary("source models", planned=len(plan.pretrain_tasks))
     summary.skipped = [t.id for t in plan.pretrain_tasks if t not in todo]
