@@ -175,10 +175,14 @@ def _new_logged_model(client, run_id: str, name: str) -> str:
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's tracking URI is ``uri`` inside the block and what it was before after it
-    (``Model.log`` writes through MLflow's default client)."""
+    (``Model.log`` writes through MLflow's default client). In a trial it is ``uri`` already
+    (:func:`timematch.runner.tracking.configure_client`): nothing global changes."""
     import mlflow
 
     previous = mlflow.get_tracking_uri()
+    if previous == uri:
+        yield
+        return
     mlflow.set_tracking_uri(uri)
     try:
         yield
