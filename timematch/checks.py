@@ -40,6 +40,13 @@ def _nullable(cls: type) -> frozenset[str]:
     return frozenset(key for key, hint in hints.items() if types.NoneType in typing.get_args(hint))
 
 
+def unknown_fields(cls: type, values: Any) -> tuple[list[str], list[str]]:
+    """``(unknown, valid)``: the keys of mapping ``values`` that dataclass ``cls`` has no field
+    for, and its fields, both sorted (the caller's error names them)."""
+    valid = {field.name for field in dataclasses.fields(cls)}
+    return sorted(set(values) - valid), sorted(valid)
+
+
 def check_choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
     value = getattr(config, key)
     if not isinstance(value, str) or value not in choices:

@@ -12,7 +12,6 @@ class index in the experiment's class list, and the fold's split.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from timematch.checks import check_choice, check_flag, check_range
+from timematch.checks import check_choice, check_flag, check_range, unknown_fields
 from timematch.data.classes import PUBLISHED_MIN_PARCELS, UNKNOWN, CropCodes, label_indices, select_classes
 from timematch.data.packed import PackedTile
 from timematch.data.splits import Split, make_split
@@ -59,10 +58,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
+        unknown, valid = unknown_fields(cls, values)
         if unknown:
-            raise ConfigError(f"unknown data config key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+            raise ConfigError(f"unknown data config key(s) {unknown}; valid keys: {', '.join(valid)}")
         return cls(**values)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from timematch.checks import unknown_fields
 from timematch.errors import ConfigError
 
 _REGISTRY: dict[str, type] = {}
@@ -92,10 +93,7 @@ def build_config(name: str, overrides: Mapping[str, Any] | None = None):
     """
     cls = config_class(name)
     overrides = dict(overrides or {})
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - valid)
+    unknown, valid = unknown_fields(cls, overrides)
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {unknown} for method {name!r}; valid keys: {', '.join(sorted(valid))}"
-        )
+        raise ConfigError(f"unknown config key(s) {unknown} for method {name!r}; valid keys: {', '.join(valid)}")
     return cls(**overrides)

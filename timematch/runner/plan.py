@@ -346,8 +346,8 @@ class PlanChoices:
 def plan_from_choices(choices: PlanChoices, project_root: Path, data_root: Path, synthetic_data: bool,
                       cache_dir: Path) -> LaunchPlan:
     """The plan of a launch from the command line's choices, in one call: scenarios
-    (``experiments/scenarios.yaml``), methods, profile (``experiments/profiles/``), folds and
-    objective resolved and checked (errors name the option), then :func:`build_plan`."""
+    (``experiments/scenarios.yaml``), methods, profile (``experiments/profiles/``) and folds
+    resolved and checked (errors name the option), then :func:`build_plan`."""
     from timematch.runner.profiles import load_profile
     from timematch.runner.scenarios import load_scenarios, parse_scenarios
 
@@ -358,8 +358,6 @@ def plan_from_choices(choices: PlanChoices, project_root: Path, data_root: Path,
     with named_option("--method"):
         methods = parse_methods(choices.method)
     profile = load_profile(root / "experiments" / "profiles", choices.profile, list(choices.sets))
-    with named_option("--objective"):
-        get_objective(choices.objective)
     trials = choices.trials if choices.trials is not None else profile.trials
     folds = parse_folds(choices.folds, profile, profile.data_config().n_folds)
     return build_plan(PlanRequest(
@@ -371,10 +369,10 @@ def plan_from_choices(choices: PlanChoices, project_root: Path, data_root: Path,
 
 
 def build_plan(request: PlanRequest) -> LaunchPlan:
-    """Expand scenarios x methods x folds into pretrain tasks and trial groups; validate all
-    (the objective was checked by :func:`plan_from_choices`, or is a name the caller knows)."""
+    """Expand scenarios x methods x folds into pretrain tasks and trial groups; validate all."""
     profile = request.profile
-    get_objective(request.objective)
+    with named_option("--objective"):
+        get_objective(request.objective)
     search = request.trials > 0
     plan = LaunchPlan(
         experiment=request.experiment, profile=profile.name, objective=request.objective, seed=request.seed,
@@ -448,7 +446,7 @@ def _source_training(method: str, overrides: dict[str, Any], config: Any, space:
         return None, {}
     if not cls.trained_on_source_alone():
         return None
-    if space and not contains(space, {key: dataclasses.asdict(config)[key] for key in space}):
+    if space and not contains(space, {key: getattr(config, key) for key in space}):
         return None  # the first trial is sampled, not the defaults: nothing to share
     return method, dict(overrides)
 

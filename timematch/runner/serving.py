@@ -138,6 +138,7 @@ def log_parcel_model(
     example = check_input(input_example)
     metadata = predictor.settings()
     client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
     uris: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="parcel_classifier-") as tmp, _tracking_uri(uri):
         saved = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)
@@ -145,7 +146,7 @@ def log_parcel_model(
         code.write_text(MODEL_CODE)
         info = Model.log(
             artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-            model_id=_new_logged_model(client, run_id, name), python_model=str(code),
+            model_id=_new_logged_model(client, run, name), python_model=str(code),
             artifacts={PREDICTOR_ARTIFACT: str(saved)}, signature=classifier_signature(predictor.classes),
             input_example=example, pip_requirements=pip_requirements, metadata=metadata,
         )
@@ -154,7 +155,7 @@ def log_parcel_model(
         if module_name:
             module = Model.log(
                 artifact_path=None, name=module_name, flavor=mlflow.pytorch, run_id=run_id,
-                model_id=_new_logged_model(client, run_id, module_name), pytorch_model=predictor.model,
+                model_id=_new_logged_model(client, run, module_name), pytorch_model=predictor.model,
                 serialization_format="pickle", signature=module_signature(len(predictor.classes)),
                 pip_requirements=pip_requirements, metadata=metadata,
             )
@@ -163,12 +164,11 @@ def log_parcel_model(
     return uris
 
 
-def _new_logged_model(client, run_id: str, name: str) -> str:
-    """A logged model of run ``run_id``, in the run's experiment, with the run's params (as
-    MLflow gives them to a model it creates for the active run); its id."""
-    run = client.get_run(run_id)
+def _new_logged_model(client, run, name: str) -> str:
+    """A logged model of ``run``, in the run's experiment, with the run's params (as MLflow
+    gives them to a model it creates for the active run); its id."""
     params = {key: str(value) for key, value in run.data.params.items()}
-    return client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+    return client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run.info.run_id,
                                       params=params).model_id
 
 

@@ -9,16 +9,17 @@ reads it through these classes only (parsed once, unknown keys rejected).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from timematch.checks import unknown_fields
 
 
 def _parse(cls, config: Mapping[str, Any] | None):
     config = dict(config or {})
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(config) - names)
+    unknown, valid = unknown_fields(cls, config)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown} in a trial config; valid: {sorted(names)}")
+        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown} in a trial config; valid: {valid}")
     return cls(**config)
 
 
