@@ -7,8 +7,9 @@ Steps run through the real training loop's engine (:func:`timematch.training.pre
 :meth:`~timematch.step_engine.StepEngine.run_epoch`): a warm-up epoch (on the fast path it
 holds the capture of the CUDA graph), then ``--steps`` timed steps, ending with the epoch's
 one read back (so the GPU has finished). The per-epoch evaluation is not timed. A competitor (MMD, DANN, CDAN,
-CDAN+E, JUMBOT, ALDA) forwards source and target in one pass; TimeMatch forwards the
-teacher on the weak view and the student on source and target separately.
+CDAN+E, JUMBOT, ALDA, and the later MAD, C-MAD, RAINCOAT) forwards source and target in one
+pass; TimeMatch forwards the teacher on the weak view and the student on source and target
+separately. ``--batch-size 256`` times MAD and C-MAD at their published batch (256 per domain).
 
 Every step builds its own batches (:mod:`timematch.data.views`): on a GPU inside the
 captured step from the tiles on the GPU, on a CPU in the step's thread; the times include it. ``--paths eager,graph`` (the default on a GPU) times both in one run;
@@ -24,7 +25,7 @@ as reported in issue #8: source-only step 0.82 s, TimeMatch step 1.16 s, shift e
 0.92 s per batch of 128 over 121 shifts.
 
     python benchmarks/training_step.py [--steps 30] [--threads 2] [--competitors all|none|name,...]
-        [--device cuda] [--paths eager,graph] [--precision fp32|bf16]
+        [--device cuda] [--paths eager,graph] [--precision fp32|bf16] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from timematch.training import Execution, prepare
 
 #: Quoted figures (see the docstring): the original code on this machine, issue #8, 2026-12-02.
 QUOTED_ORIGINAL = {"source_only": 0.82, "timematch": 1.16, "shift_per_batch": 0.92}
-COMPETITORS = ("mmd", "dann", "cdan", "cdan_e", "jumbot", "alda")
+COMPETITORS = ("mmd", "dann", "cdan", "cdan_e", "jumbot", "alda", "mad", "cmad", "raincoat")
 PATHS = {"eager": False, "graph": True}
 
 
@@ -56,10 +57,11 @@ WARMUP_STEPS = 10
 
 
 def run_steps(method_name: str, source, target, device, steps: int, cuda_graph: bool = True,
-              precision: str = "fp32", **overrides) -> dict:
-    """Seconds per training step of ``method_name`` (batch 128) over ``steps`` steps after a
-    warm-up epoch, and the step path it ran on."""
-    config = build_config(method_name, {"epochs": 1000, "steps_per_epoch": steps, "batch_size": 128, **overrides})
+              precision: str = "fp32", batch_size: int = 128, **overrides) -> dict:
+    """Seconds per training step of ``method_name`` (``batch_size`` per domain) over ``steps``
+    steps after a warm-up epoch, and the step path it ran on."""
+    config = build_config(method_name, {"epochs": 1000, "steps_per_epoch": steps, "batch_size": batch_size,
+                                        **overrides})
     torch.manual_seed(0)
     model = build_model(num_classes=len(source.classes)).to(device)
     method = get_method(method_name)(config, model, source, target, device)
@@ -70,7 +72,7 @@ def run_steps(method_name: str, source, target, device, steps: int, cuda_graph: 
     started = time.perf_counter()
     engine.run_epoch(steps)  # ends with the epoch's one read back: the GPU has finished
     per_step = (time.perf_counter() - started) / steps
-    return {"step_s": per_step, "samples_per_s": 128 / per_step, "steps_per_s": 1 / per_step,
+    return {"step_s": per_step, "samples_per_s": batch_size / per_step, "steps_per_s": 1 / per_step,
             "path": engine.path, "reason": engine.reason}
 
 
@@ -81,7 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--shift-batches", type=int, default=3)
     parser.add_argument("--competitors", default=",".join(COMPETITORS),
-                        help="comma list of competitor methods to time (default: all six; 'none' to skip)")
+                        help="comma list of competitor methods to time (default: all nine; 'none' to skip)")
+    parser.add_argument("--batch-size", type=int, default=128, help="per domain (default 128)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--paths", default=None, help="eager,graph (default: both on a GPU, eager on a CPU)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -97,7 +100,7 @@ def main() -> None:
     source, target = open_domains(root, "DK", "FR1", fold=0, config=DataConfig(min_parcels=50))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{len(source.classes)} classes, batch 128 x 64 pixels x 30 dates, {args.precision}, "
+          f"{len(source.classes)} classes, batch {args.batch_size} x 64 pixels x 30 dates, {args.precision}, "
           f"{args.steps} timed steps")
 
     # building batches alone: the source strong view the source-only step consumes
@@ -121,7 +124,7 @@ def main() -> None:
         extra = {"sample_size": 1} if method_name == "timematch" else {}
         for path in paths:
             timed[method_name, path] = run_steps(method_name, source, target, device, args.steps, PATHS[path],
-                                                 args.precision, **extra)
+                                                 args.precision, args.batch_size, **extra)
 
     if not args.no_shift:
         model = build_model(num_classes=len(source.classes)).to(device).eval()

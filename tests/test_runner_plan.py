@@ -100,9 +100,18 @@ def test_method_all_searches_everything_but_the_baseline():
     choice = parse_methods("all")
     # every registered method, in the paper's table order (each class's table_order)
     assert list(choice.methods) == methods_in_table_order() and sorted(choice.methods) == method_names()
-    assert choice.methods[0] == "source_only" and choice.methods[-1] == "upper_bound"
+    assert choice.methods[0] == "source_only" and choice.methods[-1] == "raincoat"
     assert "source_only" not in choice.searched
     assert set(choice.searched) == set(method_names()) - {"source_only"}
+
+
+def test_method_paper_is_the_papers_table_and_the_later_methods_follow_it():
+    paper = parse_methods("paper")
+    assert paper.methods == ("source_only", "shift_aug", "mmd", "dann", "cdan", "cdan_e", "jumbot", "alda",
+                             "fixmatch", "timematch", "upper_bound")
+    assert "source_only" not in paper.searched
+    assert parse_methods("all").methods[len(paper.methods):] == ("mad", "cmad", "raincoat")
+    assert parse_methods("paper,mad").methods == (*paper.methods, "mad")
 
 
 def test_method_lists_and_explicit_source_only():
@@ -195,9 +204,12 @@ def test_every_method_has_a_valid_search_space_that_holds_its_defaults(method):
 def test_the_methods_package_finds_its_modules_and_each_registers_its_method():
     import timematch.methods as methods
 
-    assert methods.METHOD_MODULES == method_names()  # one module per method, named as it registers
-    for name in method_names():
-        assert methods.get_method(name).__module__ == f"timematch.methods.{name}"
+    # one module per method, named as it registers; a module may register a variant as well
+    # (mad.py: MAD and C-MAD)
+    assert set(methods.METHOD_MODULES) <= set(method_names())
+    homes = {name: methods.get_method(name).__module__ for name in method_names()}
+    assert set(homes.values()) == {f"timematch.methods.{m}" for m in methods.METHOD_MODULES}
+    assert {name for name, home in homes.items() if home != f"timematch.methods.{name}"} == {"cmad"}
 
 
 def test_shipped_spaces_cover_the_required_keys():

@@ -201,6 +201,13 @@ def test_every_registered_method_runs_through_the_runner(ray_address, data_root,
     assert 0 < jumbot.data.metrics["transported_mass"] <= 1.0 + 1e-6
     alda = next(r for r in adapt if r.data.tags["method"] == "alda")
     assert "pseudo_label_acceptance" in alda.data.metrics
+    for name in ("mad", "cmad"):  # the time-aligning methods: transport, DTW offset in days, rounds
+        run = next(r for r in adapt if r.data.tags["method"] == name)
+        assert {"transport_cost", "dtw_offset", "bcd_rounds", "ot_failures_count"} <= set(run.data.metrics), name
+        assert abs(run.data.metrics["dtw_offset"]) < 365
+        assert run.data.tags["planted_shift"] == "25"  # DK -> FR1 on the generator's default shifts
+    raincoat = next(r for r in adapt if r.data.tags["method"] == "raincoat")
+    assert {"transport_cost", "reconstruction_loss"} <= set(raincoat.data.metrics)
     # shift augmentation trains once on the source tile (stage 1) and its trial evaluates it
     trainings = {r.data.tags["pretrain_key"]: r for r in runs_of(uri, "all-methods", "pretrain")}
     shift_aug = next(r for r in runs_of(uri, "all-methods", "adapt")

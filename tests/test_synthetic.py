@@ -263,3 +263,70 @@ def test_plot_class_ndvi(dataset, tmp_path):
     root, _ = dataset
     png = synthetic.plot_class_ndvi(root, tmp_path / "plots" / "ndvi.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+# -- beyond one translation per tile: per-class shifts and a season stretch --------------------
+
+
+def _parcel_bytes(root, tile="FR1"):
+    from timematch.data.format import TileReader
+
+    reader = TileReader(root, synthetic.TILES[tile])
+    return [reader.read_parcel(i).tobytes() for i in range(len(reader.parcels))], reader
+
+
+def test_a_class_shift_moves_that_class_alone_and_a_stretch_warps_the_season(tmp_path):
+    base, shifted, stretched = (tmp_path / n for n in ("base", "shifted", "stretched"))
+    common = dict(parcels_per_tile=120, seed=3, tiles=["FR1"])
+    synthetic.generate_dataset(base, **common)
+    summary = synthetic.generate_dataset(shifted, class_shifts={"FR1": {"corn": 20}}, **common)
+    synthetic.generate_dataset(stretched, stretch={"FR1": 1.2}, **common)
+    assert summary["class_shifts"] == {"FR1": {"corn": 20}}
+    assert synthetic.read_ground_truth(stretched)["stretch"] == {"FR1": 1.2}
+    before, reader = _parcel_bytes(base)
+    after, _ = _parcel_bytes(shifted)
+    from timematch.data.classes import CropCodes
+
+    codes = CropCodes(reader.country)
+    is_corn = [codes.class_of(p["label"]) == "corn" for p in reader.parcels]
+    assert any(is_corn)
+    for corn, a, b in zip(is_corn, before, after):
+        assert (a != b) == corn, "a class shift changed another class, or left its own"
+    # corn's season comes 20 days earlier: its NDVI rise moves back by about that
+    days, curves = synthetic.class_ndvi_curves(base, synthetic.TILES["FR1"], min_parcels=3)
+    _, moved = synthetic.class_ndvi_curves(shifted, synthetic.TILES["FR1"], min_parcels=3)
+    _, warped = synthetic.class_ndvi_curves(stretched, synthetic.TILES["FR1"], min_parcels=3)
+
+    def rise(curve):  # the first day the NDVI passes half-way from its spring minimum to its peak
+        peak = int(np.argmax(curve))
+        low = curve[:peak + 1].min()
+        return days[np.argmax(curve[:peak + 1] >= low + 0.5 * (curve[peak] - low))]
+
+    assert 10 <= rise(curves["corn"]) - rise(moved["corn"]) <= 30
+    # a season stretched by 1.2 around mid-year: a spring event (corn's rise, before the pivot)
+    # comes earlier than in the base tile, by about 0.2 x its distance to the pivot
+    assert rise(warped["corn"]) < rise(curves["corn"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"class_shifts": {"FR1": {"rice": 10}}}, "the tile has no class 'rice'"),
+    ({"class_shifts": {"FR1": {"corn": 500}}}, "expected an integer number of days"),
+    ({"stretch": {"FR1": 3.0}}, "expected a factor in [0.5, 2.0]"),
+    ({"stretch": {"XX": 1.1}}, "XX"),
+])
+def test_bad_warps_are_one_line_before_anything_is_written(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError) as raised:
+        synthetic.generate_dataset(tmp_path / "data", parcels_per_tile=20, tiles=["FR1"], **kwargs)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_synth_command_takes_class_shifts_and_stretches(tmp_path, capsys):
+    from timematch.data.__main__ import main
+
+    assert main(["synth", "--root", str(tmp_path / "d"), "--parcels-per-tile", "20", "--class-shift",
+                 "FR1:corn=-15", "--stretch", "AT1=1.1"]) == 0
+    truth = synthetic.read_ground_truth(tmp_path / "d")
+    assert truth["class_shifts"] == {"FR1": {"corn": -15}} and truth["stretch"] == {"AT1": 1.1}
+    assert main(["synth", "--root", str(tmp_path / "e"), "--class-shift", "FR1corn=5"]) == 2
+    assert "expected TILE:CLASS=DAYS" in capsys.readouterr().err

@@ -194,7 +194,8 @@ class ParcelPredictor:
         spec = result.spec
         described = {"model": spec.model, "method": spec.method, "source": spec.source,
                      "target": spec.target, "fold": spec.fold, **info}
-        return cls(result.model, list(result.classes), Normalizer.from_dict(result.normalizer), info=described)
+        return cls(result.model, list(result.classes), Normalizer.from_dict(result.normalizer),
+                   model_options=dict(getattr(result.model, "build_options", {})), info=described)
 
     # -- prediction --------------------------------------------------------------------
 

@@ -112,6 +112,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if name not in TILES or not days.lstrip("-").isdigit():
             raise TimeMatchError(f"--shift {item!r}: expected TILE=DAYS with TILE in {list(TILES)}, e.g. FR1=25")
         shifts[name] = int(days)
+    class_shifts: dict[str, dict[str, int]] = {}
+    for item in args.class_shift or []:
+        where, _, days = item.partition("=")
+        tile, _, name = where.partition(":")
+        if tile not in TILES or not name or not days.lstrip("+-").isdigit():
+            raise TimeMatchError(f"--class-shift {item!r}: expected TILE:CLASS=DAYS with TILE in {list(TILES)}, "
+                                 "e.g. FR1:corn=20")
+        class_shifts.setdefault(tile, {})[name] = int(days)
+    stretch: dict[str, float] = {}
+    for item in args.stretch or []:
+        tile, _, factor = item.partition("=")
+        try:
+            stretch[tile] = float(factor)
+        except ValueError:
+            raise TimeMatchError(f"--stretch {item!r}: expected TILE=FACTOR, e.g. FR1=1.15") from None
+        if tile not in TILES:
+            raise TimeMatchError(f"--stretch {item!r}: expected TILE=FACTOR with TILE in {list(TILES)}, e.g. FR1=1.15")
     root = Path(args.root).expanduser()
     summary = synthetic.generate_dataset(
         root,
@@ -119,6 +136,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         shifts=shifts or None,
         progress=lambda msg: print(msg, flush=True),
+        class_shifts=class_shifts or None,
+        stretch=stretch or None,
     )
     if args.plot:
         png = synthetic.plot_class_ndvi(root, Path(args.plot))
@@ -148,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shift", action="append", metavar="TILE=DAYS",
                        help="planted phenology shift of a tile in days (default: "
                             + ", ".join(f"{k}={v}" for k, v in synthetic.DEFAULT_SHIFTS.items()) + ")")
+    synth.add_argument("--class-shift", action="append", metavar="TILE:CLASS=DAYS",
+                       help="extra days for one class of a tile, on top of the tile's shift (per-class "
+                            "phenology; repeatable), e.g. FR1:corn=20")
+    synth.add_argument("--stretch", action="append", metavar="TILE=FACTOR",
+                       help="stretch a tile's season by FACTOR around mid-year (a warp, not a translation; "
+                            f"{synthetic.STRETCH_RANGE[0]}-{synthetic.STRETCH_RANGE[1]}), e.g. FR1=1.15")
     synth.add_argument("--plot", metavar="PNG", help="also write a plot of mean NDVI per class per tile")
     synth.set_defaults(func=cmd_synth)
     return parser

@@ -56,6 +56,19 @@ at position ``q = p + d`` it must look like a source parcel at ``q``, i.e.
 
 With the defaults (DK 0, FR1 25, FR2 15, AT1 10): DK->FR1 d = 25, DK->FR2 15, DK->AT1 10,
 FR1->DK -25, FR1->FR2 -10; the first three mirror the shifts published for the real tiles.
+
+Beyond one translation per tile
+-------------------------------
+The default data plants exactly one translation per tile, the assumption of TimeMatch and of
+shift augmentation. Two options test the other methods' assumptions (the default dataset does
+not use them, and its bytes do not change):
+
+- ``class_shifts``: per tile, extra days per class on top of the tile's shift (a class whose
+  season moved more than the others': C-MAD's one warp per class);
+- ``stretch``: per tile, a factor a on the season's length around :data:`STRETCH_PIVOT`:
+  ``phenology(t) = reference(STRETCH_PIVOT + (t - STRETCH_PIVOT) / a + s)``; a > 1 spreads
+  the season out (a warp of the time axis that no single shift undoes: MAD's DTW path can
+  follow it).
 """
 
 from __future__ import annotations
@@ -103,6 +116,11 @@ TILE_GAIN_SPREAD = 0.01
 AEROSOL_SIGMA = 0.35
 #: Half-width of the uniform per-parcel jitter around the tile's planted shift, in days.
 PARCEL_SHIFT_JITTER = 3.0
+#: The day a season stretch keeps in place (mid-year): with stretch a, what the reference shows
+#: at day STRETCH_PIVOT + x the tile shows at STRETCH_PIVOT + a x (before the shifts).
+STRETCH_PIVOT = 182.0
+#: Accepted season stretch factors: a warp of the time axis, not only a translation.
+STRETCH_RANGE = (0.5, 2.0)
 
 SIGN_CONVENTION = (
     "A tile with planted shift s has phenology(t) = reference_curve(t + s), t = day of year "
@@ -526,7 +544,9 @@ def draw_radiometry(n_dates: int, rng: np.random.Generator) -> tuple[np.ndarray,
     return gain.astype(np.float32), path_reflectance.astype(np.float32), transmittance.astype(np.float32)
 
 
-def iter_parcel_pixels(plan: TilePlan, shift: float, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+def iter_parcel_pixels(plan: TilePlan, shift: float, rng: np.random.Generator,
+                       class_shifts: Mapping[str, int] | None = None,
+                       stretch: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index, pixels)`` for every parcel of the plan, pixels uint16 (T, 10, S).
 
     Vectorised over chunks of :data:`CHUNK_PARCELS` parcels. Reflectance of a pixel at a
@@ -547,6 +567,10 @@ def iter_parcel_pixels(plan: TilePlan, shift: float, rng: np.random.Generator) -
     params = draw_parcel_params(plan.phenologies, rng)
     blocks = np.array([p["block"] for p in parcels])
     parcel_shift = shift + rng.uniform(-PARCEL_SHIFT_JITTER, PARCEL_SHIFT_JITTER, n) + block_timing[blocks]
+    if class_shifts:
+        parcel_shift = parcel_shift + np.array([class_shifts.get(c, 0) for c in plan.class_names], dtype=np.float64)
+    if stretch != 1.0:  # the calendar seen in the reference frame: a warp, then the shifts
+        days = STRETCH_PIVOT + (days - STRETCH_PIVOT) / stretch
     soil_brightness = rng.uniform(0.75, 1.25, n) * block_soil[blocks]
     n_pixels = np.array([p["n_pixels"] for p in parcels])
 
@@ -642,6 +666,36 @@ def _resolve_shifts(shifts: Mapping[str, int] | None) -> dict[str, int]:
     return result
 
 
+def _resolve_warps(shorts: Sequence[str], class_shifts: Mapping[str, Mapping[str, int]] | None,
+                   stretch: Mapping[str, float] | None) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """Validated per-class shifts and stretches, keyed by short tile name (only non-default ones)."""
+    classes: dict[str, dict[str, int]] = {}
+    for name, per_class in (class_shifts or {}).items():
+        short = short_name(resolve_tile(name))
+        if short not in TILES:
+            raise ConfigError(f"class_shifts: unknown tile {name!r}; use one of {list(TILES)}")
+        for cls, days in per_class.items():
+            known = set(CLASS_SHARES[short])
+            if cls not in known:
+                raise ConfigError(f"class_shifts[{name!r}]: the tile has no class {cls!r}; its classes are "
+                                  f"{', '.join(sorted(known))}")
+            if not isinstance(days, (int, np.integer)) or abs(int(days)) > MAX_SHIFT:
+                raise ConfigError(f"class_shifts[{name!r}][{cls!r}] = {days!r}: expected an integer number of "
+                                  f"days in [-{MAX_SHIFT}, {MAX_SHIFT}]")
+        classes[short] = {cls: int(days) for cls, days in per_class.items() if int(days)}
+    stretches: dict[str, float] = {}
+    for name, factor in (stretch or {}).items():
+        short = short_name(resolve_tile(name))
+        if short not in TILES:
+            raise ConfigError(f"stretch: unknown tile {name!r}; use one of {list(TILES)}")
+        low, high = STRETCH_RANGE
+        if not isinstance(factor, (int, float)) or not low <= float(factor) <= high:
+            raise ConfigError(f"stretch[{name!r}] = {factor!r}: expected a factor in [{low}, {high}] (1 = none)")
+        if float(factor) != 1.0:
+            stretches[short] = float(factor)
+    return ({s: classes[s] for s in shorts if classes.get(s)}, {s: stretches[s] for s in shorts if s in stretches})
+
+
 def expected_shifts(planted: Mapping[str, int]) -> dict[str, int]:
     """The shift TimeMatch should estimate for each ordered pair: ``d = s_target - s_source``."""
     return {f"{src}->{tgt}": int(planted[tgt] - planted[src]) for src in planted for tgt in planted if src != tgt}
@@ -664,13 +718,17 @@ def generate_dataset(
     shifts: Mapping[str, int] | None = None,
     tiles: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    class_shifts: Mapping[str, Mapping[str, int]] | None = None,
+    stretch: Mapping[str, float] | None = None,
 ) -> dict:
     """Write the synthetic dataset under ``root`` in the published format; return a summary.
 
     ``shifts`` maps short tile names (DK, FR1, FR2, AT1) to planted shifts in days
     (missing ones keep :data:`DEFAULT_SHIFTS`); ``tiles`` limits the tiles written (a
     tile's bytes depend only on the seed, its size and its shift, not on the other
-    tiles). The same arguments give the same bytes. ``root/synthetic_ground_truth.json``
+    tiles). ``class_shifts`` (tile -> class -> extra days) and ``stretch`` (tile -> factor) warp
+    a tile's seasons beyond one translation (see the module docstring); without them the bytes
+    are those of the default data. The same arguments give the same bytes. ``root/synthetic_ground_truth.json``
     describes the tiles of this call. Tile folders of an earlier synthetic run are
     replaced; a folder holding anything else is refused (:class:`DatasetError`).
 
@@ -685,10 +743,11 @@ def generate_dataset(
     shorts = _resolve_tiles(tiles)
     all_shifts = _resolve_shifts(shifts)
     planted = {s: all_shifts[s] for s in shorts}
+    per_class, stretches = _resolve_warps(shorts, class_shifts, stretch)
     _check_writable(root, shorts)
     root.mkdir(parents=True, exist_ok=True)
     # written first: a run interrupted half-way can be re-run over its own leftovers
-    _write_ground_truth(root, seed, parcels_per_tile, planted)
+    _write_ground_truth(root, seed, parcels_per_tile, planted, per_class, stretches)
     summary_tiles: dict[str, Any] = {}
     for short in shorts:
         tile_started = time.perf_counter()
@@ -701,7 +760,8 @@ def generate_dataset(
         # compression and file writes release the GIL: overlap them with the next chunk's maths
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending: deque[Future] = deque()
-            for index, pixels in iter_parcel_pixels(plan, planted[short], pixel_rng):
+            for index, pixels in iter_parcel_pixels(plan, planted[short], pixel_rng, per_class.get(short),
+                                                    stretches.get(short, 1.0)):
                 pending.append(pool.submit(write_parcel_array, tile_path / "data" / f"{index}.zarr", pixels))
                 while len(pending) > 2 * CHUNK_PARCELS:  # bound the memory held by queued arrays
                     pending.popleft().result()
@@ -721,6 +781,8 @@ def generate_dataset(
         "parcels": sum(t["parcels"] for t in summary_tiles.values()),
         "planted_shifts": planted,
         "expected_shifts": expected_shifts(planted),
+        **({"class_shifts": per_class} if per_class else {}),
+        **({"stretch": stretches} if stretches else {}),
         "seed": seed,
         "parcels_per_tile": parcels_per_tile,
         "generator_version": GENERATOR_VERSION,
@@ -728,7 +790,9 @@ def generate_dataset(
     }
 
 
-def _write_ground_truth(root: Path, seed: int, parcels_per_tile: int, planted: Mapping[str, int]) -> None:
+def _write_ground_truth(root: Path, seed: int, parcels_per_tile: int, planted: Mapping[str, int],
+                        class_shifts: Mapping[str, Mapping[str, int]] | None = None,
+                        stretch: Mapping[str, float] | None = None) -> None:
     truth = {
         "generator": "timematch.data.synthetic",
         "generator_version": GENERATOR_VERSION,
@@ -741,6 +805,11 @@ def _write_ground_truth(root: Path, seed: int, parcels_per_tile: int, planted: M
                   for s in planted},
         "expected_shifts": expected_shifts(planted),
     }
+    if class_shifts:
+        truth["class_shifts"] = {tile: dict(v) for tile, v in class_shifts.items()}
+    if stretch:
+        truth["stretch"] = dict(stretch)
+        truth["stretch_pivot_day"] = STRETCH_PIVOT
     (root / GROUND_TRUTH_FILE).write_text(json.dumps(truth, indent=1) + "\n")
 
 
@@ -751,6 +820,18 @@ def read_ground_truth(root: Path) -> dict:
         raise DatasetError(f"{path}: missing; {root} is not a synthetic dataset (write one with "
                            "`python -m timematch.data synth --root DIR`)")
     return json.loads(path.read_text())
+
+
+def planted_shift(root: Path | str, source: str, target: str) -> int | None:
+    """The shift a perfect estimate finds for ``source -> target`` (short tile names) on a synthetic
+    dataset at ``root`` (``d = s_target - s_source``, the tiles' translations; a tile's per-class
+    shifts and stretch come on top); None when ``root`` holds no synthetic ground truth."""
+    path = Path(root) / GROUND_TRUTH_FILE
+    try:
+        planted = json.loads(path.read_text())["planted_shifts"]
+        return int(planted[target]) - int(planted[source])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,6 +103,13 @@ def model_outputs(model: torch.nn.Module, batch: Batch, sample_weight: torch.Ten
                  sample_weight=sample_weight)
 
 
+def date_outputs(model: torch.nn.Module, batch: Batch, sample_weight: torch.Tensor | None = None):
+    """``model.forward_dates(...)`` on ``batch``: logits, features, and the per-date embeddings
+    before temporal pooling with their positions (:class:`timematch.models.classifier.DateOutputs`)."""
+    return model.forward_dates(batch.pixels, batch.mask, batch.positions, batch.geom, padded=batch.padded,
+                               sample_weight=sample_weight)
+
+
 @lru_cache(maxsize=None)
 def _casts_uint16(device_type: str) -> bool:
     """Whether this torch converts uint16 tensors on ``device_type`` (a fallback exists)."""
@@ -232,12 +239,15 @@ class DomainViews:
 
     # -- views -----------------------------------------------------------------------
 
-    def strong(self, parcels: torch.Tensor, shift_max: int = 0, shift_p: float = 0.0) -> Batch:
+    def strong(self, parcels: torch.Tensor, shift_max: int = 0, shift_p: float = 0.0,
+               shared_dates: bool = False) -> Batch:
         """Training view: sampled pixels and dates (in time order). Temporal shift augmentation:
         with probability ``shift_p`` a sample's positions all move by one random integer in
-        [-``shift_max``, ``shift_max``] days (off by default)."""
+        [-``shift_max``, ``shift_max``] days (off by default). ``shared_dates``: one draw of dates
+        for the whole batch, so its samples share one time axis (what a DTW alignment between
+        two batches' time axes needs: MAD)."""
         pixel_index, mask = self.sample_pixels(parcels)
-        batch = self.gather(parcels, pixel_index, mask, self.sample_dates(parcels.shape[0]))
+        batch = self.gather(parcels, pixel_index, mask, self.sample_dates(parcels.shape[0], shared_dates))
         if shift_max > 0 and shift_p > 0:
             if shift_max > MAX_SHIFT_AUG:
                 raise ConfigError(f"shift augmentation of {shift_max} days exceeds the positional table's {MAX_SHIFT_AUG}")
@@ -275,11 +285,14 @@ class DomainViews:
         local = torch.where(mask, local, 0)
         return self.tile.offsets[parcels][:, None] + local, mask
 
-    def sample_dates(self, count: int) -> torch.Tensor:
-        """``timesteps`` distinct dates per sample, in time order: int64 (count, timesteps)."""
+    def sample_dates(self, count: int, shared: bool = False) -> torch.Tensor:
+        """``timesteps`` distinct dates per sample, in time order: int64 (count, timesteps);
+        ``shared``: one draw for all ``count`` samples."""
         n_dates = self.tile.n_dates
         if self.timesteps >= n_dates:
             return torch.arange(n_dates, device=self.device).expand(count, -1)
+        if shared:
+            return self.sample_dates(1).expand(count, -1)
         keys = torch.rand(count, n_dates, generator=self.generator, device=self.device)
         return keys.topk(self.timesteps, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
 

@@ -17,6 +17,15 @@ evaluation):
   per epoch, total steps), :meth:`Method.training_step` returns the loss and a dict of
   logs, **as tensors** (averaged over the epoch; keys ending in ``_count`` summed).
 
+A step reads the model through :func:`~timematch.data.views.model_outputs` (logits and the
+pooled features) or, when it needs what came before temporal pooling, through
+:meth:`Method.date_outputs`: the same forward pass, which also returns the **per-date
+embeddings** ``(B, T, 128)`` (the pixel-set encoder's output for each date, independent of
+the date positions, the same for every temporal encoder) and their **positions** ``(B, T)``
+in days (:class:`~timematch.models.classifier.DateOutputs`). Methods that align time axes
+(MAD, C-MAD, RAINCOAT) use it; batches of ``strong(..., shared_dates=True)`` views share one
+time axis per batch.
+
 On a GPU the sampling and the step are captured once as a CUDA graph and replayed
 (:mod:`timematch.step_engine`), so both follow three rules: tensor operations with static
 shapes (when ``self.static_shapes``, mask, do not select: ``sample_weight`` in the model's
@@ -51,7 +60,7 @@ import torch
 from torch import nn
 
 from timematch.data.dataset import Domain
-from timematch.data.views import Batch, Views
+from timematch.data.views import Batch, Views, date_outputs
 from timematch.checks import check_choice, check_flag, check_range
 from timematch.errors import ConfigError
 from timematch.training import StepContext
@@ -134,6 +143,9 @@ class Method:
     #: At most 6 characters, as MLflow run names show the method (``DK-FR1 TM f0#3``): the
     #: runs table's name column shows about 15 characters before it truncates.
     short_name: ClassVar[str]
+    #: A row of the TimeMatch paper's table (False: a method published since; ``--method paper``
+    #: runs the paper's rows alone).
+    in_paper_table: ClassVar[bool] = True
     #: A reference row (source-only, upper bound): shown, never marked best.
     reference: ClassVar[bool] = False
     #: Its training is the source models' training, and its default trial only evaluates the
@@ -208,6 +220,12 @@ class Method:
         if self.config.steps_per_epoch is not None:
             return self.config.steps_per_epoch
         return max(1, len(self.source.labelled("train")) // self.config.batch_size)
+
+    def date_outputs(self, batch: Batch, sample_weight: torch.Tensor | None = None):
+        """The model's forward pass on ``batch`` with the per-date embeddings before temporal
+        pooling and their positions: :class:`~timematch.models.classifier.DateOutputs`
+        (``logits``, ``features``, ``dates (B, T, 128)``, ``positions (B, T)``)."""
+        return date_outputs(self.model, batch, sample_weight)
 
     def sample(self) -> dict[str, Batch]:
         """The batches of one step, built by ``self.views`` (tensor operations: inside the

@@ -6,12 +6,27 @@ encoder once per batch and only the temporal encoder and decoder once per candid
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
+from timematch.models.frequency import FrequencyEncoder
 from timematch.models.layers import SampleWeights, linear_blocks, sample_weighted_statistics
 from timematch.models.positional import check_positions
 from timematch.models.pse import PixelSetEncoder
+
+
+class DateOutputs(NamedTuple):
+    """A forward pass with what came before temporal pooling: ``logits (B, K)``, ``features
+    (B, feature_dim)`` (the temporal encoder's pooled output), ``dates (B, T, 128)`` (the
+    per-date embeddings the temporal encoder pooled: the pixel-set encoder's output, which does
+    not depend on the date positions) and ``positions (B, T)`` (their days)."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    dates: torch.Tensor
+    positions: torch.Tensor
 
 
 class TimeSeriesClassifier(nn.Module):
@@ -48,6 +63,22 @@ class TimeSeriesClassifier(nn.Module):
         self.temporal_encoder = temporal_encoder
         # Linear blocks, then a plain linear layer to the logits
         self.decoder = nn.Sequential(*linear_blocks(decoder), nn.Linear(decoder[-1], num_classes))
+        #: An optional frequency branch (RAINCOAT): its output is added to the temporal features.
+        self.frequency: FrequencyEncoder | None = None
+        #: Keyword overrides of :func:`timematch.models.build_model` that rebuild this model (set
+        #: by it; a saved model records them, see :class:`timematch.serving.ParcelPredictor`).
+        self.build_options: dict = {}
+
+    def add_frequency_encoder(self, modes: int, channels: int = 16) -> FrequencyEncoder:
+        """Give the classifier a frequency branch (:class:`~timematch.models.frequency.FrequencyEncoder`
+        over the per-date embeddings, zero at the start: the outputs do not change until it learns);
+        recorded in :attr:`build_options` so that ``build_model`` rebuilds it."""
+        if self.frequency is not None:
+            raise ValueError("the classifier has a frequency encoder already")
+        device = next(self.parameters()).device
+        self.frequency = FrequencyEncoder(self.spatial_encoder.out_dim, channels, modes, self.feature_dim).to(device)
+        self.build_options = {**self.build_options, "frequency_modes": modes, "frequency_channels": channels}
+        return self.frequency
 
     @property
     def position_range(self) -> tuple[int, int]:
@@ -73,7 +104,10 @@ class TimeSeriesClassifier(nn.Module):
         batch axis (``B * D`` rows) gives the same features as D separate calls.
         """
         _check_positions_shape(embeddings, positions)
-        return self.temporal_encoder(embeddings, positions)
+        features = self.temporal_encoder(embeddings, positions)
+        if self.frequency is not None:
+            features = features + self.frequency(embeddings, positions)
+        return features
 
     def encode_time_shifted(
         self, embeddings: torch.Tensor, positions: torch.Tensor, shifts: torch.Tensor
@@ -86,11 +120,11 @@ class TimeSeriesClassifier(nn.Module):
         """
         _check_positions_shape(embeddings, positions)
         shifts = torch.as_tensor(shifts, dtype=positions.dtype, device=positions.device).reshape(-1)
-        if hasattr(self.temporal_encoder, "forward_shifted"):
+        if hasattr(self.temporal_encoder, "forward_shifted") and self.frequency is None:
             return self.temporal_encoder.forward_shifted(embeddings, positions, shifts)
         B, D = embeddings.shape[0], shifts.shape[0]
         stacked = positions.repeat(D, 1) + shifts.repeat_interleave(B)[:, None]
-        return self.temporal_encoder(embeddings.repeat(D, 1, 1), stacked)
+        return self.encode_time(embeddings.repeat(D, 1, 1), stacked)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` from parcel features ``(B, feature_dim)``."""
@@ -114,10 +148,26 @@ class TimeSeriesClassifier(nn.Module):
         meaningless); with fewer than two, the running statistics stay as they are. See
         :mod:`timematch.models.layers`.
         """
+        outputs = self.forward_dates(pixels, mask, positions, geom, padded=padded, sample_weight=sample_weight)
+        return outputs.logits, outputs.features
+
+    def forward_dates(
+        self,
+        pixels: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        geom: torch.Tensor | None = None,
+        *,
+        padded: bool = True,
+        sample_weight: torch.Tensor | None = None,
+    ) -> DateOutputs:
+        """:meth:`forward` that also returns the per-date embeddings before temporal pooling and
+        their positions (:class:`DateOutputs`): the same computation, the same outputs."""
         weights = None if sample_weight is None else SampleWeights.of(sample_weight)
         with sample_weighted_statistics(weights):
-            features = self.encode_time(self.encode_pixels(pixels, mask, geom, padded), positions)
-            return self.classify(features), features
+            dates = self.encode_pixels(pixels, mask, geom, padded)
+            features = self.encode_time(dates, positions)
+            return DateOutputs(self.classify(features), features, dates, positions)
 
 
 def _check_positions_shape(embeddings: torch.Tensor, positions: torch.Tensor) -> None:

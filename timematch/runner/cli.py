@@ -124,8 +124,10 @@ def launch_parser() -> argparse.ArgumentParser:
         "'pairs' (all 12 ordered pairs of the tiles), a name like DK-FR1, or SRC:TGT with tile names "
         "(DK, FR1, FR2, AT1 or country/tile/year); comma lists allowed (default: all)"))
     what.add_argument("--method", default="all", help=(
-        "a method, a comma list, or 'all' (every registered method; source_only then runs as the "
-        "default-config baseline). Named explicitly, source_only is searched like the others (default: all)"))
+        "a method, a comma list, 'all' (every registered method; source_only then runs as the "
+        "default-config baseline) or 'paper' (the 11 methods of the TimeMatch paper's table, without the "
+        "methods published since: mad, cmad, raincoat). Named explicitly, source_only is searched like the "
+        "others (default: all)"))
     what.add_argument("--profile", default="quick", help=(
         "experiments/profiles/<name>.yaml: 'quick' (minutes on a 2-core CPU), 'paper' (published budgets, "
         "3 folds), 'smoke' (tiny, for tests) (default: quick)"))

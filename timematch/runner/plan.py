@@ -81,23 +81,25 @@ class MethodChoice:
 
 def parse_methods(text: str) -> MethodChoice:
     """``all`` (every registered method; ``source_only`` then runs as the default-config
-    baseline), one name, or a comma list. Unknown names raise, listing the valid ones."""
+    baseline), ``paper`` (the methods of the TimeMatch paper's table, likewise), one name, or a
+    comma list. Unknown names raise, listing the valid ones."""
     valid = methods_in_table_order()
+    groups = {"all": valid, "paper": [m for m in valid if get_method(m).in_paper_table]}
     baseline = baseline_method()
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     if not tokens:
-        raise ConfigError(f"--method is empty; valid: all, {', '.join(valid)}")
+        raise ConfigError(f"--method is empty; valid: all, paper, {', '.join(valid)}")
     methods: list[str] = []
     searched: set[str] = set()
     for token in tokens:
-        if token == "all":
-            chosen = valid
-            searched.update(m for m in valid if m != baseline)
+        if token in groups:
+            chosen = groups[token]
+            searched.update(m for m in chosen if m != baseline)
         elif token in valid:
             chosen = [token]
             searched.add(token)
         else:
-            raise ConfigError(f"unknown method {token!r}; valid: all, {', '.join(valid)} (or a comma list)")
+            raise ConfigError(f"unknown method {token!r}; valid: all, paper, {', '.join(valid)} (or a comma list)")
         methods.extend(m for m in chosen if m not in methods)
     return MethodChoice(tuple(methods), frozenset(searched))
 

@@ -30,6 +30,7 @@ from timematch.experiment import (
     ExperimentResult, PretrainedSource, atomic_torch_save, pretrain_key, pretrain_source, run_experiment,
 )
 from timematch.data.dataset import Normalizer
+from timematch.data.synthetic import planted_shift
 from timematch.models import build_model
 from timematch.serving import ParcelPredictor, example_input
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
@@ -213,9 +214,11 @@ def adapt_run_tags(plan: LaunchPlan, group: TrialGroup, **extra: Any) -> dict[st
     """The tags of a trial's run in ``group`` (also those the driver gives the run of a trial
     that died before it could open its own)."""
     objective = get_objective(plan.objective)
-    return run_names.run_tags("adapt", group.scenario.name, group.scenario.source_short, group.scenario.target_short,
-                             group.method, group.fold, objective.name, objective.uses_target_labels, group=group.id,
-                             **extra)
+    source, target = group.scenario.source_short, group.scenario.target_short
+    # on a synthetic dataset, the planted shift beside TimeMatch's estimate and MAD's DTW offset
+    planted = planted_shift(plan.data_root, source, target)
+    return run_names.run_tags("adapt", group.scenario.name, source, target, group.method, group.fold, objective.name,
+                              objective.uses_target_labels, group=group.id, planted_shift=planted, **extra)
 
 
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
