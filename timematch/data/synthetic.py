@@ -85,6 +85,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -653,12 +654,18 @@ def _resolve_tiles(tiles: Sequence[str] | None) -> list[str]:
     return shorts
 
 
+def _option_tile(option: str, name: str) -> str:
+    """The short name of the tile an option names; unknown tiles are a one-line error."""
+    short = short_name(resolve_tile(name))
+    if short not in TILES:
+        raise ConfigError(f"{option}: unknown tile {name!r}; use one of {list(TILES)}")
+    return short
+
+
 def _resolve_shifts(shifts: Mapping[str, int] | None) -> dict[str, int]:
     result = dict(DEFAULT_SHIFTS)
     for name, days in (shifts or {}).items():
-        short = short_name(resolve_tile(name))
-        if short not in TILES:
-            raise ConfigError(f"shifts: unknown tile {name!r}; use one of {list(TILES)}")
+        short = _option_tile("shifts", name)
         if not isinstance(days, (int, np.integer)) or abs(int(days)) > MAX_SHIFT:
             raise ConfigError(f"shifts[{name!r}] = {days!r}: expected an integer number of days in "
                               f"[-{MAX_SHIFT}, {MAX_SHIFT}]")
@@ -671,9 +678,7 @@ def _resolve_warps(shorts: Sequence[str], class_shifts: Mapping[str, Mapping[str
     """Validated per-class shifts and stretches, keyed by short tile name (only non-default ones)."""
     classes: dict[str, dict[str, int]] = {}
     for name, per_class in (class_shifts or {}).items():
-        short = short_name(resolve_tile(name))
-        if short not in TILES:
-            raise ConfigError(f"class_shifts: unknown tile {name!r}; use one of {list(TILES)}")
+        short = _option_tile("class_shifts", name)
         for cls, days in per_class.items():
             known = set(CLASS_SHARES[short])
             if cls not in known:
@@ -685,9 +690,7 @@ def _resolve_warps(shorts: Sequence[str], class_shifts: Mapping[str, Mapping[str
         classes[short] = {cls: int(days) for cls, days in per_class.items() if int(days)}
     stretches: dict[str, float] = {}
     for name, factor in (stretch or {}).items():
-        short = short_name(resolve_tile(name))
-        if short not in TILES:
-            raise ConfigError(f"stretch: unknown tile {name!r}; use one of {list(TILES)}")
+        short = _option_tile("stretch", name)
         low, high = STRETCH_RANGE
         if not isinstance(factor, (int, float)) or not low <= float(factor) <= high:
             raise ConfigError(f"stretch[{name!r}] = {factor!r}: expected a factor in [{low}, {high}] (1 = none)")
@@ -826,12 +829,20 @@ def planted_shift(root: Path | str, source: str, target: str) -> int | None:
     """The shift a perfect estimate finds for ``source -> target`` (short tile names) on a synthetic
     dataset at ``root`` (``d = s_target - s_source``, the tiles' translations; a tile's per-class
     shifts and stretch come on top); None when ``root`` holds no synthetic ground truth."""
-    path = Path(root) / GROUND_TRUTH_FILE
+    planted = _planted_shifts(str(root))
+    if planted is None or source not in planted or target not in planted:
+        return None
+    return int(planted[target]) - int(planted[source])
+
+
+@lru_cache(maxsize=16)
+def _planted_shifts(root: str) -> dict | None:
+    """A dataset's planted shifts per tile, read once per process (runs of a launch ask per trial)."""
     try:
-        planted = json.loads(path.read_text())["planted_shifts"]
-        return int(planted[target]) - int(planted[source])
+        planted = json.loads((Path(root) / GROUND_TRUTH_FILE).read_text())["planted_shifts"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return planted if isinstance(planted, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------

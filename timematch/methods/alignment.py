@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timematch.data.views import Batch, model_outputs
+from timematch.data.views import Batch, Views, model_outputs
 from timematch.losses import focal_loss
 from timematch.methods.base import Method, TrainConfig, check_range
 from timematch.training import StepContext
@@ -199,6 +199,22 @@ def conditional_map(features: int, classes: int, randomize_above: int = 4096,
 # -- the shared method ------------------------------------------------------------------
 
 
+def paired_batches(views: "Views", size: int, balanced_source: bool, shared_dates: bool = False) -> dict[str, Batch]:
+    """A step's two batches of strong views: ``size`` labelled source parcels (class-balanced when
+    ``balanced_source``) and ``size`` target training parcels; ``shared_dates``: one draw of dates
+    per batch (a time axis per batch, for DTW)."""
+    source, target = views.source, views.target
+    return {
+        "source": source.strong(source.draw_labelled(size, balanced_source), shared_dates=shared_dates),
+        "target": target.strong(target.draw_train(size), shared_dates=shared_dates),
+    }
+
+
+def log_value(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A number as a float32 log tensor on ``like``'s device (logs of a step are tensors)."""
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+
+
 @dataclass
 class AlignmentTerms:
     """What a competitor adds to the source loss: ``trade_off * transfer``, plus ``own_loss``
@@ -218,12 +234,7 @@ class AlignmentMethod(Method):
     config: AlignmentConfig
 
     def sample(self) -> dict[str, Batch]:
-        size = self.config.batch_size
-        source, target = self.views.source, self.views.target
-        return {
-            "source": source.strong(source.draw_labelled(size, self.config.balanced_source)),
-            "target": target.strong(target.draw_train(size)),
-        }
+        return paired_batches(self.views, self.config.batch_size, self.config.balanced_source)
 
     def training_step(self, batch: dict[str, Batch], context: StepContext) -> tuple[torch.Tensor, dict]:
         source = batch["source"]

@@ -28,7 +28,7 @@ import ot
 import torch
 import torch.nn.functional as F
 
-from timematch.methods.alignment import AlignmentConfig, AlignmentMethod, AlignmentTerms
+from timematch.methods.alignment import AlignmentConfig, AlignmentMethod, AlignmentTerms, log_value
 from timematch.methods.base import check_choice, check_range
 from timematch.methods.registry import register
 
@@ -83,12 +83,8 @@ class JUMBOT(AlignmentMethod):
         plan = unbalanced_plan(cost.detach().cpu().double().numpy(), cfg.epsilon, cfg.tau, cfg.ot_solver,
                                cfg.ot_max_iter)
         if not np.isfinite(plan).all():  # the solver diverged: no transport this step, counted
-            return AlignmentTerms(torch.zeros((), device=cost.device), {"transported_mass": _number(0.0, cost),
-                                                                       "ot_failures_count": _number(1.0, cost)})
+            return AlignmentTerms(torch.zeros((), device=cost.device), {"transported_mass": log_value(0.0, cost),
+                                                                       "ot_failures_count": log_value(1.0, cost)})
         pi = torch.from_numpy(plan).to(cost.device, cost.dtype)
-        return AlignmentTerms((pi * cost).sum(), {"transported_mass": _number(plan.sum(), cost),
-                                                  "ot_failures_count": _number(0.0, cost)})
-
-
-def _number(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+        return AlignmentTerms((pi * cost).sum(), {"transported_mass": log_value(plan.sum(), cost),
+                                                  "ot_failures_count": log_value(0.0, cost)})

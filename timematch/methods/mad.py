@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from timematch.data.views import Batch
 from timematch.dtw import diagonal_path, dtw_path, path_offset
 from timematch.losses import focal_loss
+from timematch.methods.alignment import log_value, paired_batches
 from timematch.methods.base import Method, TrainConfig, check_choice, check_flag, check_range
 from timematch.methods.registry import register
 from timematch.training import StepContext
@@ -145,12 +146,7 @@ class MAD(Method):
         return self.n_classes if self.config.per_class_paths else 1
 
     def sample(self) -> dict[str, Batch]:
-        size = self.config.batch_size
-        source, target = self.views.source, self.views.target
-        return {
-            "source": source.strong(source.draw_labelled(size, self.config.balanced_source), shared_dates=True),
-            "target": target.strong(target.draw_train(size), shared_dates=True),
-        }
+        return paired_batches(self.views, self.config.batch_size, self.config.balanced_source, shared_dates=True)
 
     def source_weights(self, labels: torch.Tensor, target_probs: torch.Tensor) -> np.ndarray:
         """The source marginal w (see ``class_weights``), float64 summing to 1."""
@@ -172,6 +168,7 @@ class MAD(Method):
             self.paths = diagonal_path(T, U, x_s.device, x_s.dtype).expand(self.n_paths, T, U).clone()
         groups = (F.one_hot(labels, self.n_classes).to(x_s.dtype) if cfg.per_class_paths
                   else torch.ones(labels.shape[0], 1, dtype=x_s.dtype, device=x_s.device))
+        present = (groups.sum(0) > 0)[:, None, None]  # a class absent from the batch keeps its path
         paths, plan = self.paths, None
         for rounds in range(1, cfg.bcd_max_rounds + 1):
             per_sample = paths[labels] if cfg.per_class_paths else paths[0]
@@ -181,9 +178,7 @@ class MAD(Method):
                 return None, paths, rounds, True
             gamma = torch.from_numpy(plan).to(x_s.device, x_s.dtype)
             new = dtw_path(path_costs(x_s, x_t, gamma, groups))[0]
-            if cfg.per_class_paths:  # a class absent from the batch keeps its path
-                present = groups.sum(0) > 0
-                new = torch.where(present[:, None, None], new, paths)
+            new = torch.where(present, new, paths)
             if torch.equal(new, paths):
                 return plan, paths, rounds, True
             paths = new
@@ -203,10 +198,10 @@ class MAD(Method):
             weights = self.source_weights(labels, log_p_t.exp())
             plan, paths, rounds, converged = self.align(x_s.detach(), x_t.detach(), labels, label_cost.detach(),
                                                         weights)
-        number = lambda value: torch.tensor(float(value), device=out.logits.device)  # noqa: E731
-        zero = number(0.0)
-        logs = {"source_loss": classification.detach(), "bcd_rounds": number(rounds),
-                "bcd_unconverged_count": number(not converged), "ot_failures_count": number(plan is None)}
+        zero = log_value(0.0, out.logits)
+        logs = {"source_loss": classification.detach(), "bcd_rounds": log_value(rounds, out.logits),
+                "bcd_unconverged_count": log_value(not converged, out.logits),
+                "ot_failures_count": log_value(plan is None, out.logits)}
         if plan is None:
             return classification, dict(logs, transport_cost=zero, label_transport=zero)
         self.paths = paths

@@ -49,6 +49,7 @@ from torch import nn
 
 from timematch.data.views import Batch
 from timematch.losses import focal_loss
+from timematch.methods.alignment import paired_batches
 from timematch.methods.base import Method, TrainConfig, check_flag, check_range
 from timematch.methods.registry import register
 from timematch.models.frequency import PERIOD_DAYS
@@ -145,10 +146,7 @@ class Raincoat(Method):
         self.aligning = torch.ones((), device=device)
 
     def sample(self) -> dict[str, Batch]:
-        size = self.config.batch_size
-        source, target = self.views.source, self.views.target
-        return {"source": source.strong(source.draw_labelled(size, self.config.balanced_source)),
-                "target": target.strong(target.draw_train(size))}
+        return paired_batches(self.views, self.config.batch_size, self.config.balanced_source)
 
     def start_epoch(self, epoch, rng, logs):
         aligning = epoch <= self.config.epochs - self.config.correct_epochs
@@ -163,8 +161,7 @@ class Raincoat(Method):
         both = Batch.concat(source, batch["target"])
         out = self.date_outputs(both)
         n = len(source)
-        frequency = self.model.frequency(out.dates, out.positions)
-        joint = torch.cat([out.features - frequency, frequency], -1).float()  # [z^time, z^freq]
+        joint = torch.cat([out.features - out.frequency, out.frequency], -1).float()  # [z^time, z^freq]
         z = F.normalize(joint, dim=-1)
         cost = torch.cdist(z[:n], z[n:]).pow(2)
         plan = sinkhorn_plan(cost.detach(), cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations)

@@ -19,14 +19,16 @@ from timematch.models.pse import PixelSetEncoder
 
 class DateOutputs(NamedTuple):
     """A forward pass with what came before temporal pooling: ``logits (B, K)``, ``features
-    (B, feature_dim)`` (the temporal encoder's pooled output), ``dates (B, T, 128)`` (the
+    (B, feature_dim)`` (the pooled features the decoder reads), ``dates (B, T, 128)`` (the
     per-date embeddings the temporal encoder pooled: the pixel-set encoder's output, which does
-    not depend on the date positions) and ``positions (B, T)`` (their days)."""
+    not depend on the date positions), ``positions (B, T)`` (their days) and ``frequency``
+    (the frequency branch's share of ``features``; None without a branch)."""
 
     logits: torch.Tensor
     features: torch.Tensor
     dates: torch.Tensor
     positions: torch.Tensor
+    frequency: torch.Tensor | None = None
 
 
 class TimeSeriesClassifier(nn.Module):
@@ -103,11 +105,17 @@ class TimeSeriesClassifier(nn.Module):
         Rows are independent in eval mode, so a batch of D shifted copies stacked along the
         batch axis (``B * D`` rows) gives the same features as D separate calls.
         """
+        return self._encode_time_parts(embeddings, positions)[0]
+
+    def _encode_time_parts(self, embeddings: torch.Tensor,
+                           positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled features and the frequency branch's share of them (None without a branch)."""
         _check_positions_shape(embeddings, positions)
         features = self.temporal_encoder(embeddings, positions)
-        if self.frequency is not None:
-            features = features + self.frequency(embeddings, positions)
-        return features
+        if self.frequency is None:
+            return features, None
+        frequency = self.frequency(embeddings, positions)
+        return features + frequency, frequency
 
     def encode_time_shifted(
         self, embeddings: torch.Tensor, positions: torch.Tensor, shifts: torch.Tensor
@@ -166,8 +174,8 @@ class TimeSeriesClassifier(nn.Module):
         weights = None if sample_weight is None else SampleWeights.of(sample_weight)
         with sample_weighted_statistics(weights):
             dates = self.encode_pixels(pixels, mask, geom, padded)
-            features = self.encode_time(dates, positions)
-            return DateOutputs(self.classify(features), features, dates, positions)
+            features, frequency = self._encode_time_parts(dates, positions)
+            return DateOutputs(self.classify(features), features, dates, positions, frequency)
 
 
 def _check_positions_shape(embeddings: torch.Tensor, positions: torch.Tensor) -> None:
