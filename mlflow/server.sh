@@ -13,6 +13,7 @@
 #                $MLFLOW_AUTH_ADMIN_PASSWORD (12 characters or more); users live in
 #                basic_auth.db above the artifacts (--auth-db URI to change); the UI's form-signing
 #                key is $MLFLOW_FLASK_SERVER_SECRET_KEY, else one kept in .mlflow_flask_secret there.
+#                A login is checked once per $MLFLOW_AUTH_CACHE_TTL_S seconds (default 60).
 #                Add the user launches log as with `python -m timematch.runner.accounts`; clients
 #                pass MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 #   Ctrl-C (or SIGTERM) stops it.
@@ -51,6 +52,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port $port: not a port number"
+[[ "${MLFLOW_AUTH_CACHE_TTL_S:-60}" =~ ^[0-9]+$ ]] \
+    || die "MLFLOW_AUTH_CACHE_TTL_S=$MLFLOW_AUTH_CACHE_TTL_S: not a number of seconds (default 60; 0 checks every request)"
 
 # The store: a path becomes sqlite:////abs/path; its directory holds the artifacts and auth users.
 case "$store" in
@@ -93,6 +96,12 @@ login="no login"
 if [[ "$auth" == true ]]; then
     auth_db="${auth_db:-sqlite:///$state_dir/basic_auth.db}"
     # The admin password is read from the environment, never written to the file.
+    # auth_cache_ttl_seconds: a login is checked once a minute, not on every request. MLflow's
+    # default (0) hashes the password on each call, about 0.5 s on a 2-core machine, which made
+    # finishing a trial (about 100 requests: model, metrics, artifacts) take a minute instead of
+    # seconds (measured, MLflow 3.17). A password changed or a user removed through the API takes
+    # effect at once (MLflow drops that user's cached check; this server runs one worker); one
+    # changed in the users' database by hand, after $MLFLOW_AUTH_CACHE_TTL_S s (default 60; 0: off).
     ini="$state_dir/basic_auth.ini"
     cat > "$ini" <<EOF
 [mlflow]
@@ -100,6 +109,7 @@ default_permission = READ
 database_uri = $auth_db
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_S:-60}
 EOF
     export MLFLOW_AUTH_CONFIG_PATH="$ini"
     # The key that signs the UI's login forms (CSRF): $MLFLOW_FLASK_SERVER_SECRET_KEY, else one

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -116,6 +117,33 @@ def test_no_login_on_a_server_that_requires_one_says_so(deployment, data_root, t
                   MLFLOW_TRACKING_PASSWORD="")
     line = one_error_line(done)
     assert deployment.tracking_uri in line and "requires a login" in line and "MLFLOW_TRACKING_USERNAME" in line
+
+
+def test_a_changed_password_is_refused_at_once_although_logins_are_cached(deployment):
+    """server.sh caches a checked login for a minute (a hash per request made a trial's finish take
+    a minute); a password changed through the API must still be refused from the next request."""
+    from timematch.runner.accounts import ensure_user
+
+    def answer(password: str) -> int:
+        token = base64.b64encode(f"analyst:{password}".encode()).decode()
+        request = urllib.request.Request(f"{deployment.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Authorization": f"Basic {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(deployment.services.root / "mlflow" / "basic_auth.ini")  # what server.sh wrote
+    assert ini.getint("mlflow", "auth_cache_ttl_seconds") == 60
+    ensure_user(deployment.tracking_uri, "analyst", "first-password-1234", ADMIN)
+    assert [answer("first-password-1234") for _ in range(2)] == [200, 200]  # the second from the cache
+    assert ensure_user(deployment.tracking_uri, "analyst", "second-password-1234", ADMIN) == "password updated"
+    assert answer("first-password-1234") == 401
+    assert answer("second-password-1234") == 200
 
 
 def test_gpu_trials_on_a_cluster_without_gpus_are_an_error_not_pending_trials(deployment, data_root, tmp_path):

@@ -635,6 +635,7 @@ def test_ray_and_mlflow_require_logins(overlay):
     ini = the(overlay, "ConfigMap", volume({"spec": server}, config["name"])["configMap"]["name"])
     text = ini["data"][Path(env["MLFLOW_AUTH_CONFIG_PATH"]).name]
     assert "admin_password" not in text and "authenticate_request_basic_auth" in text
+    assert re.search(r"^auth_cache_ttl_seconds = [1-9]\d*$", text, re.M), "a login hashed per request: a minute per trial"
     auth_db = re.search(r"database_uri = sqlite:///(\S+)", text).group(1)
     mount = mount_of(auth_db, container)
     assert "persistentVolumeClaim" in volume({"spec": server}, mount["name"]), "users must survive a restart"
