@@ -123,6 +123,10 @@ def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_pa
     # -- the report, on disk and in MLflow
     report = tmp_path / "results" / "sweep" / "report.md"
     assert report.is_file() and "timematch" in report.read_text() and "DK → FR1" in report.read_text()
+    # two trials per searched group: no importance, and one line per group that says why
+    notes = re.findall(r"^- (\S+) (\S+): no importance: .*an importance needs at least 4$", report.read_text(), re.M)
+    assert sorted(notes) == sorted((s, m) for s in ("DK-FR1", "FR1-FR2") for m in ("fixmatch", "timematch"))
+    assert "| parameter |" not in report.read_text()
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/report.png"} <= logged
     code = main(["report", "--experiment", "sweep", "--tracking-uri", uri, "--results-dir", str(tmp_path / "r2")],

@@ -76,21 +76,26 @@ def is_candidate(row: Mapping[str, Any], objective: str) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def best_trials(rows: Iterable[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
-    """Per (scenario, method, fold), the row with the highest ``objective``.
+def ranked_trials(rows: Iterable[Mapping[str, Any]], objective: str) -> dict[tuple[str, str, tuple[int, int]],
+                                                                            list[Mapping[str, Any]]]:
+    """Per (scenario, method, replicate), its rows by ``objective``, best first: rank ``i + 1``
+    is the row at index ``i``.
 
-    Rows whose objective is missing or NaN are skipped; ties go to the smallest ``trial``,
-    so the choice does not depend on row order.
+    Rows whose objective is missing or NaN are left out (they have no rank); ties go to the
+    smallest ``trial``, so the order does not depend on row order.
     """
-    best: dict[tuple[str, str, int], Mapping[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: str(r.get("trial", ""))):
-        if not is_candidate(row, objective):
-            continue
-        value = row[objective]
-        key = _key(row)
-        if key not in best or value > best[key][objective]:
-            best[key] = row
-    return [best[k] for k in sorted(best)]
+    groups: dict[tuple[str, str, tuple[int, int]], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if is_candidate(row, objective):
+            groups.setdefault(_key(row), []).append(row)
+    return {key: sorted(group, key=lambda r: (-float(r[objective]), str(r.get("trial", ""))))
+            for key, group in sorted(groups.items())}
+
+
+def best_trials(rows: Iterable[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
+    """Per (scenario, method, fold), the row with the highest ``objective`` (the first of
+    :func:`ranked_trials`)."""
+    return [group[0] for group in ranked_trials(rows, objective).values()]
 
 
 @dataclass(frozen=True)

@@ -395,4 +395,5 @@ def report_command(args: argparse.Namespace, root: Path) -> int:
     print(f"{experiment} ({report.runs} finished trials)\n")
     print(report.markdown)
     print("written: " + ", ".join(str(p) for p in report.files))
+    print(report.tagged)
     return EXIT_OK

@@ -8,7 +8,8 @@ Owns the layout of ``<results>/<experiment>/`` (no other module joins these path
 - ``launches/<launch id>/events.log``: the lines trials write for the driver to show;
 - ``LATEST``: the id of the experiment's latest launch (what ``--resume`` continues);
 - ``optuna.db``: the Optuna studies of every launch of the experiment;
-- ``report.md``, ``report.html``, ``report.png``: the experiment's latest report.
+- ``report.md``, ``report.html``, ``report.png``: the experiment's latest report;
+- ``sensitivity/<scenario>_<method>.png``: its sensitivity plot per searched (scenario, method).
 
 Shared by the command line (:mod:`.cli`, which resolves a launch), the launcher
 (:mod:`.launcher`, which runs it), the stages and the report, so that the launcher never
@@ -52,6 +53,10 @@ class ExperimentFolder:
     @property
     def report_files(self) -> list[Path]:
         return [self.path / f"report{suffix}" for suffix in REPORT_SUFFIXES]
+
+    def sensitivity_plot(self, scenario: str, method: str) -> Path:
+        """The report's sensitivity plot of one searched (scenario, method)."""
+        return self.path / "sensitivity" / f"{safe_name(scenario)}_{safe_name(method)}.png"
 
     def launch(self, launch_id: str) -> "LaunchFolder":
         return LaunchFolder(self, launch_id)

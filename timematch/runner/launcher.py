@@ -122,7 +122,7 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         try:
             report = build_report(launch.tracking_uri, launch.folder.experiment, plan.objective,
                                   launch_id=launch.launch_id)
-            _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}")
+            _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}\n{report.tagged}")
             registered = register_best_models(launch.tracking_uri, plan.experiment, report, plan.objective,
                                               launch.launch_id)
             if registered:

@@ -8,14 +8,17 @@ them to the latest launch's parent run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
 from timematch.errors import ConfigError
+from timematch.importance import Importance, importance_markdown, param_importances, plot_sensitivity
 from timematch.report import (
-    AVERAGE, ResultTable, best_trials, paired_comparison, plot_methods, selection_gap, summarize,
+    AVERAGE, ResultTable, best_trials, ranked_trials, paired_comparison, plot_methods, selection_gap, summarize,
 )
 from timematch.runner import runs, tracking, waiting
 from timematch.runner.launch_state import ExperimentFolder, safe_name
@@ -35,6 +38,8 @@ class Report:
     runs: int
     rows: list[dict[str, Any]]
     launch_run_id: str | None = None
+    #: What :func:`mark_winners` tagged, in one line ("" when nothing was logged to MLflow)
+    tagged: str = ""
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -74,6 +79,13 @@ def find_launch(uri: str, exp_id: str, launch_id: str | None):
 
 def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[dict[str, Any]]:
     """One row per finished adaptation trial of launch ``launch_id`` (None: of every launch)."""
+    return [row for row in collect_trials(uri, exp_id, launch_id) if not row["stopped"]]
+
+
+def collect_trials(uri: str, exp_id: str, launch_id: str | None = None) -> list[dict[str, Any]]:
+    """One row per adaptation trial of launch ``launch_id`` (None: of every launch) that ended
+    well: finished (with its test metrics) or stopped early by ASHA (``stopped``: its objective
+    is its last epoch's, it has no test metric); ``params`` holds its sampled values."""
     client = tracking.client(uri)
     rows, token = [], None
     query = "tags.stage = 'adapt' and attributes.status = 'FINISHED'"
@@ -83,14 +95,17 @@ def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[di
         page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
         for run in page:
             tags, metrics = run.data.tags, run.data.metrics
-            if "test_macro_f1" not in metrics:
+            stopped = "stopped_early" in tags
+            if "test_macro_f1" not in metrics and not stopped:
                 continue
             row = {"scenario": tags.get("scenario"), "method": tags.get("method"), "fold": int(tags.get("fold", 0)),
                    "seed": int(tags.get("seed", 0)),
                    "trial": tags.get("trial_key", run.info.run_id), "run_id": run.info.run_id,
-                   "model_uri": tags.get("classifier_uri") or tags.get("model_uri")}
+                   "model_uri": tags.get("classifier_uri") or tags.get("model_uri"),
+                   "params": json.loads(tags.get("sampled") or "{}"), "stopped": stopped}
             row.update({k: v for k, v in metrics.items() if k.startswith("test_")})
-            row.update({name: metrics[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in metrics})
+            prefix = "" if stopped else "final_"  # a stopped trial has its last epoch's value only
+            row.update({name: metrics[prefix + name] for name in OBJECTIVES if prefix + name in metrics})
             rows.append(row)
         token = page.token
         if not token:
@@ -104,7 +119,8 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
 
     ``launch_id``: a launch (None: the latest; :data:`ALL_LAUNCHES`: every launch pooled,
     which turns each cell into a best-of-all-their-trials). The report is logged to that
-    launch's parent run (the latest one when pooling).
+    launch's parent run (the latest one when pooling), with its table as one chart, and every
+    ranked trial's run is tagged with its rank by the objective (:func:`mark_winners`).
     """
     experiment = folder.experiment
     exp_id = experiment_id(uri, experiment)
@@ -114,7 +130,8 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
         objective = launch.data.tags.get("objective", "target_val_f1") if launch else "target_val_f1"
     chosen = get_objective(objective)
     scope = None if pooled or launch is None else launch.data.tags.get("launch_id")
-    rows = collect_rows(uri, exp_id, scope)
+    trials = collect_trials(uri, exp_id, scope)
+    rows = [row for row in trials if not row["stopped"]]
     if not rows:
         where = f"launch {scope}" if scope else f"experiment {experiment!r}"
         raise NoFinishedTrial(f"{where} has no finished adaptation trial yet; nothing to report")
@@ -137,6 +154,10 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
         if paired.rows:
             markdown += "\n" + paired.to_markdown()
     folder.path.mkdir(parents=True, exist_ok=True)
+    searched = searched_spaces(tracking.client(uri), launch) if launch is not None else {}
+    sensitivity = hyperparameter_sensitivity(trials, searched, chosen.name, folder)
+    if sensitivity.markdown:
+        markdown += "\n" + sensitivity.markdown
     files = folder.report_files
     files[0].write_text(f"# {experiment}\n\n{markdown}")
     files[1].write_text(table.to_html(title=experiment))
@@ -145,25 +166,117 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
     figure = plot_methods(table, title=f"{experiment}: {table.metric}, best trial per fold by {chosen.name}")
     figure.savefig(files[2], dpi=120)
     plt.close(figure)
+    report = Report(table, markdown, files + sensitivity.files, len(rows), rows,
+                    launch.info.run_id if launch is not None else None)
     if log_to_mlflow and launch is not None:
         client = tracking.client(uri)
+        run_id = launch.info.run_id
         for path in files:
-            waiting.retry(lambda p=path: client.log_artifact(launch.info.run_id, str(p), "report"))
-        runs.log_metrics(client, launch.info.run_id, report_metrics(table, len(rows)), step=runs.FINAL_STEP)
-    return Report(table, markdown, files, len(rows), rows, launch.info.run_id if launch is not None else None)
+            waiting.retry(lambda p=path: client.log_artifact(run_id, str(p), "report"))
+        for path in sensitivity.files:
+            waiting.retry(lambda p=path: client.log_artifact(run_id, str(p), "report/sensitivity"))
+        if sensitivity.importances:
+            waiting.retry(lambda: client.log_dict(run_id, sensitivity.as_dict(), "report/importance.json"))
+        from PIL import Image
+
+        with Image.open(files[2]) as image:  # the table as one chart in the run's chart view
+            chart = image.convert("RGB")
+        waiting.retry(lambda: client.log_image(run_id, chart, key=f"{table.metric} per scenario", step=0))
+        runs.log_metrics(client, run_id, report_metrics(table, len(rows)), step=runs.FINAL_STEP)
+        report.tagged = mark_winners(client, trials, chosen.name)
+    return report
+
+
+def mark_winners(mlflow_client, trials: list[dict[str, Any]], objective: str) -> str:
+    """Tag every finished trial's run with its ``rank`` in its (scenario, method, fold, seed)
+    by ``objective`` (1: the trial the report selects), ``best`` (``true`` on rank 1, else
+    ``false``) and ``selected_by`` (``objective``). A re-selection (``report --objective``)
+    rewrites the three tags; trials without a value for the objective, and trials stopped
+    early, get ``rank`` none and ``best=false``. Returns what it did, in one line."""
+    from mlflow.entities import RunTag
+
+    ranked = ranked_trials([row for row in trials if not row["stopped"]], objective)
+    rank = {row["run_id"]: index + 1 for group in ranked.values() for index, row in enumerate(group)}
+    for row in trials:
+        place = rank.get(row["run_id"])
+        tags = [RunTag("rank", str(place) if place else "none"), RunTag("best", "true" if place == 1 else "false"),
+                RunTag("selected_by", objective)]
+        waiting.retry(lambda r=row, t=tags: mlflow_client.log_batch(r["run_id"], tags=t))
+    return (f"tagged {len(trials)} trial runs by {objective}: rank (1 = selected) and best=true on "
+            f"{len(ranked)} winners (filter the runs table with: tags.best = 'true')")
+
+
+@dataclass
+class Sensitivity:
+    """The hyper-parameter importances and sensitivity plots of a report."""
+
+    importances: list[Importance] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    markdown: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"evaluator": "optuna FanovaImportanceEvaluator(seed=0)",
+                "rows": [row for item in self.importances for row in item.rows()], "notes": self.notes}
+
+
+def searched_spaces(mlflow_client, launch) -> dict[tuple[str, str], dict[str, Any]]:
+    """The searched space of each (scenario, method) of ``launch`` as Optuna distributions,
+    read from the plan it logged (``launch/plan.json``); empty when it has none."""
+    from timematch.runner.plan import LaunchPlan
+    from timematch.runner.search_space import to_optuna
+
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = waiting.retry(lambda: mlflow_client.download_artifacts(launch.info.run_id, "launch/plan.json",
+                                                                          directory))
+        except Exception:  # a launch run without its plan (an older launch): nothing searched to read
+            return {}
+        plan = LaunchPlan.from_json(Path(path).read_text())
+    return {(g.scenario.name, g.method): to_optuna(g.space) for g in plan.groups if g.searched and g.trials > 1}
+
+
+def hyperparameter_sensitivity(trials: list[dict[str, Any]], spaces: Mapping[tuple[str, str], dict[str, Any]],
+                               objective: str, folder: ExperimentFolder) -> Sensitivity:
+    """Per searched (scenario, method): the fANOVA importance of each searched key for the
+    objective and test F1 (:mod:`timematch.importance`), and its sensitivity plot, written to
+    ``folder.sensitivity``; a group with too few finished trials gets a one-line note instead."""
+    import matplotlib.pyplot as plt
+
+    out = Sensitivity()
+    for (scenario, method), distributions in spaces.items():
+        group = [t for t in trials if t["scenario"] == scenario and t["method"] == method]
+        if not group:
+            continue
+        try:
+            importance = param_importances(scenario, method, group, distributions, objective)
+            out.importances.append(importance)
+        except ValueError as err:
+            importance = None
+            out.notes.append(f"{scenario} {method}: no importance: {err}")
+        figure = plot_sensitivity(scenario, method, group, distributions, objective, importance)
+        path = folder.sensitivity_plot(scenario, method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        out.files.append(path)
+    if out.importances or out.notes:
+        out.markdown = importance_markdown(out.importances, out.notes, objective)
+        out.markdown += "".join(f"\n![{p.stem}](sensitivity/{p.name})" for p in out.files) + "\n"
+    return out
 
 
 def report_metrics(table: ResultTable, n_rows: int) -> dict[str, float]:
     """The report's numbers as metrics of the launch run, so launches compare like trials do:
-    ``avg_<metric>/<method>``, ``<metric>/<scenario>/<method>`` (x100, as in the table) and
-    ``report_trials`` (the finished trials it selected from)."""
+    ``avg_<metric>/<method>``, ``<metric>/<scenario>/<method>`` (on the trials' scale, 0 to 1;
+    the table prints them x100) and ``report_trials`` (the finished trials it selected from)."""
     metrics: dict[str, float] = {"report_trials": float(n_rows)}
     for method in table.methods:
         for column in table.columns:
             value = table.value(method, column)
             if value.n:
                 name = f"avg_{table.metric}/{method}" if column == AVERAGE else f"{table.metric}/{column}/{method}"
-                metrics[name] = 100.0 * value.mean
+                metrics[name] = value.mean
     return metrics
 
 
@@ -174,7 +287,6 @@ def register_best_models(uri: str, experiment: str, report: Report, objective: s
     ``objective`` is the launch's selection rule (never the test split); reference methods
     (the upper bound) are registered too, tagged as such. Returns the names registered.
     """
-    client = tracking.client(uri)
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for row in best_trials(report.rows, objective):
         key = (str(row["scenario"]), str(row["method"]))
@@ -186,26 +298,38 @@ def register_best_models(uri: str, experiment: str, report: Report, objective: s
         tags = {"objective": objective, objective: f"{row[objective]:.4f}", "fold": str(row["fold"]),
                 "launch_id": launch_id, "trial_key": str(row["trial"]),
                 "description": f"{method} adapted for {scenario}; the best trial of launch {launch_id} by {objective}"}
-        register_best(client, name, str(row["model_uri"]), str(row["run_id"]), tags)
+        register_best(uri, name, str(row["model_uri"]), str(row["run_id"]), tags)
         names.append(name)
     return names
 
 
-def register_best(mlflow_client, name: str, model_uri: str, run_id: str, tags: Mapping[str, str],
+def register_best(uri: str, name: str, model_uri: str, run_id: str, tags: Mapping[str, str],
                   alias: str = "best") -> int:
-    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version.
+
+    A logged model (``models:/m-...``) goes through ``mlflow.register_model``, which links both
+    ways: the version records the logged model and its run, and the logged model lists the
+    version (its ``mlflow.modelVersions``, which ``MlflowClient.create_model_version`` leaves
+    unset, so the UI would offer to register a model that is registered already).
+    """
+    import contextlib
+    import io
+
+    import mlflow
     from mlflow.exceptions import MlflowException
 
+    mlflow_client = tracking.client(uri)
     try:
         waiting.retry(lambda: mlflow_client.create_registered_model(name, description=tags.get("description")))
     except MlflowException as err:
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
-    source, model_id = model_uri, None
-    if model_uri.startswith("models:/m-"):  # a logged model: resolved here, not through MLflow's global URI
-        logged = waiting.retry(lambda: mlflow_client.get_logged_model(model_uri.removeprefix("models:/")))
-        source, model_id = logged.artifact_location, logged.model_id
-    version = waiting.retry(lambda: mlflow_client.create_model_version(name, source, run_id=run_id, tags=dict(tags),
-                                                               model_id=model_id))
+    if model_uri.startswith("models:/m-"):
+        # MLflow writes "Registered model ... already exists" to stderr: the launch says what it registered
+        with tracking.using_uri(uri), contextlib.redirect_stderr(io.StringIO()):
+            version = waiting.retry(lambda: mlflow.register_model(model_uri, name, tags=dict(tags)))
+    else:  # a model of an older launch, logged as a run's artifact
+        version = waiting.retry(lambda: mlflow_client.create_model_version(name, model_uri, run_id=run_id,
+                                                                           tags=dict(tags)))
     waiting.retry(lambda: mlflow_client.set_registered_model_alias(name, alias, version.version))
     return int(version.version)

@@ -16,6 +16,8 @@ from timematch.errors import ConfigError
 #: everywhere (a head and a worker in different modes cannot join), no config-table output.
 ENVIRONMENT = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # the report reads the launch's plan back from MLflow: no progress bar on the terminal
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AIR_NEW_OUTPUT": "0",

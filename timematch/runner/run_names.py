@@ -1,9 +1,11 @@
 """What a run is called and tagged: the names that fit the MLflow UI's name column, the
-common tags of a trial's run, and the tag keys that find a trial's or a training's run again
-(a retried or resumed trial continues its own run)."""
+common tags of a trial's run, the tag keys that find a trial's or a training's run again
+(a retried or resumed trial continues its own run), and the names of its logged models."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from timematch.methods import get_method
@@ -38,6 +40,28 @@ def pretrain_run_name(tile: str, fold: int | None, seed: int | None = None, meth
     if method:
         return f"train {tile} {get_method(method).short_name}{_suffix(fold, seed)}"
     return f"pretrain {tile}{_suffix(fold, seed)}"
+
+
+#: The source a run and its logged models show ("logged from", the runs table's Source column):
+#: the project's entry point, not the process that wrote them (a Ray worker's ``default_worker.py``).
+SOURCE_TAGS = {"mlflow.source.name": "launch.py", "mlflow.source.type": "LOCAL"}
+
+
+def training_method_tag(method: str) -> str:
+    """The ``method`` tag of a training on a source tile alone (stage 1): ``pretrain:source_only``
+    for a source model, ``pretrain:shift_aug`` for shift augmentation's; never a method's own
+    name, so grouping runs by method keeps these trainings apart from the trials that evaluate
+    or adapt them (their ``stage`` tag is ``pretrain``; ``trains`` holds the method's name)."""
+    return f"pretrain:{method}"
+
+
+def logged_model_name(tags: Mapping[str, str], artifact: str) -> str:
+    """A logged model's name that says what it is: ``timematch-DK-FR1-parcel_classifier``, or
+    ``pretrain_source_only-DK-pytorch_module`` for a training on a source tile (from the run's
+    tags; MLflow refuses ``/ : . % " '`` in a model's name, so they become ``_``)."""
+    where = tags.get("scenario") if tags.get("stage") == "adapt" else tags.get("source")
+    name = "-".join(part for part in (tags.get("method"), where, artifact) if part)
+    return re.sub(r"[/:.%\"']", "_", name)
 
 
 def _suffix(fold: int | None, seed: int | None, trial: str = "") -> str:

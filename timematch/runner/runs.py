@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from timematch.errors import NonFiniteLoss
-from timematch.runner.run_names import pretrain_run_key, quote
+from timematch.runner.run_names import SOURCE_TAGS, pretrain_run_key, quote
 from timematch.runner.waiting import retry, say, short_error
 
 
@@ -143,7 +143,7 @@ def open_run(mlflow_client, experiment_id: str, key_tags: Mapping[str, str], tag
         fresh = [RunTag(k, str(v)) for k, v in {**(refresh or {}), "attempt": attempt}.items()]
         retry(lambda: mlflow_client.log_batch(run_id, tags=fresh))
         return run_id, False
-    all_tags = {**tags, **(refresh or {}), **key_tags, "attempt": "1"}
+    all_tags = {**SOURCE_TAGS, **tags, **(refresh or {}), **key_tags, "attempt": "1"}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = retry(lambda: mlflow_client.create_run(experiment_id, tags=all_tags, run_name=run_name))

@@ -24,8 +24,6 @@ Both carry the predictor's settings as MLmodel metadata (classes, normaliser, po
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from timematch.data.format import N_BANDS
+from timematch.runner import run_names, tracking
 from timematch.models import GEOM_DIM
 from timematch.serving import ParcelPredictor, check_input
 
@@ -140,7 +139,7 @@ def log_parcel_model(
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
     uris: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="parcel_classifier-") as tmp, _tracking_uri(uri):
+    with tempfile.TemporaryDirectory(prefix="parcel_classifier-") as tmp, tracking.using_uri(uri):
         saved = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)
         code = Path(tmp) / "parcel_classifier.py"
         code.write_text(MODEL_CODE)
@@ -165,26 +164,10 @@ def log_parcel_model(
 
 
 def _new_logged_model(client, run, name: str) -> str:
-    """A logged model of ``run``, in the run's experiment, with the run's params (as MLflow
-    gives them to a model it creates for the active run); its id."""
+    """A logged model of ``run``, in the run's experiment, named for what it is
+    (:func:`~timematch.runner.run_names.logged_model_name`), with the run's params (as MLflow
+    gives them to a model it creates for the active run) and the project's entry point as its
+    source; its id."""
     params = {key: str(value) for key, value in run.data.params.items()}
-    return client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run.info.run_id,
-                                      params=params).model_id
-
-
-@contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's tracking URI is ``uri`` inside the block and what it was before after it
-    (``Model.log`` writes through MLflow's default client). In a trial it is ``uri`` already
-    (:func:`timematch.runner.tracking.configure_client`): nothing global changes."""
-    import mlflow
-
-    previous = mlflow.get_tracking_uri()
-    if previous == uri:
-        yield
-        return
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+    return client.create_logged_model(run.info.experiment_id, name=run_names.logged_model_name(run.data.tags, name),
+                                      source_run_id=run.info.run_id, params=params, tags=run_names.SOURCE_TAGS).model_id

@@ -20,7 +20,7 @@ from pathlib import Path
 from ray import tune
 
 from timematch.data.tiles import short_name
-from timematch.runner import runs, tracking, waiting
+from timematch.runner import run_names, runs, tracking, waiting
 from timematch.runner.launch_state import LaunchFolder
 from timematch.runner.plan import LaunchPlan, source_model_path
 from timematch.runner.progress import ProgressPrinter, RunStatusCallback, short_cause
@@ -77,7 +77,8 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
         return summary
     labels = {t.key: f"pretrain {t.id}" for t in todo}
     tags = {t.key: {"stage": "pretrain", "source": short_name(t.source), "fold": str(t.fold),
-                    "method": t.method_name, "pretrain_key": t.key} for t in todo}
+                    "method": run_names.training_method_tag(t.method_name), "trains": t.method_name,
+                    "pretrain_key": t.key} for t in todo}
     callbacks = [
         ProgressPrinter("pretrain", labels, len(todo), "source_val_f1"),
         RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -145,6 +146,25 @@ def client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+@contextmanager
+def using_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI is ``uri`` inside the block and what it was before after
+    it, for MLflow calls that write through MLflow's default client (``Model.log``,
+    ``mlflow.register_model``). In a trial it is ``uri`` already (:func:`configure_client`):
+    nothing global changes."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    if previous == uri:
+        yield
+        return
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 #: MLflow's own HTTP retries, made short in trial processes so that :func:`retry` decides (and

@@ -153,8 +153,9 @@ def _train_source_model(task, path: Path, context: TrialContext) -> None:
     spec = _placed(plan.pretrain_spec(task), context)
     client = tracking.client(context.tracking_uri)
     tags = run_names.run_tags(
-        "pretrain", ",".join(task.scenarios), short_name(task.source), "", task.method_name, task.fold,
-        "source_val_f1", False, launch_id=context.launch_id, model=spec.model, seed=spec.seed,
+        "pretrain", ",".join(task.scenarios), short_name(task.source), "", run_names.training_method_tag(task.method_name),
+        task.fold, "source_val_f1", False, trains=task.method_name, launch_id=context.launch_id, model=spec.model,
+        seed=spec.seed,
         source_model_path=str(path),
     )
     run_id, _ = runs.open_run(

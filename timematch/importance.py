@@ -1,0 +1,184 @@
+"""Which searched hyper-parameters matter: importances and sensitivity plots from trials
+(no Ray, no MLflow).
+
+A *trial* here is one run of a search, a mapping with ``params`` (the sampled values of the
+searched keys), the objective's value and, for a trial that ran to its last epoch,
+``test_macro_f1``; ``stopped`` marks a trial that ASHA stopped early (its objective is its
+last epoch's, and it has no test metric).
+
+Importance is Optuna's fANOVA evaluator (Hutter, Hoos and Leyton-Brown, ICML 2014: a random
+forest fitted to the trials, and the share of the objective's variance that each parameter
+explains on its own), run on an in-memory Optuna study that holds the finished trials of one
+(scenario, method), with the searched distributions: once for the objective, once for test
+F1 (a *target* of Optuna's evaluator). Stopped trials stay out of it, since their value is an
+earlier epoch's. They are drawn, marked, in the sensitivity plot. Below :data:`MIN_TRIALS`
+finished trials no importance is given: a forest fitted to three points says nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+TEST_METRIC = "test_macro_f1"
+#: The fewest finished trials of a (scenario, method) that an importance is computed from.
+MIN_TRIALS = 4
+
+
+@dataclass(frozen=True)
+class Importance:
+    """The importances of one (scenario, method)'s searched keys, each normalised to sum 1
+    (empty for a target that was the same in every trial)."""
+
+    scenario: str
+    method: str
+    finished: int
+    stopped: int
+    objective: str
+    by_objective: dict[str, float]
+    by_test: dict[str, float]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per parameter, the most important for the objective first."""
+        names = list(dict.fromkeys([*self.by_objective, *self.by_test]))
+        return [{"scenario": self.scenario, "method": self.method, "param": name, "trials": self.finished,
+                 f"importance_{self.objective}": self.by_objective.get(name),
+                 f"importance_{TEST_METRIC}": self.by_test.get(name)} for name in names]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(float(value))
+
+
+def finished_trials(trials: Sequence[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
+    """The trials that ran to the end with a value for both the objective and test F1."""
+    return [t for t in trials if not t.get("stopped") and _is_number(t.get(objective))
+            and _is_number(t.get(TEST_METRIC))]
+
+
+def param_importances(scenario: str, method: str, trials: Sequence[Mapping[str, Any]],
+                      distributions: Mapping[str, Any], objective: str, seed: int = 0) -> Importance:
+    """fANOVA importances of ``distributions``' keys (Optuna distributions) for ``objective``
+    and test F1 over the finished ones of ``trials``. A trial whose values lie outside the
+    distributions (a launch pooled with one that searched another space) is left out.
+    Raises ``ValueError`` with a one-line reason when fewer than :data:`MIN_TRIALS` remain.
+    """
+    import optuna
+
+    finished = finished_trials(trials, objective)
+    stopped = sum(1 for t in trials if t.get("stopped"))
+    made = []
+    for trial in finished:
+        params = {key: trial["params"][key] for key in distributions if key in trial.get("params", {})}
+        if len(params) != len(distributions):
+            continue
+        try:
+            made.append(optuna.trial.create_trial(
+                params=params, distributions=dict(distributions), value=float(trial[objective]),
+                user_attrs={TEST_METRIC: float(trial[TEST_METRIC])}))
+        except ValueError:  # a value outside its distribution
+            continue
+    if len(made) < MIN_TRIALS:
+        raise ValueError(f"{len(made)} finished trial(s) with every searched value"
+                         + (f" ({stopped} stopped early by ASHA)" if stopped else "")
+                         + f"; an importance needs at least {MIN_TRIALS}")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="maximize")
+        study.add_trials(made)
+        by_objective = _fanova(study, seed, None)
+        by_test = _fanova(study, seed, lambda t: t.user_attrs[TEST_METRIC])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if not by_objective and not by_test:
+        raise ValueError(f"{objective} and test F1 are the same in all {len(made)} finished trials: "
+                         "nothing for a parameter to explain")
+    return Importance(scenario, method, len(made), stopped, objective, by_objective, by_test)
+
+
+def _fanova(study, seed: int, target) -> dict[str, float]:
+    """Optuna's fANOVA importances of ``study``'s parameters for ``target`` (None: the value);
+    empty when the target is the same in every trial (fANOVA has no variance to share out)."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    values = [t.value if target is None else target(t) for t in study.trials]
+    if max(values) - min(values) <= 1e-12:
+        return {}
+    found = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed), target=target)
+    return {key: float(value) for key, value in found.items()}
+
+
+def importance_markdown(importances: Sequence[Importance], notes: Sequence[str], objective: str) -> str:
+    """The importance table of a report, then one line per group without one."""
+    lines = [f"## Hyper-parameter importance (fANOVA, share of the variance explained; "
+             f"objective {objective}, and test F1)", ""]
+    if importances:
+        lines += [f"| scenario | method | finished trials | parameter | for {objective} | for test F1 |",
+                  "|---|---|---:|---|---:|---:|"]
+        for item in importances:
+            for row in item.rows():
+                shares = [row[f"importance_{objective}"], row[f"importance_{TEST_METRIC}"]]
+                shown = " | ".join("-" if v is None else f"{v:.2f}" for v in shares)
+                lines.append(f"| {item.scenario} | {item.method} | {item.finished} | {row['param']} | {shown} |")
+    lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_sensitivity(scenario: str, method: str, trials: Sequence[Mapping[str, Any]],
+                     distributions: Mapping[str, Any], objective: str, importance: Importance | None = None):
+    """One panel per searched key: the objective and test F1 (x100) of every trial against the
+    key's value; trials stopped early by ASHA drawn as crosses at their last epoch's objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.distributions import CategoricalDistribution
+
+    keys = list(distributions)
+    columns = min(3, max(1, len(keys)))
+    rows = math.ceil(len(keys) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    finished = {id(t) for t in finished_trials(trials, objective)}
+    for ax, key in zip(axes.flat, keys):
+        distribution = distributions[key]
+        categorical = isinstance(distribution, CategoricalDistribution)
+        choices = [str(c) for c in distribution.choices] if categorical else []
+
+        def x_of(value: Any) -> float:
+            return float(choices.index(str(value))) if categorical else float(value)
+
+        shown = [t for t in trials if key in t.get("params", {}) and _is_number(t.get(objective))
+                 and (not categorical or str(t["params"][key]) in choices)]
+        done = [t for t in shown if id(t) in finished]
+        cut = [t for t in shown if t.get("stopped")]
+        ax.scatter([x_of(t["params"][key]) for t in done], [100 * t[objective] for t in done],
+                   marker="o", label=objective)
+        ax.scatter([x_of(t["params"][key]) for t in done], [100 * t[TEST_METRIC] for t in done],
+                   marker="^", label="test F1")
+        if cut:
+            ax.scatter([x_of(t["params"][key]) for t in cut], [100 * t[objective] for t in cut], marker="x",
+                       color="grey", label=f"{objective}, stopped by ASHA")
+        if categorical:
+            ax.set_xticks(np.arange(len(choices)), choices)
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        elif getattr(distribution, "log", False):
+            ax.set_xscale("log")
+        title = key
+        if importance is not None:
+            shares = [found.get(key) if found else None for found in (importance.by_objective, importance.by_test)]
+            shown = ["-" if v is None else f"{v:.2f}" for v in shares]
+            title += f" (importance {shown[0]} / test {shown[1]})"
+        ax.set_title(title, fontsize="medium")
+        ax.set_ylabel("F1 (x100)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize="small")
+    fig.suptitle(f"{scenario} {method}: {objective} and test F1 against each searched hyper-parameter")
+    fig.tight_layout()
+    return fig
