@@ -217,7 +217,9 @@ def test_every_registered_method_runs_through_the_runner(ray_address, data_root,
     shift_aug = next(r for r in runs_of(uri, "all-methods", "adapt")
                      if r.data.tags["method"] == "shift_aug" and r.data.tags["pretrain_key"] in trainings)
     training = trainings[shift_aug.data.tags["pretrain_key"]]
-    assert training.data.tags["method"] == "shift_aug" and training.info.run_name == "train DK SA"
+    # its own method tag, apart from the shift-augmentation trials in "Group by: method"
+    assert training.data.tags["method"] == "pretrain:shift_aug" and training.data.tags["trains"] == "shift_aug"
+    assert training.info.run_name == "train DK SA"
     assert training.data.params["shift_aug"] == "True" and training.info.status == "FINISHED"
     assert "stage 1, source models: 2" in out and "DK/fold0/shift_aug" in out
 

@@ -137,6 +137,7 @@ def plot_sensitivity(scenario: str, method: str, trials: Sequence[Mapping[str, A
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     from optuna.distributions import CategoricalDistribution
 
     keys = list(distributions)
@@ -168,6 +169,10 @@ def plot_sensitivity(scenario: str, method: str, trials: Sequence[Mapping[str, A
             ax.set_xlim(-0.5, len(choices) - 0.5)
         elif getattr(distribution, "log", False):
             ax.set_xscale("log")
+            # ticks at 1, 2 and 5 per decade, written plainly (matplotlib's minor labels overlap)
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         title = key
         if importance is not None:
             shares = [found.get(key) if found else None for found in (importance.by_objective, importance.by_test)]
