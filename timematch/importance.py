@@ -24,9 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from timematch.report import is_candidate
+
 TEST_METRIC = "test_macro_f1"
 #: The fewest finished trials of a (scenario, method) that an importance is computed from.
 MIN_TRIALS = 4
+#: The evaluator's random forest seed, so a report gives the same shares each time.
+SEED = 0
+#: What computes the importances, as the report's record of them names it.
+EVALUATOR = f"optuna FanovaImportanceEvaluator(seed={SEED})"
 
 
 @dataclass(frozen=True)
@@ -50,18 +56,13 @@ class Importance:
                  f"importance_{TEST_METRIC}": self.by_test.get(name)} for name in names]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(float(value))
-
-
 def finished_trials(trials: Sequence[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
     """The trials that ran to the end with a value for both the objective and test F1."""
-    return [t for t in trials if not t.get("stopped") and _is_number(t.get(objective))
-            and _is_number(t.get(TEST_METRIC))]
+    return [t for t in trials if not t.get("stopped") and is_candidate(t, objective) and is_candidate(t, TEST_METRIC)]
 
 
 def param_importances(scenario: str, method: str, trials: Sequence[Mapping[str, Any]],
-                      distributions: Mapping[str, Any], objective: str, seed: int = 0) -> Importance:
+                      distributions: Mapping[str, Any], objective: str, seed: int = SEED) -> Importance:
     """fANOVA importances of ``distributions``' keys (Optuna distributions) for ``objective``
     and test F1 over the finished ones of ``trials``. A trial whose values lie outside the
     distributions (a launch pooled with one that searched another space) is left out.
@@ -153,7 +154,7 @@ def plot_sensitivity(scenario: str, method: str, trials: Sequence[Mapping[str, A
         def x_of(value: Any) -> float:
             return float(choices.index(str(value))) if categorical else float(value)
 
-        shown = [t for t in trials if key in t.get("params", {}) and _is_number(t.get(objective))
+        shown = [t for t in trials if key in t.get("params", {}) and is_candidate(t, objective)
                  and (not categorical or str(t["params"][key]) in choices)]
         done = [t for t in shown if id(t) in finished]
         cut = [t for t in shown if t.get("stopped")]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from timematch.errors import ConfigError
-from timematch.importance import Importance, importance_markdown, param_importances, plot_sensitivity
+from timematch.importance import EVALUATOR, Importance, importance_markdown, param_importances, plot_sensitivity
 from timematch.report import (
     AVERAGE, ResultTable, best_trials, ranked_trials, paired_comparison, plot_methods, selection_gap, summarize,
 )
@@ -75,11 +75,6 @@ def find_launch(uri: str, exp_id: str, launch_id: str | None):
         raise ConfigError(f"--launch {launch_id}: no such launch in this experiment; launches (newest first): "
                           f"{', '.join(known) or 'none'}, or '{ALL_LAUNCHES}'")
     return runs[0]
-
-
-def collect_rows(uri: str, exp_id: str, launch_id: str | None = None) -> list[dict[str, Any]]:
-    """One row per finished adaptation trial of launch ``launch_id`` (None: of every launch)."""
-    return [row for row in collect_trials(uri, exp_id, launch_id) if not row["stopped"]]
 
 
 def collect_trials(uri: str, exp_id: str, launch_id: str | None = None) -> list[dict[str, Any]]:
@@ -154,7 +149,8 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
         if paired.rows:
             markdown += "\n" + paired.to_markdown()
     folder.path.mkdir(parents=True, exist_ok=True)
-    searched = searched_spaces(tracking.client(uri), launch) if launch is not None else {}
+    client = tracking.client(uri)
+    searched = searched_spaces(client, launch) if launch is not None else {}
     sensitivity = hyperparameter_sensitivity(trials, searched, chosen.name, folder)
     if sensitivity.markdown:
         markdown += "\n" + sensitivity.markdown
@@ -169,7 +165,6 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
     report = Report(table, markdown, files + sensitivity.files, len(rows), rows,
                     launch.info.run_id if launch is not None else None)
     if log_to_mlflow and launch is not None:
-        client = tracking.client(uri)
         run_id = launch.info.run_id
         for path in files:
             waiting.retry(lambda p=path: client.log_artifact(run_id, str(p), "report"))
@@ -216,7 +211,7 @@ class Sensitivity:
     markdown: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"evaluator": "optuna FanovaImportanceEvaluator(seed=0)",
+        return {"evaluator": EVALUATOR,
                 "rows": [row for item in self.importances for row in item.rows()], "notes": self.notes}
 
 
@@ -240,7 +235,7 @@ def hyperparameter_sensitivity(trials: list[dict[str, Any]], spaces: Mapping[tup
                                objective: str, folder: ExperimentFolder) -> Sensitivity:
     """Per searched (scenario, method): the fANOVA importance of each searched key for the
     objective and test F1 (:mod:`timematch.importance`), and its sensitivity plot, written to
-    ``folder.sensitivity``; a group with too few finished trials gets a one-line note instead."""
+    ``folder.sensitivity_plot``; a group with too few finished trials gets a one-line note instead."""
     import matplotlib.pyplot as plt
 
     out = Sensitivity()
