@@ -12,6 +12,9 @@ import numpy as np
 
 from timematch.data.classes import CropCodes, normalize_code
 from timematch.data.format import TileReader, find_tiles
+from timematch.data.synthetic import (
+    DEFAULT_PARCELS_PER_TILE, DEFAULT_SHIFTS, STRETCH_RANGE, generate_dataset, plot_class_ndvi,
+)
 from timematch.data.tiles import TILES
 from timematch.errors import TimeMatchError
 
@@ -104,8 +107,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from timematch.data import synthetic
-
     shifts = {}
     for item in args.shift or []:
         name, _, days = item.partition("=")
@@ -130,7 +131,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if tile not in TILES:
             raise TimeMatchError(f"--stretch {item!r}: expected TILE=FACTOR with TILE in {list(TILES)}, e.g. FR1=1.15")
     root = Path(args.root).expanduser()
-    summary = synthetic.generate_dataset(
+    summary = generate_dataset(
         root,
         parcels_per_tile=args.parcels_per_tile,
         seed=args.seed,
@@ -140,15 +141,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
         stretch=stretch or None,
     )
     if args.plot:
-        png = synthetic.plot_class_ndvi(root, Path(args.plot))
+        png = plot_class_ndvi(root, Path(args.plot))
         print(f"NDVI plot: {png}")
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from timematch.data import synthetic
-
     parser = argparse.ArgumentParser(prog="python -m timematch.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="summarise the tiles of a dataset (first check of a download)")
@@ -162,17 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     synth = sub.add_parser("synth", help="write the synthetic benchmark dataset in the published format")
     synth.add_argument("--root", required=True, help="folder to write the four tiles into")
-    synth.add_argument("--parcels-per-tile", type=int, default=synthetic.DEFAULT_PARCELS_PER_TILE)
+    synth.add_argument("--parcels-per-tile", type=int, default=DEFAULT_PARCELS_PER_TILE)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shift", action="append", metavar="TILE=DAYS",
                        help="planted phenology shift of a tile in days (default: "
-                            + ", ".join(f"{k}={v}" for k, v in synthetic.DEFAULT_SHIFTS.items()) + ")")
+                            + ", ".join(f"{k}={v}" for k, v in DEFAULT_SHIFTS.items()) + ")")
     synth.add_argument("--class-shift", action="append", metavar="TILE:CLASS=DAYS",
                        help="extra days for one class of a tile, on top of the tile's shift (per-class "
                             "phenology; repeatable), e.g. FR1:corn=20")
     synth.add_argument("--stretch", action="append", metavar="TILE=FACTOR",
                        help="stretch a tile's season by FACTOR around mid-year (a warp, not a translation; "
-                            f"{synthetic.STRETCH_RANGE[0]}-{synthetic.STRETCH_RANGE[1]}), e.g. FR1=1.15")
+                            f"{STRETCH_RANGE[0]}-{STRETCH_RANGE[1]}), e.g. FR1=1.15")
     synth.add_argument("--plot", metavar="PNG", help="also write a plot of mean NDVI per class per tile")
     synth.set_defaults(func=cmd_synth)
     return parser

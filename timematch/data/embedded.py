@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from timematch.data.synthetic import EMBEDDED_BYTES, GENERATOR_VERSION, generate_dataset
 from timematch.data.tiles import default_cache_dir
 from timematch.diskspace import is_disk_full, no_space, require_space
 from timematch.locks import cache_lock
@@ -19,18 +20,13 @@ MARKER = ".complete.json"
 
 
 def embedded_root(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    from timematch.data import synthetic
-
-    version = getattr(synthetic, "GENERATOR_VERSION", 1)
-    return Path(cache_dir or default_cache_dir()) / "synthetic" / f"v{version}-seed{seed}"
+    return Path(cache_dir or default_cache_dir()) / "synthetic" / f"v{GENERATOR_VERSION}-seed{seed}"
 
 
 def ensure_embedded_dataset(
     cache_dir: Path | None = None, seed: int = 0, progress: Callable[[str], None] | None = None
 ) -> Path:
     """The root of the embedded synthetic dataset, generating it on first use."""
-    from timematch.data import synthetic
-
     root = embedded_root(cache_dir, seed)
     if (root / MARKER).is_file():
         return root
@@ -40,15 +36,15 @@ def ensure_embedded_dataset(
         if root.exists():
             shutil.rmtree(root)  # an interrupted generation
         what = "the embedded synthetic dataset"
-        require_space(root.parent, synthetic.EMBEDDED_BYTES, what)
+        require_space(root.parent, EMBEDDED_BYTES, what)
         if progress:
             progress(f"generating the embedded synthetic dataset into {root} (first use only) ...")
         try:
-            summary = synthetic.generate_dataset(root, seed=seed, progress=progress)
+            summary = generate_dataset(root, seed=seed, progress=progress)
             (root / MARKER).write_text(json.dumps(summary, default=str, indent=1))
         except BaseException as err:  # a half-written dataset is never used, nor left to fill the disk
             shutil.rmtree(root, ignore_errors=True)
             if is_disk_full(err):
-                raise no_space(root.parent, synthetic.EMBEDDED_BYTES, what) from None
+                raise no_space(root.parent, EMBEDDED_BYTES, what) from None
             raise
     return root

@@ -41,11 +41,6 @@ def short_name(tile: str) -> str:
     return tile
 
 
-def country_of(tile: str) -> str:
-    """The country of a ``country/tile/year`` path."""
-    return resolve_tile(tile).split("/")[0]
-
-
 def default_cache_dir() -> Path:
     """Where the project keeps caches: ``$TIMEMATCH_CACHE``, else ``~/.cache/timematch``.
 
