@@ -1,6 +1,6 @@
 """Reader of the published TimeMatch dataset format, exactly as it is on disk.
 
-Layout (see the README): ``<root>/<country>/<tile>/<year>/data/<i>.zarr`` is one zarr
+Layout (see docs/data.md): ``<root>/<country>/<tile>/<year>/data/<i>.zarr`` is one zarr
 format-2 array per parcel, uint16 of shape (T, C, S), and ``meta/metadata.pkl`` a pickled
 dict with ``start_date``, ``end_date``, ``dates``, ``cloudy_pct`` and ``parcels``.
 
