@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from timematch.report import (
-    best_trials, cell, method_order, per_class_csv, plot_confusion, plot_methods, plot_shift_scores, summarize,
+    BEST_POSSIBLE, TrialRow, best_trials, cell, method_order, paired_comparison, per_class_csv, plot_confusion,
+    plot_methods, plot_shift_scores, ranked_trials, selection_gap, summarize,
 )
 
 
-def row(scenario, method, fold, trial, objective, test, **extra):
-    return {"scenario": scenario, "method": method, "fold": fold, "trial": trial,
-            "target_val_f1": objective, "test_macro_f1": test, **extra}
+def row(scenario, method, fold, trial, objective, test, seed=0, **metrics):
+    return TrialRow(scenario, method, fold, trial, seed=seed,
+                    metrics={"target_val_f1": objective, "test_macro_f1": test, **metrics})
 
 
 ROWS = [
@@ -34,22 +35,22 @@ ROWS = [
 
 
 def test_best_trial_per_fold_uses_the_objective_not_the_test_score():
-    best = {(r["scenario"], r["method"], r["fold"]): r["trial"] for r in best_trials(ROWS, "target_val_f1")}
+    best = {(r.scenario, r.method, r.fold): r.trial for r in best_trials(ROWS, "target_val_f1")}
     assert best[("DK-FR1", "timematch", 0)] == "t2"
     assert best[("DK-FR1", "timematch", 1)] == "t3"
 
 
 def test_ties_go_to_the_smallest_trial_whatever_the_order():
     rows = [row("A-B", "m", 0, "z", 0.5, 0.1), row("A-B", "m", 0, "a", 0.5, 0.9)]
-    assert best_trials(rows, "target_val_f1")[0]["trial"] == "a"
-    assert best_trials(rows[::-1], "target_val_f1")[0]["trial"] == "a"
+    assert best_trials(rows, "target_val_f1")[0].trial == "a"
+    assert best_trials(rows[::-1], "target_val_f1")[0].trial == "a"
 
 
 def test_other_objectives_select_other_trials():
     rows = [row("A-B", "m", 0, "t1", 0.9, 0.1, source_val_f1=0.1),
             row("A-B", "m", 0, "t2", 0.1, 0.8, source_val_f1=0.5)]
-    assert best_trials(rows, "source_val_f1")[0]["trial"] == "t2"
-    assert best_trials(rows, "target_val_f1")[0]["trial"] == "t1"
+    assert best_trials(rows, "source_val_f1")[0].trial == "t2"
+    assert best_trials(rows, "target_val_f1")[0].trial == "t1"
 
 
 def test_mean_and_std_over_folds():
@@ -141,15 +142,13 @@ def test_reference_rows_are_never_best_and_the_selection_counts_are_stated():
 
 
 def test_the_selection_gap_shows_what_each_criterion_costs_against_the_oracle_and_the_best_possible():
-    from timematch.report import BEST_POSSIBLE, selection_gap
-
     rows = []
     for scenario in ("DK-FR1", "FR1-FR2"):
         for trial, test in enumerate([0.2, 0.5, 0.7, 0.4]):
-            rows.append({"scenario": scenario, "method": "timematch", "fold": 0, "trial": f"t{trial}",
-                         "test_macro_f1": test, "target_val_f1": test - 0.05 * (trial == 2),  # the oracle errs once
-                         "target_entropy": test,  # ranks the trials as the test split does
-                         "snd": -test})  # ranks them backwards
+            oracle = test - 0.05 * (trial == 2)  # the oracle errs once
+            rows.append(row(scenario, "timematch", 0, f"t{trial}", oracle, test,
+                            target_entropy=test,  # ranks the trials as the test split does
+                            snd=-test))  # ranks them backwards
     gap = selection_gap(rows, ["target_entropy", "snd", "dev"])
     assert gap.criteria == ["target_val_f1", "target_entropy", "snd"]  # dev: no values, left out
     assert gap.average[("timematch", BEST_POSSIBLE)] == pytest.approx(0.7)
@@ -163,16 +162,12 @@ def test_the_selection_gap_shows_what_each_criterion_costs_against_the_oracle_an
 
 
 def test_the_paired_comparison_counts_wins_over_folds_and_seeds():
-    from timematch.report import paired_comparison
-
     rows = []
     for fold in (0, 1):
         for seed in (0, 1):
             for method, test in (("timematch", 0.6 + 0.01 * seed), ("fixmatch", 0.5), ("mmd", 0.6 + 0.01 * seed)):
-                rows.append({"scenario": "DK-FR1", "method": method, "fold": fold, "seed": seed,
-                             "trial": f"{method}{fold}{seed}", "target_val_f1": 0.5, "test_macro_f1": test})
-    rows.append({"scenario": "DK-FR1", "method": "dann", "fold": 0, "seed": 0, "trial": "d", "target_val_f1": 0.5,
-                 "test_macro_f1": 0.7})
+                rows.append(row("DK-FR1", method, fold, f"{method}{fold}{seed}", 0.5, test, seed=seed))
+    rows.append(row("DK-FR1", "dann", 0, "d", 0.5, 0.7))
     paired = paired_comparison(rows, "target_val_f1")
     by_other = {row[1]: row for row in paired.rows}
     assert by_other["fixmatch"][2:5] == (4, 0, 0) and by_other["fixmatch"][5] == pytest.approx(0.105)
@@ -183,9 +178,17 @@ def test_the_paired_comparison_counts_wins_over_folds_and_seeds():
 
 
 def test_cells_are_over_folds_times_seeds_with_the_count():
-    rows = [{"scenario": "DK-FR1", "method": "timematch", "fold": f, "seed": s, "trial": f"t{f}{s}",
-             "target_val_f1": 0.5, "test_macro_f1": 0.1 * (f + 2 * s)} for f in (0, 1) for s in (0, 1)]
+    rows = [row("DK-FR1", "timematch", f, f"t{f}{s}", 0.5, 0.1 * (f + 2 * s), seed=s) for f in (0, 1) for s in (0, 1)]
     table = summarize(rows, "target_val_f1")
     assert table.value("timematch", "DK-FR1").n == 4
     assert table.value("timematch", "DK-FR1").mean == pytest.approx(0.15)
     assert "folds x seeds (folds 0, 1; seeds 0, 1: 4 per cell)" in table.caption()
+
+
+def test_ranks_are_per_fold_and_seed_and_leave_out_trials_without_the_objective():
+    rows = [row("A-B", "m", 0, "t1", 0.2, 0.1), row("A-B", "m", 0, "t2", 0.8, 0.1),
+            row("A-B", "m", 0, "t3", float("nan"), 0.9), row("A-B", "m", 0, "t4", 0.5, 0.1, seed=1),
+            TrialRow("A-B", "m", 0, "t5", metrics={"test_macro_f1": 0.9})]
+    ranked = ranked_trials(rows, "target_val_f1")
+    assert {key: [r.trial for r in group] for key, group in ranked.items()} == {
+        ("A-B", "m", (0, 0)): ["t2", "t1"], ("A-B", "m", (0, 1)): ["t4"]}

@@ -1,10 +1,10 @@
 """Which searched hyper-parameters matter: importances and sensitivity plots from trials
 (no Ray, no MLflow).
 
-A *trial* here is one run of a search, a mapping with ``params`` (the sampled values of the
-searched keys), the objective's value and, for a trial that ran to its last epoch,
-``test_macro_f1``; ``stopped`` marks a trial that ASHA stopped early (its objective is its
-last epoch's, and it has no test metric).
+A *trial* here is one run of a search, a :class:`~timematch.report.TrialRow`: its ``params``
+(the sampled values of the searched keys), the objective's value and, for a trial that ran to
+its last epoch, ``test_macro_f1``; ``stopped`` marks a trial that ASHA stopped early (its
+objective is its last epoch's, and it has no test metric).
 
 Importance is Optuna's fANOVA evaluator (Hutter, Hoos and Leyton-Brown, ICML 2014: a random
 forest fitted to the trials, and the share of the objective's variance that each parameter
@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from optuna.distributions import CategoricalDistribution
+from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-from timematch.report import is_candidate
+from timematch.report import TrialRow, agg_pyplot, is_candidate
 
 TEST_METRIC = "test_macro_f1"
 #: The fewest finished trials of a (scenario, method) that an importance is computed from.
@@ -56,31 +60,29 @@ class Importance:
                  f"importance_{TEST_METRIC}": self.by_test.get(name)} for name in names]
 
 
-def finished_trials(trials: Sequence[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
+def finished_trials(trials: Sequence[TrialRow], objective: str) -> list[TrialRow]:
     """The trials that ran to the end with a value for both the objective and test F1."""
-    return [t for t in trials if not t.get("stopped") and is_candidate(t, objective) and is_candidate(t, TEST_METRIC)]
+    return [t for t in trials if not t.stopped and is_candidate(t, objective) and is_candidate(t, TEST_METRIC)]
 
 
-def param_importances(scenario: str, method: str, trials: Sequence[Mapping[str, Any]],
+def param_importances(scenario: str, method: str, trials: Sequence[TrialRow],
                       distributions: Mapping[str, Any], objective: str, seed: int = SEED) -> Importance:
     """fANOVA importances of ``distributions``' keys (Optuna distributions) for ``objective``
     and test F1 over the finished ones of ``trials``. A trial whose values lie outside the
     distributions (a launch pooled with one that searched another space) is left out.
     Raises ``ValueError`` with a one-line reason when fewer than :data:`MIN_TRIALS` remain.
     """
-    import optuna
-
     finished = finished_trials(trials, objective)
-    stopped = sum(1 for t in trials if t.get("stopped"))
+    stopped = sum(1 for t in trials if t.stopped)
     made = []
     for trial in finished:
-        params = {key: trial["params"][key] for key in distributions if key in trial.get("params", {})}
+        params = {key: trial.params[key] for key in distributions if key in trial.params}
         if len(params) != len(distributions):
             continue
         try:
             made.append(optuna.trial.create_trial(
-                params=params, distributions=dict(distributions), value=float(trial[objective]),
-                user_attrs={TEST_METRIC: float(trial[TEST_METRIC])}))
+                params=params, distributions=dict(distributions), value=float(trial.metrics[objective]),
+                user_attrs={TEST_METRIC: float(trial.metrics[TEST_METRIC])}))
         except ValueError:  # a value outside its distribution
             continue
     if len(made) < MIN_TRIALS:
@@ -105,8 +107,6 @@ def param_importances(scenario: str, method: str, trials: Sequence[Mapping[str, 
 def _fanova(study, seed: int, target) -> dict[str, float]:
     """Optuna's fANOVA importances of ``study``'s parameters for ``target`` (None: the value);
     empty when the target is the same in every trial (fANOVA has no variance to share out)."""
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-
     values = [t.value if target is None else target(t) for t in study.trials]
     if max(values) - min(values) <= 1e-12:
         return {}
@@ -130,17 +130,11 @@ def importance_markdown(importances: Sequence[Importance], notes: Sequence[str],
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_sensitivity(scenario: str, method: str, trials: Sequence[Mapping[str, Any]],
+def plot_sensitivity(scenario: str, method: str, trials: Sequence[TrialRow],
                      distributions: Mapping[str, Any], objective: str, importance: Importance | None = None):
     """One panel per searched key: the objective and test F1 (x100) of every trial against the
     key's value; trials stopped early by ASHA drawn as crosses at their last epoch's objective."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    from optuna.distributions import CategoricalDistribution
-
+    plt = agg_pyplot()
     keys = list(distributions)
     columns = min(3, max(1, len(keys)))
     rows = math.ceil(len(keys) / columns)
@@ -154,16 +148,16 @@ def plot_sensitivity(scenario: str, method: str, trials: Sequence[Mapping[str, A
         def x_of(value: Any) -> float:
             return float(choices.index(str(value))) if categorical else float(value)
 
-        shown = [t for t in trials if key in t.get("params", {}) and is_candidate(t, objective)
-                 and (not categorical or str(t["params"][key]) in choices)]
+        shown = [t for t in trials if key in t.params and is_candidate(t, objective)
+                 and (not categorical or str(t.params[key]) in choices)]
         done = [t for t in shown if id(t) in finished]
-        cut = [t for t in shown if t.get("stopped")]
-        ax.scatter([x_of(t["params"][key]) for t in done], [100 * t[objective] for t in done],
+        cut = [t for t in shown if t.stopped]
+        ax.scatter([x_of(t.params[key]) for t in done], [100 * t.metrics[objective] for t in done],
                    marker="o", label=objective)
-        ax.scatter([x_of(t["params"][key]) for t in done], [100 * t[TEST_METRIC] for t in done],
+        ax.scatter([x_of(t.params[key]) for t in done], [100 * t.metrics[TEST_METRIC] for t in done],
                    marker="^", label="test F1")
         if cut:
-            ax.scatter([x_of(t["params"][key]) for t in cut], [100 * t[objective] for t in cut], marker="x",
+            ax.scatter([x_of(t.params[key]) for t in cut], [100 * t.metrics[objective] for t in cut], marker="x",
                        color="grey", label=f"{objective}, stopped by ASHA")
         if categorical:
             ax.set_xticks(np.arange(len(choices)), choices)

@@ -1,28 +1,36 @@
 """The report of an experiment, read back from MLflow: finished trials -> rows -> table and plot.
 
 Used at the end of a launch and by ``python launch.py report``. The table itself is built
-by :mod:`timematch.report` (no MLflow there); this module finds the runs, writes
-``report.md``, ``report.html`` and ``report.png`` to ``results/<experiment>/`` and logs
-them to the latest launch's parent run.
+by :mod:`timematch.report` (no MLflow there); this module finds the runs, turns each into a
+:class:`~timematch.report.TrialRow` (:func:`trial_row`, the one place that reads a trial's
+tags and metrics for the report), writes ``report.md``, ``report.html`` and ``report.png``
+to ``results/<experiment>/`` and logs them to the latest launch's parent run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
+
+from PIL import Image
 
 from timematch.errors import ConfigError
 from timematch.importance import EVALUATOR, Importance, importance_markdown, param_importances, plot_sensitivity
 from timematch.report import (
-    AVERAGE, ResultTable, best_trials, ranked_trials, paired_comparison, plot_methods, selection_gap, summarize,
+    AVERAGE, ResultTable, TrialRow, agg_pyplot, best_trials, paired_comparison, plot_methods, ranked_trials,
+    selection_gap, summarize,
 )
 from timematch.runner import runs, tracking, waiting
 from timematch.runner.launch_state import ExperimentFolder, safe_name
-from timematch.runner.plan import OBJECTIVES, get_objective
+from timematch.runner.plan import OBJECTIVES, LaunchPlan, get_objective
+from timematch.runner.run_names import quoted
+from timematch.runner.search_space import to_optuna
 from timematch.selection import ORACLE
 
 
@@ -36,7 +44,7 @@ class Report:
     markdown: str
     files: list[Path]
     runs: int
-    rows: list[dict[str, Any]]
+    rows: list[TrialRow]
     launch_run_id: str | None = None
     #: What :func:`mark_winners` tagged, in one line ("" when nothing was logged to MLflow)
     tagged: str = ""
@@ -68,7 +76,8 @@ def find_launch(uri: str, exp_id: str, launch_id: str | None):
     if launch_id is None:
         return latest_launch(uri, exp_id)
     client = tracking.client(uri)
-    runs = client.search_runs([exp_id], f"tags.stage = 'launch' and tags.launch_id = '{launch_id}'", max_results=1)
+    runs = client.search_runs([exp_id], f"tags.stage = 'launch' and tags.launch_id = {quoted(launch_id)}",
+                              max_results=1)
     if not runs:
         known = [r.data.tags.get("launch_id", "?") for r in client.search_runs(
             [exp_id], "tags.stage = 'launch'", max_results=50, order_by=["attributes.start_time DESC"])]
@@ -77,34 +86,42 @@ def find_launch(uri: str, exp_id: str, launch_id: str | None):
     return runs[0]
 
 
-def collect_trials(uri: str, exp_id: str, launch_id: str | None = None) -> list[dict[str, Any]]:
+def collect_trials(uri: str, exp_id: str, launch_id: str | None = None) -> list[TrialRow]:
     """One row per adaptation trial of launch ``launch_id`` (None: of every launch) that ended
-    well: finished (with its test metrics) or stopped early by ASHA (``stopped``: its objective
-    is its last epoch's, it has no test metric); ``params`` holds its sampled values."""
+    well (:func:`trial_row`)."""
     client = tracking.client(uri)
-    rows, token = [], None
+    rows: list[TrialRow] = []
+    token = None
     query = "tags.stage = 'adapt' and attributes.status = 'FINISHED'"
     if launch_id is not None:
-        query += f" and tags.launch_id = '{launch_id}'"
+        query += f" and tags.launch_id = {quoted(launch_id)}"
     while True:
         page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
-        for run in page:
-            tags, metrics = run.data.tags, run.data.metrics
-            stopped = "stopped_early" in tags
-            if "test_macro_f1" not in metrics and not stopped:
-                continue
-            row = {"scenario": tags.get("scenario"), "method": tags.get("method"), "fold": int(tags.get("fold", 0)),
-                   "seed": int(tags.get("seed", 0)),
-                   "trial": tags.get("trial_key", run.info.run_id), "run_id": run.info.run_id,
-                   "model_uri": tags.get("classifier_uri") or tags.get("model_uri"),
-                   "params": json.loads(tags.get("sampled") or "{}"), "stopped": stopped}
-            row.update({k: v for k, v in metrics.items() if k.startswith("test_")})
-            prefix = "" if stopped else "final_"  # a stopped trial has its last epoch's value only
-            row.update({name: metrics[prefix + name] for name in OBJECTIVES if prefix + name in metrics})
-            rows.append(row)
+        rows.extend(row for row in map(trial_row, page) if row is not None)
         token = page.token
         if not token:
             return rows
+
+
+def trial_row(run) -> TrialRow | None:
+    """The report's row of a FINISHED adaptation trial's run: one that ran to the end (with
+    its test metrics; its objectives are its final model's, ``final_<objective>``) or that ASHA
+    stopped early (``stopped``: its objectives are its last epoch's, it has no test metric);
+    None for any other (a finished run without test metrics). ``params``: its sampled values."""
+    tags, metrics = run.data.tags, run.data.metrics
+    stopped = "stopped_early" in tags
+    if "test_macro_f1" not in metrics and not stopped:
+        return None
+    values = {name: value for name, value in metrics.items() if name.startswith("test_")}
+    prefix = "" if stopped else "final_"  # a stopped trial has its last epoch's value only
+    values.update({name: metrics[prefix + name] for name in OBJECTIVES if prefix + name in metrics})
+    return TrialRow(
+        scenario=tags["scenario"], method=tags["method"], fold=int(tags["fold"]),
+        trial=tags.get("trial_key", run.info.run_id), metrics=values,
+        seed=int(tags.get("seed", 0)),  # untagged on the runs of older launches
+        run_id=run.info.run_id, model_uri=tags.get("classifier_uri") or tags.get("model_uri"),
+        params=json.loads(tags.get("sampled") or "{}"), stopped=stopped,
+    )
 
 
 def build_report(uri: str, folder: ExperimentFolder, objective: str | None = None,
@@ -126,12 +143,12 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
     chosen = get_objective(objective)
     scope = None if pooled or launch is None else launch.data.tags.get("launch_id")
     trials = collect_trials(uri, exp_id, scope)
-    rows = [row for row in trials if not row["stopped"]]
+    rows = [row for row in trials if not row.stopped]
     if not rows:
         where = f"launch {scope}" if scope else f"experiment {experiment!r}"
         raise NoFinishedTrial(f"{where} has no finished adaptation trial yet; nothing to report")
     order = launch.data.params.get("scenarios", "").split(",") if launch else []
-    seen = list(dict.fromkeys(str(r["scenario"]) for r in rows))
+    seen = list(dict.fromkeys(r.scenario for r in rows))
     scenarios = [s for s in order if s in seen] + [s for s in seen if s not in order]
     notes = [
         f"Selection by {chosen.name}: {chosen.description}. "
@@ -157,8 +174,7 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
     files = folder.report_files
     files[0].write_text(f"# {experiment}\n\n{markdown}")
     files[1].write_text(table.to_html(title=experiment))
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     figure = plot_methods(table, title=f"{experiment}: {table.metric}, best trial per fold by {chosen.name}")
     figure.savefig(files[2], dpi=120)
     plt.close(figure)
@@ -172,8 +188,6 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
             waiting.retry(lambda p=path: client.log_artifact(run_id, str(p), "report/sensitivity"))
         if sensitivity.importances:
             waiting.retry(lambda: client.log_dict(run_id, sensitivity.as_dict(), "report/importance.json"))
-        from PIL import Image
-
         with Image.open(files[2]) as image:  # the table as one chart in the run's chart view
             chart = image.convert("RGB")
         waiting.retry(lambda: client.log_image(run_id, chart, key=f"{table.metric} per scenario", step=0))
@@ -182,7 +196,7 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
     return report
 
 
-def mark_winners(mlflow_client, trials: list[dict[str, Any]], objective: str) -> str:
+def mark_winners(mlflow_client, trials: list[TrialRow], objective: str) -> str:
     """Tag every finished trial's run with its ``rank`` in its (scenario, method, fold, seed)
     by ``objective`` (1: the trial the report selects), ``best`` (``true`` on rank 1, else
     ``false``) and ``selected_by`` (``objective``). A re-selection (``report --objective``)
@@ -190,13 +204,13 @@ def mark_winners(mlflow_client, trials: list[dict[str, Any]], objective: str) ->
     early, get ``rank`` none and ``best=false``. Returns what it did, in one line."""
     from mlflow.entities import RunTag
 
-    ranked = ranked_trials([row for row in trials if not row["stopped"]], objective)
-    rank = {row["run_id"]: index + 1 for group in ranked.values() for index, row in enumerate(group)}
+    ranked = ranked_trials([row for row in trials if not row.stopped], objective)
+    rank = {row.run_id: index + 1 for group in ranked.values() for index, row in enumerate(group)}
     for row in trials:
-        place = rank.get(row["run_id"])
+        place = rank.get(row.run_id)
         tags = [RunTag("rank", str(place) if place else "none"), RunTag("best", "true" if place == 1 else "false"),
                 RunTag("selected_by", objective)]
-        waiting.retry(lambda r=row, t=tags: mlflow_client.log_batch(r["run_id"], tags=t))
+        waiting.retry(lambda r=row, t=tags: mlflow_client.log_batch(r.run_id, tags=t))
     return (f"tagged {len(trials)} trial runs by {objective}: rank (1 = selected) and best=true on "
             f"{len(ranked)} winners (filter the runs table with: tags.best = 'true')")
 
@@ -218,29 +232,30 @@ class Sensitivity:
 def searched_spaces(mlflow_client, launch) -> dict[tuple[str, str], dict[str, Any]]:
     """The searched space of each (scenario, method) of ``launch`` as Optuna distributions,
     read from the plan it logged (``launch/plan.json``); empty when it has none."""
-    from timematch.runner.plan import LaunchPlan
-    from timematch.runner.search_space import to_optuna
+    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as directory:
         try:
             path = waiting.retry(lambda: mlflow_client.download_artifacts(launch.info.run_id, "launch/plan.json",
                                                                           directory))
-        except Exception:  # a launch run without its plan (an older launch): nothing searched to read
+        except (MlflowException, OSError):
+            # a launch run without its plan (an older launch): nothing searched to read. The artifact
+            # store says so with MLflow's "failed to download" or, over HTTP or a file system, an
+            # OSError. A server that does not answer is not this: waiting.retry raises TrackingUnavailable.
             return {}
         plan = LaunchPlan.from_json(Path(path).read_text())
     return {(g.scenario.name, g.method): to_optuna(g.space) for g in plan.groups if g.searched and g.trials > 1}
 
 
-def hyperparameter_sensitivity(trials: list[dict[str, Any]], spaces: Mapping[tuple[str, str], dict[str, Any]],
+def hyperparameter_sensitivity(trials: list[TrialRow], spaces: Mapping[tuple[str, str], dict[str, Any]],
                                objective: str, folder: ExperimentFolder) -> Sensitivity:
     """Per searched (scenario, method): the fANOVA importance of each searched key for the
     objective and test F1 (:mod:`timematch.importance`), and its sensitivity plot, written to
     ``folder.sensitivity_plot``; a group with too few finished trials gets a one-line note instead."""
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     out = Sensitivity()
     for (scenario, method), distributions in spaces.items():
-        group = [t for t in trials if t["scenario"] == scenario and t["method"] == method]
+        group = [t for t in trials if t.scenario == scenario and t.method == method]
         if not group:
             continue
         try:
@@ -282,18 +297,18 @@ def register_best_models(uri: str, experiment: str, report: Report, objective: s
     ``objective`` is the launch's selection rule (never the test split); reference methods
     (the upper bound) are registered too, tagged as such. Returns the names registered.
     """
-    best: dict[tuple[str, str], dict[str, Any]] = {}
+    best: dict[tuple[str, str], TrialRow] = {}
     for row in best_trials(report.rows, objective):
-        key = (str(row["scenario"]), str(row["method"]))
-        if row.get("model_uri") and (key not in best or row[objective] > best[key][objective]):
+        key = (row.scenario, row.method)
+        if row.model_uri and (key not in best or row.metrics[objective] > best[key].metrics[objective]):
             best[key] = row
     names = []
     for (scenario, method), row in sorted(best.items()):
         name = f"{safe_name(experiment)}.{scenario}.{method}"
-        tags = {"objective": objective, objective: f"{row[objective]:.4f}", "fold": str(row["fold"]),
-                "launch_id": launch_id, "trial_key": str(row["trial"]),
+        tags = {"objective": objective, objective: f"{row.metrics[objective]:.4f}", "fold": str(row.fold),
+                "launch_id": launch_id, "trial_key": row.trial,
                 "description": f"{method} adapted for {scenario}; the best trial of launch {launch_id} by {objective}"}
-        register_best(uri, name, str(row["model_uri"]), str(row["run_id"]), tags)
+        register_best(uri, name, str(row.model_uri), row.run_id, tags)
         names.append(name)
     return names
 
@@ -307,9 +322,6 @@ def register_best(uri: str, name: str, model_uri: str, run_id: str, tags: Mappin
     version (its ``mlflow.modelVersions``, which ``MlflowClient.create_model_version`` leaves
     unset, so the UI would offer to register a model that is registered already).
     """
-    import contextlib
-    import io
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
