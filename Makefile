@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 STORE ?=
 UI_ARGS ?=
 
-.PHONY: install run test ui bench clean
+.PHONY: install run test test-fast ui bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the suite without the end-to-end runs marked slow (a few minutes instead of about twenty)
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ui: install
 	PATH="$(abspath $(BIN)):$$PATH" bash mlflow/server.sh $(if $(STORE),--store "$(STORE)") $(UI_ARGS)

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.cluster_harness import (  # noqa: E402
+from tests.support.cluster_harness import (  # noqa: E402
     RUNNER, Services, postgres_bin, runner_env, start_mlflow, start_postgres, start_ray,
 )
 

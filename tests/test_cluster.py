@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_harness import (
+from tests.support.cluster_harness import (
     ADMIN, REPO, RUNNER, RayCluster, Services, postgres_bin, runner_env, start_mlflow, start_postgres, start_ray,
 )
 

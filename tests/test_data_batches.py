@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.fake_dataset import write_parcel, write_two_tiles
+from tests.support.fake_dataset import write_parcel, write_two_tiles
 from timematch.data.dataset import DataConfig, open_domains
 from timematch.data.format import TileReader
 from timematch.data.packed import PackedTile

@@ -5,12 +5,11 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.fake_dataset import write_parcel, write_tile
+from tests.support.fake_dataset import write_parcel, write_tile
 from timematch.data.classes import CropCodes, label_indices, select_classes
 from timematch.data.format import TileReader, date_positions, read_metadata, safe_load_pickle
 from timematch.data.splits import make_folds, make_split

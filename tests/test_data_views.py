@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fake_dataset import write_two_tiles
-from tests.host_reads import forbid_host_reads
-from tests.reference_batches import ClassBalancedSampler, Reference
+from tests.support.fake_dataset import write_two_tiles
+from tests.support.host_reads import forbid_host_reads
+from tests.support.reference_batches import ClassBalancedSampler, Reference
 from timematch.data import views as views_module
 from timematch.data.dataset import DataConfig, open_domains
 from timematch.data.views import Batch, DomainViews, place_views
@@ -94,7 +94,7 @@ def test_pixel_and_date_draws_follow_the_reference_distribution(dataset, cache_d
     count, start = int(source.packed.n_pixels[big]), int(source.packed.offsets[big])
     views = DomainViews.on(source, "cpu", torch.Generator().manual_seed(2))
     rng = np.random.default_rng(2)
-    from tests.reference_batches import sample_pixels
+    from tests.support.reference_batches import sample_pixels
 
     parcel = torch.tensor([big])
     device_freq = _pixel_frequencies(lambda: views.sample_pixels(parcel)[0][0].numpy(), start, count, 8, 3000)

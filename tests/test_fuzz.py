@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tests.fake_dataset import write_parcel
+from tests.support.fake_dataset import write_parcel
 from timematch.data.format import N_BANDS, TileReader, parse_date
 from timematch.data.packed import PackedTile
 from timematch.errors import ConfigError, DatasetError

@@ -169,6 +169,7 @@ def test_few_shot_f1_is_macro_f1_on_labelled_rows():
 # -- every criterion of a model -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_selection_criteria_of_a_model_on_synthetic_tiles(data_root, cache_dir):
     source, target = open_domains(data_root, "DK", "FR1", 0, DataConfig.from_dict({"min_parcels": 20}), cache_dir)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.host_reads import forbid_host_reads
+from tests.support.host_reads import forbid_host_reads
 from timematch.data.views import Batch
 from timematch.errors import ConfigError
 from timematch.shift import estimate_shift, estimate_shift_loop

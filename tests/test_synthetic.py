@@ -11,6 +11,9 @@ import pytest
 import zarr
 
 from timematch.data import synthetic
+from timematch.data.synthetic.codes import CLASS_SHARES
+from timematch.data.synthetic.phenology import PHENOLOGY
+from timematch.data.synthetic.writing import COMPRESSOR, write_parcel_array
 from timematch.data.classes import CropCodes, select_classes
 from timematch.data.format import TileReader, date_positions, safe_load_pickle
 from timematch.data.tiles import TILES
@@ -120,8 +123,8 @@ def test_parcels_are_one_chunk_zarr_format_2_uint16(dataset):
 def test_parcel_files_are_what_zarr_writes(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 9000, (5, 10, 7), dtype=np.uint16)
     ours, theirs = tmp_path / "ours.zarr", tmp_path / "theirs.zarr"
-    synthetic.write_parcel_array(ours, pixels)
-    zarr.create_array(store=str(theirs), data=pixels, zarr_format=2, compressors=synthetic.COMPRESSOR)
+    write_parcel_array(ours, pixels)
+    zarr.create_array(store=str(theirs), data=pixels, zarr_format=2, compressors=COMPRESSOR)
     assert json.loads((ours / ".zarray").read_text()) == json.loads((theirs / ".zarray").read_text())
     assert (ours / "0.0.0").read_bytes() == (theirs / "0.0.0").read_bytes()
     assert np.array_equal(zarr.open(str(ours), mode="r")[...], pixels)
@@ -208,7 +211,7 @@ def aligning_shift(source: TileReader, target: TileReader, class_name: str) -> f
 def test_planted_shift_is_visible_in_ndvi(tmp_path, monkeypatch):
     """Target positions + (s_target - s_source) align the target's corn NDVI with the source's."""
     for short in TILES:  # tiles of corn only, so that 40 parcels give a precise median curve
-        monkeypatch.setitem(synthetic.CLASS_SHARES, short, {"corn": 1.0})
+        monkeypatch.setitem(CLASS_SHARES, short, {"corn": 1.0})
     synthetic.generate_dataset(tmp_path, parcels_per_tile=40, seed=0)
     truth = synthetic.read_ground_truth(tmp_path)["expected_shifts"]
     readers = {short: TileReader(tmp_path, short) for short in TILES}
@@ -249,14 +252,14 @@ def test_labels_are_real_national_codes(dataset):
 
 def test_default_size_has_enough_classes_in_every_tile():
     for short in TILES:
-        shares = synthetic.CLASS_SHARES[short]
+        shares = CLASS_SHARES[short]
         assert sum(shares.values()) == pytest.approx(1.0)
         assert 0.04 <= shares["unknown"] <= 0.06 and 0.25 <= shares["meadow"] <= 0.35
         counts = synthetic.tile_class_counts(short)
         assert sum(counts.values()) == synthetic.DEFAULT_PARCELS_PER_TILE
         names = [n for n, c in counts.items() for _ in range(c)]
         assert len([c for c in select_classes(names, 50) if c != "unknown"]) >= 8, short
-        assert set(counts) - {"unknown"} <= set(synthetic.PHENOLOGY)
+        assert set(counts) - {"unknown"} <= set(PHENOLOGY)
 
 
 def test_plot_class_ndvi(dataset, tmp_path):
@@ -269,9 +272,7 @@ def test_plot_class_ndvi(dataset, tmp_path):
 
 
 def _parcel_bytes(root, tile="FR1"):
-    from timematch.data.format import TileReader
-
-    reader = TileReader(root, synthetic.TILES[tile])
+    reader = TileReader(root, TILES[tile])
     return [reader.read_parcel(i).tobytes() for i in range(len(reader.parcels))], reader
 
 
@@ -285,17 +286,15 @@ def test_a_class_shift_moves_that_class_alone_and_a_stretch_warps_the_season(tmp
     assert synthetic.read_ground_truth(stretched)["stretch"] == {"FR1": 1.2}
     before, reader = _parcel_bytes(base)
     after, _ = _parcel_bytes(shifted)
-    from timematch.data.classes import CropCodes
-
     codes = CropCodes(reader.country)
     is_corn = [codes.class_of(p["label"]) == "corn" for p in reader.parcels]
     assert any(is_corn)
     for corn, a, b in zip(is_corn, before, after):
         assert (a != b) == corn, "a class shift changed another class, or left its own"
     # corn's season comes 20 days earlier: its NDVI rise moves back by about that
-    days, curves = synthetic.class_ndvi_curves(base, synthetic.TILES["FR1"], min_parcels=3)
-    _, moved = synthetic.class_ndvi_curves(shifted, synthetic.TILES["FR1"], min_parcels=3)
-    _, warped = synthetic.class_ndvi_curves(stretched, synthetic.TILES["FR1"], min_parcels=3)
+    days, curves = synthetic.class_ndvi_curves(base, TILES["FR1"], min_parcels=3)
+    _, moved = synthetic.class_ndvi_curves(shifted, TILES["FR1"], min_parcels=3)
+    _, warped = synthetic.class_ndvi_curves(stretched, TILES["FR1"], min_parcels=3)
 
     def rise(curve):  # the first day the NDVI passes half-way from its spring minimum to its peak
         peak = int(np.argmax(curve))

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 #: Ray's object store per node: trials exchange only small configs and results.
 OBJECT_STORE_BYTES = 150 * 1024**2
