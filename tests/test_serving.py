@@ -62,6 +62,25 @@ def test_saved_predictor_matches_evaluation(domains, model, data_root, tmp_path,
     assert len(set(names)) > 1  # the check is not trivially about one class
 
 
+def test_a_method_extension_is_saved_and_rebuilt(domains, data_root, tmp_path):
+    """RAINCOAT's frequency branch, attached to the classifier by the method, comes back with a
+    saved predictor (settings record it; the method attaches it again): the same predictions."""
+    from timematch.methods import build_config, get_method
+
+    _, target = domains
+    model = random_model(target, seed=1)
+    get_method("raincoat").extend_model(model, build_config("raincoat", {"fourier_modes": 4}))
+    with torch.no_grad():  # as if it had learned: the branch starts at zero
+        model.extensions["raincoat"].out.weight.normal_(std=0.1)
+    predictor = ParcelPredictor.load(ParcelPredictor(model, target.classes, target.normalizer).save(tmp_path / "rc"),
+                                     device="cpu")
+    assert predictor.settings()["architecture"]["extensions"] == {
+        "raincoat": {"fourier_modes": 4, "fourier_channels": 16}}
+    parcels = target.split.test
+    expected, _ = predict(model, target, parcels, torch.device("cpu"))
+    np.testing.assert_allclose(predictor.predict_proba(parcels_input(data_root, "FR1", parcels)), expected, atol=1e-5)
+
+
 def test_small_pixel_budget_splits_batches_without_changing_results(domains, model, data_root):
     _, target = domains
     predictor = ParcelPredictor(model, target.classes, target.normalizer)

@@ -3,7 +3,6 @@ transport plan's marginals, and the DTW offset of series with a known translatio
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
@@ -150,8 +149,13 @@ def test_fourier_coefficients_at_irregular_dates_match_the_continuous_series():
                                                                     dtype=torch.float64), atol=0.05)
 
 
-def test_a_frequency_branch_starts_at_zero_and_rebuilds_from_the_build_options():
+def test_raincoats_frequency_branch_starts_at_zero_and_rebuilds_from_the_models_records():
+    """RAINCOAT attaches its branch to the classifier (an extension the classifier knows nothing
+    of); the outputs do not change until it learns, DateOutputs carries its share, and the model
+    rebuilt from its ``build_options`` and ``extension_options`` computes the same."""
+    from timematch.methods import build_config, get_method
     from timematch.models import build_model
+    from timematch.serving import rebuild_model
 
     torch.manual_seed(0)
     model = build_model("pse_ltae", num_classes=4).eval()
@@ -159,11 +163,18 @@ def test_a_frequency_branch_starts_at_zero_and_rebuilds_from_the_build_options()
     mask = torch.ones(3, 8, dtype=torch.bool)
     positions = torch.sort(torch.randint(0, 300, (3, 6)), 1).values
     before = model(x, mask, positions)[0]
-    model.add_frequency_encoder(modes=4)
+    raincoat = get_method("raincoat")
+    raincoat.extend_model(model, build_config("raincoat", {"fourier_modes": 4}))
+    raincoat.extend_model(model, build_config("raincoat"))  # a model that has the branch keeps it
+    assert list(model.extensions) == ["raincoat"]
+    assert model.extension_options == {"raincoat": {"fourier_modes": 4, "fourier_channels": 16}}
     assert torch.equal(model(x, mask, positions)[0], before)
     with torch.no_grad():
-        model.frequency.out.weight.normal_()
-    rebuilt = build_model("pse_ltae", num_classes=4, **model.build_options).eval()
+        model.extensions["raincoat"].out.weight.normal_()
+    out = model.forward_dates(x, mask, positions)
+    assert torch.allclose(out.features - out.extensions["raincoat"], model.temporal_encoder(out.dates, positions),
+                          atol=1e-4)
+    rebuilt = rebuild_model("pse_ltae", 4, model.build_options, model.extension_options).eval()
     rebuilt.load_state_dict(model.state_dict())
     assert torch.allclose(rebuilt(x, mask, positions)[0], model(x, mask, positions)[0])
     assert not torch.allclose(model(x, mask, positions)[0], before)

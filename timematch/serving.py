@@ -5,12 +5,13 @@ classifier, the class names, the band statistics of the normaliser, the position
 (positions are days after the season's ``start_date``, valid in the model's table range,
 plus the shift used at prediction) and the scaling of the geometric features. It saves to a
 folder of plain files (``weights.pt``: the state dict, read with ``torch.load(weights_only=True)``;
-``settings.json``: everything else) and rebuilds the module with
-:func:`timematch.models.build_model`, so loading one unpickles nothing.
+``settings.json``: everything else) and rebuilds the module with :func:`rebuild_model` (the
+classifier from :func:`timematch.models.build_model`, then the extensions a method attached to it),
+so loading one unpickles nothing.
 :mod:`timematch.runner.serving` logs it to MLflow as a pyfunc model.
 
 Input: a dict of numpy arrays describing a batch of B parcels, as published
-(``data/<i>.zarr`` and ``meta/metadata.pkl``, see ``dataset-format.md``):
+(``data/<i>.zarr`` and ``meta/metadata.pkl``, see ``docs/data.md``):
 
 =======================  ===================  ==============================================
 key                      dtype, shape         content
@@ -46,7 +47,8 @@ from timematch.data.dataset import GEOM_SCALE, DataConfig, Normalizer
 from timematch.data.format import N_BANDS, TileReader, parse_date
 from timematch.errors import DatasetError
 from timematch.evaluation import pick_device
-from timematch.models import GEOM_DIM, build_model
+from timematch.methods import build_config, get_method
+from timematch.models import GEOM_DIM, TimeSeriesClassifier, build_model
 
 #: Keys of a parcel batch, in the order of the MLflow signature.
 INPUT_KEYS = ("pixels", "n_pixels", "dates", "start_date", "geometric_features")
@@ -159,12 +161,26 @@ def check_input(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return batch
 
 
+def rebuild_model(name: str, num_classes: int, options: Mapping[str, Any] | None = None,
+                  extensions: Mapping[str, Mapping[str, Any]] | None = None) -> TimeSeriesClassifier:
+    """An untrained classifier with the architecture of a saved one, ready for its state dict:
+    ``build_model(name, num_classes=num_classes, **options)`` (a model's ``build_options``), then
+    each of ``extensions`` (a model's ``extension_options``: the name of the method that attached
+    it -> the config keys it was built from) attached again by that method's
+    :meth:`~timematch.methods.base.Method.extend_model`."""
+    model = build_model(name, num_classes=num_classes, **(options or {}))
+    for owner, config in (extensions or {}).items():
+        get_method(owner).extend_model(model, build_config(owner, config))
+    return model
+
+
 @dataclass
 class ParcelPredictor:
     """A classifier with everything it needs to predict parcels in the published format.
 
     ``model``: a :func:`~timematch.models.build_model` classifier, built with
-    ``model_options`` (keyword overrides of ``build_model``; ``with_geom`` included);
+    ``model_options`` (keyword overrides of ``build_model``; ``with_geom`` included), with the
+    extensions a method attached to it (saved from its ``extension_options``);
     ``classes``: its K class names in output order; ``normalizer``: the band statistics it was
     trained with; ``shift``: days added to every position at prediction (0 for every
     published method: TimeMatch's student learns target-aligned timing); ``info``: descriptive
@@ -253,7 +269,8 @@ class ParcelPredictor:
         return {
             "format": SETTINGS_FORMAT,
             "architecture": {"name": self.model.name, "num_classes": len(self.classes),
-                             "options": self.model_options},
+                             "options": self.model_options,
+                             "extensions": dict(self.model.extension_options)},
             "classes": self.classes,
             "normalizer": self.normalizer.to_dict(),
             "positions": {"unit": "days after start_date", "shift": int(self.shift), "valid": [low, high]},
@@ -286,7 +303,8 @@ class ParcelPredictor:
             raise DatasetError(f"{directory}: {SETTINGS_FILE} has format {settings.get('format')!r}, "
                                f"this version reads {SETTINGS_FORMAT}")
         arch = settings["architecture"]
-        model = build_model(arch["name"], num_classes=arch["num_classes"], **arch["options"])
+        # settings from before model extensions have no "extensions": a model without any
+        model = rebuild_model(arch["name"], arch["num_classes"], arch["options"], arch.get("extensions"))
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         if list(model.position_range) != settings["positions"]["valid"]:

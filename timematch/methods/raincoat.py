@@ -9,8 +9,9 @@ RAINCOAT encodes a series twice, in time and in frequency, and aligns the joint 
   of the per-date embeddings (:meth:`Method.date_outputs`), channels mixed per mode by learned
   complex weights (:class:`timematch.models.frequency.FrequencyEncoder`, which says how it
   handles the irregular dates that differ between samples: a quadrature over each sample's own
-  dates, not an FFT over the date index). The branch is added to the classifier
-  (:meth:`~timematch.models.TimeSeriesClassifier.add_frequency_encoder`); the classifier reads
+  dates, not an FFT over the date index). The branch is this method's extension of the
+  classifier (:meth:`Raincoat.extend_model`, through
+  :meth:`~timematch.models.TimeSeriesClassifier.attach_extension`): the classifier reads
   z^time + z^freq, which is a linear classifier on the concatenation [z^time, z^freq] whose
   frequency block is the time block's first layer times the branch's output map; the branch
   starts at zero, so adaptation starts from the source model's predictions;
@@ -52,7 +53,8 @@ from timematch.losses import focal_loss
 from timematch.methods.alignment import paired_batches
 from timematch.methods.base import Method, TrainConfig, check_flag, check_range
 from timematch.methods.registry import register
-from timematch.models.frequency import PERIOD_DAYS
+from timematch.models.classifier import TimeSeriesClassifier
+from timematch.models.frequency import PERIOD_DAYS, FrequencyEncoder
 from timematch.models.layers import linear_blocks
 from timematch.training import StepContext
 
@@ -136,10 +138,19 @@ class Raincoat(Method):
     short_name = "RC"
     in_paper_table = False
 
+    @classmethod
+    def extend_model(cls, model: TimeSeriesClassifier, config: RaincoatConfig) -> None:
+        """The frequency branch (z^freq, zero at the start), unless ``model`` has it already (a
+        model rebuilt from a saved RAINCOAT model); rebuilt from ``fourier_modes`` and
+        ``fourier_channels``."""
+        if cls.name in model.extensions:
+            return
+        branch = FrequencyEncoder(model.date_dim, config.fourier_channels, config.fourier_modes, model.feature_dim)
+        model.attach_extension(cls.name, branch, {"fourier_modes": config.fourier_modes,
+                                                  "fourier_channels": config.fourier_channels})
+
     def __init__(self, config, model, source, target, device) -> None:
-        super().__init__(config, model, source, target, device)
-        if model.frequency is None:  # a restored checkpoint's model may have it already
-            model.add_frequency_encoder(config.fourier_modes, config.fourier_channels)
+        super().__init__(config, model, source, target, device)  # attaches the frequency branch
         bands = source.packed.pixels.shape[-1]
         self.decoder = self.own("reconstruction", ReconstructionDecoder(2 * model.feature_dim, bands))
         #: 1 while aligning, 0 in the correct stage: a tensor, so a captured step reads it each replay
@@ -161,7 +172,8 @@ class Raincoat(Method):
         both = Batch.concat(source, batch["target"])
         out = self.date_outputs(both)
         n = len(source)
-        joint = torch.cat([out.features - out.frequency, out.frequency], -1).float()  # [z^time, z^freq]
+        frequency = out.extensions[self.name]
+        joint = torch.cat([out.features - frequency, frequency], -1).float()  # [z^time, z^freq]
         z = F.normalize(joint, dim=-1)
         cost = torch.cdist(z[:n], z[n:]).pow(2)
         plan = sinkhorn_plan(cost.detach(), cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations)

@@ -39,8 +39,6 @@ MODEL_NAMES: tuple[str, ...] = tuple(_TEMPORAL_ENCODERS)
 GEOM_DIM = 4  # perimeter, shape ratio, area, cover ratio (normalised by the data pipeline)
 _PSE_KEYS = ("mlp1", "mlp2")
 _CLASSIFIER_KEYS = ("decoder",)
-#: A frequency branch (RAINCOAT's; see TimeSeriesClassifier.add_frequency_encoder): 0 modes = none.
-_FREQUENCY_KEYS = ("frequency_modes", "frequency_channels")
 
 
 def _keywords(cls: type[nn.Module]) -> list[str]:
@@ -58,32 +56,31 @@ def build_model(
 
     ``with_geom`` appends the parcel's 4 geometric features to the pooled pixel statistics.
     ``overrides`` change defaults: ``mlp1``, ``mlp2`` (pixel-set encoder), ``decoder``
-    (widths of the decoder's Linear blocks), ``frequency_modes`` and ``frequency_channels``
-    (a frequency branch, RAINCOAT's: :meth:`TimeSeriesClassifier.add_frequency_encoder`), and any keyword of the temporal encoder
-    (e.g. ``n_head``, ``d_k``, ``dropout``, ``max_shift`` for ``pse_ltae``). Unknown names
-    and keys raise :class:`~timematch.errors.ConfigError` listing the valid ones.
+    (widths of the decoder's Linear blocks) and any keyword of the temporal encoder (e.g.
+    ``n_head``, ``d_k``, ``dropout``, ``max_shift`` for ``pse_ltae``). Unknown names and keys
+    raise :class:`~timematch.errors.ConfigError` listing the valid ones. The model records
+    ``with_geom`` and ``overrides`` in its ``build_options``; the extensions a method attaches
+    later are its own (:meth:`TimeSeriesClassifier.attach_extension`).
     """
     if name not in _TEMPORAL_ENCODERS:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
     encoder_cls = _TEMPORAL_ENCODERS[name]
-    valid = (*_PSE_KEYS, *_CLASSIFIER_KEYS, *_FREQUENCY_KEYS, *_keywords(encoder_cls))
+    valid = (*_PSE_KEYS, *_CLASSIFIER_KEYS, *_keywords(encoder_cls))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for model {name!r}; valid options: {', '.join(valid)}")
     overrides = {k: _as_tuple(v) for k, v in overrides.items()}
+    build_options = {**({"with_geom": True} if with_geom else {}), **overrides}
 
     pse_kwargs = {k: overrides.pop(k) for k in _PSE_KEYS if k in overrides}
     classifier_kwargs = {k: overrides.pop(k) for k in _CLASSIFIER_KEYS if k in overrides}
-    modes = int(overrides.pop("frequency_modes", 0))
-    channels = int(overrides.pop("frequency_channels", 16))
     try:
         spatial = PixelSetEncoder(geom_dim=GEOM_DIM if with_geom else 0, **pse_kwargs)
         temporal = encoder_cls(in_dim=spatial.out_dim, **overrides)
         model = TimeSeriesClassifier(name, spatial, temporal, num_classes, **classifier_kwargs)
-        if modes:
-            model.add_frequency_encoder(modes, channels)
+        model.build_options = build_options
         return model
     except ValueError as error:  # inconsistent widths: a configuration mistake
         raise ConfigError(f"model {name!r}: {error}") from error

@@ -2,16 +2,22 @@
 
 Split in three calls so that shift estimation can run the (shift independent) pixel-set
 encoder once per batch and only the temporal encoder and decoder once per candidate shift.
+
+A method may add *extensions* to the classifier (:meth:`TimeSeriesClassifier.attach_extension`):
+modules that read the per-date embeddings and their positions and whose outputs add to the
+pooled features. The classifier knows nothing of what they compute; the method that attaches
+one records how to build it again, so a saved model can be rebuilt
+(:func:`timematch.serving.rebuild_model`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from timematch.models.frequency import FrequencyEncoder
 from timematch.models.layers import SampleWeights, linear_blocks, sample_weighted_statistics
 from timematch.models.positional import check_positions
 from timematch.models.pse import PixelSetEncoder
@@ -21,14 +27,15 @@ class DateOutputs(NamedTuple):
     """A forward pass with what came before temporal pooling: ``logits (B, K)``, ``features
     (B, feature_dim)`` (the pooled features the decoder reads), ``dates (B, T, 128)`` (the
     per-date embeddings the temporal encoder pooled: the pixel-set encoder's output, which does
-    not depend on the date positions), ``positions (B, T)`` (their days) and ``frequency``
-    (the frequency branch's share of ``features``; None without a branch)."""
+    not depend on the date positions), ``positions (B, T)`` (their days) and ``extensions``
+    (each extension's share of ``features``, ``(B, feature_dim)``, by its name; empty without
+    extensions: see :meth:`TimeSeriesClassifier.attach_extension`)."""
 
     logits: torch.Tensor
     features: torch.Tensor
     dates: torch.Tensor
     positions: torch.Tensor
-    frequency: torch.Tensor | None = None
+    extensions: Mapping[str, torch.Tensor]
 
 
 class TimeSeriesClassifier(nn.Module):
@@ -65,22 +72,38 @@ class TimeSeriesClassifier(nn.Module):
         self.temporal_encoder = temporal_encoder
         # Linear blocks, then a plain linear layer to the logits
         self.decoder = nn.Sequential(*linear_blocks(decoder), nn.Linear(decoder[-1], num_classes))
-        #: An optional frequency branch (RAINCOAT): its output is added to the temporal features.
-        self.frequency: FrequencyEncoder | None = None
+        #: Modules attached by a method (:meth:`attach_extension`), by name.
+        self.extensions = nn.ModuleDict()
+        #: Per extension, the options its owner builds it again from (:meth:`attach_extension`).
+        self.extension_options: dict[str, dict[str, Any]] = {}
         #: Keyword overrides of :func:`timematch.models.build_model` that rebuild this model (set
         #: by it; a saved model records them, see :class:`timematch.serving.ParcelPredictor`).
-        self.build_options: dict = {}
+        self.build_options: dict[str, Any] = {}
 
-    def add_frequency_encoder(self, modes: int, channels: int = 16) -> FrequencyEncoder:
-        """Give the classifier a frequency branch (:class:`~timematch.models.frequency.FrequencyEncoder`
-        over the per-date embeddings, zero at the start: the outputs do not change until it learns);
-        recorded in :attr:`build_options` so that ``build_model`` rebuilds it."""
-        if self.frequency is not None:
-            raise ValueError("the classifier has a frequency encoder already")
-        device = next(self.parameters()).device
-        self.frequency = FrequencyEncoder(self.spatial_encoder.out_dim, channels, modes, self.feature_dim).to(device)
-        self.build_options = {**self.build_options, "frequency_modes": modes, "frequency_channels": channels}
-        return self.frequency
+    @property
+    def date_dim(self) -> int:
+        """Width of the per-date embeddings the temporal encoder pools (128)."""
+        return self.spatial_encoder.out_dim
+
+    def attach_extension(self, name: str, module: nn.Module, options: Mapping[str, Any]) -> nn.Module:
+        """Add ``module`` to the forward pass: ``module(dates (B, T, date_dim), positions (B, T))
+        -> (B, feature_dim)``, added to the temporal encoder's pooled features before the decoder
+        (its share is in :attr:`DateOutputs.extensions` under ``name``). An extension whose output
+        starts at zero leaves the outputs as they were until it learns.
+
+        ``name`` is the registered name of the method that owns the extension, and ``options``
+        (JSON-ready) what that method builds it again from: :attr:`extension_options` records them
+        so that a saved model is rebuilt with its extensions (see :func:`timematch.serving.rebuild_model`).
+        The module moves to the classifier's device; it trains with the backbone and is saved in
+        the classifier's state dict (under ``extensions.<name>.``)."""
+        if name in self.extensions:
+            raise ValueError(f"the classifier has an extension named {name!r} already")
+        width = getattr(module, "out_dim", self.feature_dim)
+        if width != self.feature_dim:
+            raise ValueError(f"extension {name!r} outputs {width} features; the classifier's are {self.feature_dim}")
+        self.extensions[name] = module.to(next(self.parameters()).device)
+        self.extension_options[name] = dict(options)
+        return module
 
     @property
     def position_range(self) -> tuple[int, int]:
@@ -108,14 +131,14 @@ class TimeSeriesClassifier(nn.Module):
         return self._encode_time_parts(embeddings, positions)[0]
 
     def _encode_time_parts(self, embeddings: torch.Tensor,
-                           positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The pooled features and the frequency branch's share of them (None without a branch)."""
+                           positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The pooled features and each extension's share of them."""
         _check_positions_shape(embeddings, positions)
         features = self.temporal_encoder(embeddings, positions)
-        if self.frequency is None:
-            return features, None
-        frequency = self.frequency(embeddings, positions)
-        return features + frequency, frequency
+        shares = {name: extension(embeddings, positions) for name, extension in self.extensions.items()}
+        for share in shares.values():
+            features = features + share
+        return features, shares
 
     def encode_time_shifted(
         self, embeddings: torch.Tensor, positions: torch.Tensor, shifts: torch.Tensor
@@ -128,7 +151,7 @@ class TimeSeriesClassifier(nn.Module):
         """
         _check_positions_shape(embeddings, positions)
         shifts = torch.as_tensor(shifts, dtype=positions.dtype, device=positions.device).reshape(-1)
-        if hasattr(self.temporal_encoder, "forward_shifted") and self.frequency is None:
+        if hasattr(self.temporal_encoder, "forward_shifted") and not self.extensions:
             return self.temporal_encoder.forward_shifted(embeddings, positions, shifts)
         B, D = embeddings.shape[0], shifts.shape[0]
         stacked = positions.repeat(D, 1) + shifts.repeat_interleave(B)[:, None]
@@ -174,8 +197,8 @@ class TimeSeriesClassifier(nn.Module):
         weights = None if sample_weight is None else SampleWeights.of(sample_weight)
         with sample_weighted_statistics(weights):
             dates = self.encode_pixels(pixels, mask, geom, padded)
-            features, frequency = self._encode_time_parts(dates, positions)
-            return DateOutputs(self.classify(features), features, dates, positions, frequency)
+            features, shares = self._encode_time_parts(dates, positions)
+            return DateOutputs(self.classify(features), features, dates, positions, shares)
 
 
 def _check_positions_shape(embeddings: torch.Tensor, positions: torch.Tensor) -> None:
