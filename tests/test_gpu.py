@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_method_contract import tiny_config
-from tests.test_models import assert_fused_matches_plain, assert_near, make_batch, run
+from tests.support.methods import tiny_config
+from tests.support.models import assert_fused_matches_plain, assert_near, make_batch, run
+from timematch.checkpoint import TrainingState
 from timematch.data.dataset import DataConfig, open_domains
 from timematch.data.views import Batch, DomainViews
 from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_source, run_experiment
@@ -109,8 +110,7 @@ def test_method_trains_on_cuda_and_its_files_load_on_cpu(synthetic_root, tmp_pat
         assert -60 <= result.metrics["estimated_shift"] <= 60
     # the epoch-1 checkpoint of the GPU run: plain CPU tensors, and it resumes on the CPU
     saved = tmp_path / "state.pt"
-    torch.save(states[0], saved)
-    state = torch.load(saved, map_location="cpu", weights_only=True)
+    state = TrainingState.load(states[0].save(saved))
     resumed = run_experiment(spec.replace(device="cpu"), loaded, resume_state=state)
     assert len(resumed.history) == TINY["epochs"]
     np.testing.assert_equal(resumed.history[0].metrics, result.history[0].metrics)  # NaN-aware
@@ -156,10 +156,10 @@ def test_graph_and_eager_steps_give_the_same_weights(cuda_base, name):
     eager, _ = _run(spec.replace(cuda_graph=False), pretrained)
     reason = get_method(name).eager_reason
     if reason:
-        assert graph.step_path["path"] == "eager" and reason in graph.step_path["reason"]
+        assert graph.step_path.path == "eager" and reason in graph.step_path.reason
     else:
-        assert graph.step_path["path"] == "cuda_graph", graph.step_path
-    assert eager.step_path["path"] == "eager"
+        assert graph.step_path.path == "cuda_graph", graph.step_path
+    assert eager.step_path.path == "eager"
     assert_same_weights(eager.model.state_dict(), graph.model.state_dict(), 1e-4, name)
     assert graph.history[-1].metrics["train_loss"] == pytest.approx(eager.history[-1].metrics["train_loss"], rel=1e-3)
 
@@ -170,8 +170,7 @@ def test_a_fast_path_checkpoint_resumes_on_either_path(cuda_base, name, tmp_path
     spec = spec.replace(method=name, method_config=fast_config(name))
     straight, states = _run(spec, pretrained)
     saved = tmp_path / "epoch1.pt"
-    torch.save(states[0], saved)
-    checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
+    checkpoint = TrainingState.load(states[0].save(saved))
     for path in (True, False):
         resumed, _ = _run(spec.replace(cuda_graph=path), pretrained, resume=checkpoint)
         assert len(resumed.history) == FAST["epochs"]
@@ -183,7 +182,7 @@ def test_a_cpu_checkpoint_resumes_on_the_fast_path(cuda_base, tmp_path):
     spec = spec.replace(method="timematch", method_config=fast_config("timematch"))
     _, states = _run(spec.replace(device="cpu"), pretrained)
     resumed, _ = _run(spec, pretrained, resume=states[0])
-    assert resumed.step_path["path"] == "cuda_graph"
+    assert resumed.step_path.path == "cuda_graph"
     assert all(torch.isfinite(v).all() for v in resumed.model.state_dict().values() if v.is_floating_point())
 
 
@@ -191,11 +190,11 @@ def test_streamed_tiles_and_bf16_run_on_the_fast_path(cuda_base):
     spec, pretrained = cuda_base
     spec = spec.replace(method="timematch", method_config=fast_config("timematch"))
     streamed, _ = _run(spec.replace(gpu_share=1e-6), pretrained)  # the tiles do not fit: host memory
-    assert streamed.step_path["path"] == "cuda_graph" and "streamed" in streamed.step_path["placement"]
+    assert streamed.step_path.path == "cuda_graph" and "streamed" in streamed.step_path.placement
     eager, _ = _run(spec.replace(gpu_share=1e-6, cuda_graph=False), pretrained)
     assert_same_weights(eager.model.state_dict(), streamed.model.state_dict(), 1e-4, "streamed")
     half, _ = _run(spec.replace(precision="bf16"), pretrained)
-    assert half.step_path == {**half.step_path, "path": "cuda_graph", "precision": "bf16"}
+    assert (half.step_path.path, half.step_path.precision) == ("cuda_graph", "bf16")
     assert all(torch.isfinite(v).all() for v in half.model.state_dict().values() if v.is_floating_point())
     assert 0.0 <= half.metrics["test_macro_f1"] <= 1.0
 

@@ -14,26 +14,20 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.methods import TINY, tiny_config
+from timematch.checkpoint import TrainingState
 from timematch.data.dataset import DataConfig, open_domains
 from timematch.data.views import model_outputs
 from timematch.evaluation import predict
 from timematch.experiment import ExperimentSpec, pretrain_source, run_experiment
-from timematch.methods import build_config, config_fields, get_method, method_names, source_model_method
+from timematch.methods import build_config, get_method, method_names, source_model_method
 from timematch.methods.base import Method, TrainConfig
 from timematch.models import build_model
+from timematch.serving import rebuild_model
 from timematch.step_engine import LearningRate, StepContext, build_optimizer
 from timematch.training import fit
 
-TINY = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 16}
 METHODS = method_names()
-
-
-def tiny_config(name: str, budget: dict = TINY) -> dict:
-    """``budget`` for method ``name``, with TimeMatch's shift estimation on 2 batches."""
-    config = dict(budget)
-    if "sample_size" in config_fields(name):
-        config["sample_size"] = 2
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +43,7 @@ def test_every_method_is_tested_and_one_is_the_source_model():
     assert source_model_method().name == "source_only"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_runs_end_to_end(base, name):
     spec, pretrained = base
@@ -65,6 +60,7 @@ def test_runs_end_to_end(base, name):
         assert not bad, f"non-finite epoch metrics: {bad}"
 
 
+@pytest.mark.slow
 def test_a_training_on_the_source_alone_does_not_depend_on_the_target(base):
     """Why the runner trains shift augmentation once per source tile: trained inside a
     scenario's trial (its epochs evaluated on that target) or once without a target and then
@@ -84,6 +80,7 @@ def test_a_training_on_the_source_alone_does_not_depend_on_the_target(base):
             h.metrics["source_val_f1"] for h in shared.history]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in METHODS if get_method(n).trains_on == "both"])
 def test_an_adaptation_method_reads_no_target_label(base, name, monkeypatch):
     """Unsupervised adaptation: with the target's labels moved to other classes in its training
@@ -120,6 +117,7 @@ def _states(name, spec, pretrained, resume_state=None):
     return result, states
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_checkpoint_resumes_bit_identical_and_loads_safely(base, name, tmp_path):
     spec, pretrained = base
@@ -128,25 +126,27 @@ def test_checkpoint_resumes_bit_identical_and_loads_safely(base, name, tmp_path)
     straight, states = _states(name, spec, pretrained)
     assert len(states) == 2
     path = tmp_path / "epoch1.pt"
-    torch.save(states[0][1], path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    states[0][1].save(path)
+    checkpoint = TrainingState.load(path)  # torch.load(weights_only=True): nothing unpickled
     resumed, resumed_states = _states(name, spec, pretrained, resume_state=checkpoint)
     assert [r.epoch for r, _ in resumed_states] == [2]
     (report_a, last_a), (report_b, last_b) = states[-1], resumed_states[-1]
     timing = {"samples_per_second", "data_wait_fraction"}
     assert {k: v for k, v in report_a.metrics.items() if k not in timing} == pytest.approx(
         {k: v for k, v in report_b.metrics.items() if k not in timing}, nan_ok=True, rel=0, abs=0)
-    for key, value in last_a["model"].items():
-        assert torch.equal(value, last_b["model"][key]), f"model {key}"
-    assert set(last_a["modules"]) == set(last_b["modules"])
-    for module, state in last_a["modules"].items():
+    for key, value in last_a.model.items():
+        assert torch.equal(value, last_b.model[key]), f"model {key}"
+    assert set(last_a.modules) == set(last_b.modules)
+    for module, state in last_a.modules.items():
         for key, value in state.items():
-            assert torch.equal(value, last_b["modules"][module][key]), f"{module}.{key}"
+            assert torch.equal(value, last_b.modules[module][key]), f"{module}.{key}"
     assert straight.metrics == resumed.metrics
-    # the exported model: weights only, on the CPU, the same predictions
+    # the exported model: weights only, on the CPU, the same predictions (rebuilt as a saved
+    # predictor is: the classifier, then the extensions its method attached)
     exported = tmp_path / "model.pt"
     torch.save(straight.model.state_dict(), exported)
-    model = build_model(spec.model, num_classes=len(straight.classes), **straight.model.build_options)
+    model = rebuild_model(spec.model, len(straight.classes), straight.model.build_options,
+                          straight.model.extension_options)
     model.load_state_dict(torch.load(exported, map_location="cpu", weights_only=True))
     source, target = open_domains(spec.data_root, spec.source, spec.target, spec.fold, spec.data, spec.cache_dir)
     if pretrained is not None and get_method(name).starts_from_source:
@@ -189,6 +189,7 @@ def test_optimizer_and_schedule_follow_the_config():
     assert isinstance(adam, torch.optim.Adam) and [g["base_lr"] for g in adam.param_groups] == pytest.approx([1e-5, 1e-4])
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_the_schedule_in_training(base):
     spec, pretrained = base
     reports = []
@@ -253,6 +254,7 @@ class AlternatingCritic(Method):
         return loss.detach(), {"critic_loss": critic_loss.detach()}
 
 
+@pytest.mark.slow
 def test_manual_optimization_with_two_optimizers_resumes(base):
     spec, _ = base
     source, target = open_domains(spec.data_root, "DK", "FR1", 0, spec.data, spec.cache_dir)
@@ -267,8 +269,8 @@ def test_manual_optimization_with_two_optimizers_resumes(base):
         return method, states
 
     method, states = run()
-    assert set(states[0]["optimizers"]) == {"model", "critic"} and set(states[0]["modules"]) == {"critic"}
-    assert all(s["state"] for s in states[-1]["optimizers"].values()), "both optimisers stepped"
+    assert set(states[0].optimizers) == {"model", "critic"} and set(states[0].modules) == {"critic"}
+    assert all(s["state"] for s in states[-1].optimizers.values()), "both optimisers stepped"
     resumed, _ = run(resume=states[0])
     for a, b in zip(method.critic.state_dict().values(), resumed.critic.state_dict().values()):
         assert torch.equal(a, b)

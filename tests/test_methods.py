@@ -1,14 +1,13 @@
 """Method parts (EMA, pseudo labels, domain-specific BN), configs, registry, and short
 end-to-end runs of every method on CPU."""
 
-import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from timematch.data.dataset import DataConfig
+from timematch.checkpoint import TrainingState
 from timematch.errors import ConfigError, DatasetError, TrainingError
 from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_key, pretrain_source, run_experiment
 from timematch.methods import build_config, config_fields, method_names
@@ -155,6 +154,7 @@ def tiny_spec(root, cache, method, **changes):
 # every registered method runs end to end and resumes exactly: tests/test_method_contract.py
 
 
+@pytest.mark.slow
 def test_timematch_reports_its_shift(synthetic_root, tmp_path):
     spec = tiny_spec(synthetic_root, tmp_path, "timematch", method_config=dict(TINY, sample_size=2))
     reports = []
@@ -163,6 +163,7 @@ def test_timematch_reports_its_shift(synthetic_root, tmp_path):
     assert "estimated_shift" in reports[-1].metrics
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_and_resume(synthetic_root, tmp_path):
     spec = tiny_spec(synthetic_root, tmp_path, "fixmatch", method_config=dict(TINY, epochs=2))
     pretrained = pretrain_source(spec)
@@ -173,9 +174,8 @@ def test_same_seed_same_result_and_resume(synthetic_root, tmp_path):
     for (k, v), w in zip(first.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(v, w), k
     # resuming after epoch 1 gives the same final model as running straight through
-    saved = tmp_path / "state.pt"
-    torch.save(states[0], saved)
-    resumed = run_experiment(spec, pretrained, resume_state=torch.load(saved, weights_only=True))
+    saved = states[0].save(tmp_path / "state.pt")
+    resumed = run_experiment(spec, pretrained, resume_state=TrainingState.load(saved))
     assert resumed.metrics == first.metrics
 
 
@@ -186,9 +186,15 @@ def test_pretrained_save_load_and_reuse(synthetic_root, tmp_path):
     loaded = PretrainedSource.load(path)
     assert loaded.key == pretrain_key(spec) == pretrained.key
     assert loaded.classes == pretrained.classes
-    reports = []
-    result = run_experiment(spec, loaded, on_epoch=lambda r, s: reports.append(r))
+    # the typed parts of the result survive the file (written as the same JSON as before)
+    assert (loaded.step_path, loaded.timings, loaded.config) == (pretrained.step_path, pretrained.timings,
+                                                                 pretrained.config)
+    assert loaded.step_path.path == "eager" and loaded.timings.steps > 0
+    reports, states = [], []
+    result = run_experiment(spec, loaded, on_epoch=lambda r, s: (reports.append(r), states.append(s())))
     assert len(reports) == 1 and "reused" in reports[0].logs[0]
+    assert states == [None], "an evaluation-only epoch has no state to resume from"
+    assert result.step_path == loaded.step_path and result.timings == loaded.timings
     assert pretrain_key(spec.replace(method="timematch")) == pretrain_key(spec)
     assert pretrain_key(spec.replace(fold=1)) != pretrain_key(spec)
     bad = tmp_path / "evil.pt"
@@ -203,6 +209,7 @@ def test_pretrained_save_load_and_reuse(synthetic_root, tmp_path):
         PretrainedSource.load(bad)
 
 
+@pytest.mark.slow
 def test_no_confident_pseudo_label_epoch_is_logged(synthetic_root, tmp_path):
     spec = tiny_spec(synthetic_root, tmp_path, "fixmatch", method_config=dict(TINY, pseudo_threshold=1.0))
     reports = []
@@ -212,6 +219,7 @@ def test_no_confident_pseudo_label_epoch_is_logged(synthetic_root, tmp_path):
     assert math.isfinite(result.metrics["test_macro_f1"])
 
 
+@pytest.mark.slow
 def test_sample_size_larger_than_target(synthetic_root, tmp_path):
     spec = tiny_spec(synthetic_root, tmp_path, "timematch", method_config=dict(TINY, sample_size=10_000))
     reports = []

@@ -57,7 +57,7 @@ def test_run_names_tell_runs_apart_and_statuses_mean_what_they_say(sweep):
         # one fold, one seed: the name shows the trial's number where its group has several
         suffix = " #[0-9]" if tags["method"] == "timematch" else ""
         assert re.fullmatch(rf"{tags['scenario']} {short}{suffix}", run.info.run_name), run.info.run_name
-        assert len(run.info.run_name) <= 16  # fits the UI's name column (looked at: see README)
+        assert len(run.info.run_name) <= 16  # fits the UI's name column (looked at: see docs/mlflow.md)
         assert run.info.status == "FINISHED", tags.get("error")
         if tags.get("stopped_early") == "asha":  # the scheduler's choice, not a failure
             assert 1 <= int(tags["epochs_run"]) < 3 and "test_macro_f1" not in run.data.metrics
@@ -179,20 +179,20 @@ def test_the_best_models_are_registered_and_predict_raw_parcels_on_their_own(swe
 
 
 def test_the_winner_is_tagged_as_the_report_selects_it(sweep):
-    from timematch.report import best_trials
+    from timematch.report import TrialRow, best_trials
 
     uri, client, experiment, runs, _ = sweep
     finished = [r for r in runs["adapt"] if "test_macro_f1" in r.data.metrics]
     for method in ("timematch", "source_only"):
         mine = [client.get_run(r.info.run_id) for r in finished if r.data.tags["method"] == method]
-        rows = [{"scenario": "DK-FR1", "method": method, "fold": 0, "trial": r.data.tags["trial_key"],
-                 "run_id": r.info.run_id, "target_val_f1": r.data.metrics["final_target_val_f1"]} for r in mine]
+        rows = [TrialRow("DK-FR1", method, 0, r.data.tags["trial_key"], run_id=r.info.run_id,
+                         metrics={"target_val_f1": r.data.metrics["final_target_val_f1"]}) for r in mine]
         (selected,) = best_trials(rows, "target_val_f1")
         assert sorted(int(r.data.tags["rank"]) for r in mine) == list(range(1, len(mine) + 1))
         by_rank = sorted(mine, key=lambda r: int(r.data.tags["rank"]))
         values = [r.data.metrics["final_target_val_f1"] for r in by_rank]
         assert values == sorted(values, reverse=True)
-        assert [r.info.run_id for r in mine if r.data.tags["best"] == "true"] == [selected["run_id"]]
+        assert [r.info.run_id for r in mine if r.data.tags["best"] == "true"] == [selected.run_id]
         assert all(r.data.tags["selected_by"] == "target_val_f1" for r in mine)
     # the one-line filter the README gives finds exactly the winners
     winners = client.search_runs([experiment.experiment_id], "tags.best = 'true'")

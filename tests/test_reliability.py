@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.support.cluster_harness import RUNNER, Services, runner_env, start_mlflow
 from timematch import training
 from timematch.runner import run_names, tracking
-from timematch.runner.runs import open_run
+from timematch.runner.runs import find_run, open_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -81,6 +82,18 @@ def test_a_pretraining_run_is_found_only_among_pretraining_runs(tmp_path):
     again, _ = open_run(client, experiment, run_names.pretrain_run_key("K"), {}, {}, "pretrain", None,
                         reuse_finished=False)
     assert again == run_id and client.get_run(run_id).data.tags["attempt"] == "2"
+
+
+def test_a_run_is_found_by_tag_values_with_quotes(tmp_path):
+    """Filters quote every tag value the way MLflow's parser reads it: a value holding ``'``
+    (a user's ``--launch`` or experiment text) finds its run, and only its run."""
+    uri = uri_of(tmp_path)
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(uri, "quotes")
+    for value in ("it's", 'say "x"', "plain"):
+        run = client.create_run(experiment, tags={"launch_id": value})
+        assert find_run(client, experiment, {"launch_id": value}).info.run_id == run.info.run_id, value
+    assert find_run(client, experiment, {"launch_id": "it"}) is None
 
 
 def test_driver_killed_during_pretraining_resumes_with_every_epoch_logged_once(ray_address, data_root, tmp_path):
@@ -328,8 +341,6 @@ def test_a_nan_loss_stops_its_trial_with_epoch_step_and_checkpoint_and_the_sweep
 
 
 def _launch_against(url: str, ray_address: str, data_root: Path, tmp_path: Path, experiment: str, **env: str):
-    from tests.cluster_harness import runner_env
-
     argv = launch_argv(ray_address, data_root, tmp_path, experiment, "--set", "pretrain.epochs=4",
                        "--set", "methods.timematch.epochs=4")
     argv[argv.index("--tracking-uri") + 1] = url
@@ -345,8 +356,6 @@ def _until_first_epoch(process: subprocess.Popen, seen: list[str]) -> None:
 
 
 def _assert_one_clean_record(url: str, experiment: str) -> None:
-    from tests.cluster_harness import RUNNER
-
     os.environ.update(MLFLOW_TRACKING_USERNAME=RUNNER[0], MLFLOW_TRACKING_PASSWORD=RUNNER[1])
     try:
         client = MlflowClient(url)
@@ -363,8 +372,6 @@ def _assert_one_clean_record(url: str, experiment: str) -> None:
 
 
 def test_a_tracking_server_down_for_a_while_is_waited_for_and_said(ray_address, data_root, tmp_path):
-    from tests.cluster_harness import Services, start_mlflow
-
     services = Services(tmp_path)
     try:
         store = f"sqlite:///{tmp_path / 'server.db'}"
@@ -389,8 +396,6 @@ def test_a_tracking_server_down_for_a_while_is_waited_for_and_said(ray_address, 
 
 def test_a_tracking_server_gone_past_the_patience_fails_naming_it_and_resume_finishes(
         ray_address, data_root, tmp_path):
-    from tests.cluster_harness import Services, start_mlflow
-
     services = Services(tmp_path)
     try:
         store = f"sqlite:///{tmp_path / 'server.db'}"

@@ -11,8 +11,9 @@ import yaml
 from timematch.errors import ConfigError
 from timematch.experiment import pretrain_key
 from timematch.methods import config_fields, method_names, methods_in_table_order
+from timematch.runner.choices import parse_folds, parse_methods
 from timematch.runner.plan import (
-    LaunchPlan, PlanRequest, build_plan, get_objective, parse_folds, parse_methods, source_model_path,
+    LaunchPlan, PlanRequest, build_plan, get_objective, source_model_path,
 )
 from timematch.runner.profiles import apply_sets, load_profile
 from timematch.runner.scenarios import all_pairs, load_scenarios, make_scenario, parse_scenarios
@@ -326,7 +327,8 @@ def test_shift_augmentation_is_trained_once_per_source_tile_and_evaluated_in_eac
     shared = [t for t in plan.pretrain_tasks if t.method == "shift_aug"]
     assert [(t.id, t.scenarios) for t in shared] == [
         ("DK/fold0/shift_aug", ("DK-FR1", "DK-FR2", "DK-AT1")), ("FR1/fold0/shift_aug", ("FR1-DK", "FR1-FR2"))]
-    models = [t for t in plan.pretrain_tasks if t.method is None]
+    models = [t for t in plan.pretrain_tasks if t.is_source_model]
+    assert {t.method for t in models} == {"source_only"} and not any(t.is_source_model for t in shared)
     assert len(models) == 2 and not {t.key for t in models} & {t.key for t in shared}
     for group in plan.groups:
         if group.method == "shift_aug":  # its first trial (the defaults) evaluates the shared training
@@ -343,7 +345,7 @@ def test_shift_augmentation_is_trained_once_per_source_tile_and_evaluated_in_eac
     # defaults outside the searched space: the first trial is sampled, so nothing is shared
     outside = build_plan(_request(tmp_path, named, scenarios="all", methods="shift_aug", trials=2,
                                   sets=["methods.shift_aug.shift_aug_max=5"]))
-    assert not [t for t in outside.pretrain_tasks if t.method] and all(
+    assert all(t.is_source_model for t in outside.pretrain_tasks) and all(
         g.pretrain_key is None for g in outside.groups if g.method == "shift_aug")
 
 

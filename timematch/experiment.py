@@ -20,8 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from timematch.checkpoint import atomic_torch_save
 from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
 from timematch.data.tiles import resolve_tile
 from timematch.errors import ConfigError, DatasetError
 from timematch.evaluation import evaluate, pick_device
 from timematch.selection import CRITERIA, ORACLE, epoch_selection
 from timematch.methods import build_config, get_method, source_model_method
+from timematch.methods.base import MethodInfo
 from timematch.models import build_model
-from timematch.training import EpochCallback, EpochReport, Execution, fit
+from timematch.training import EpochCallback, EpochReport, Execution, StepPath, Timings, TrainingState, fit
 
 logger = logging.getLogger("timematch")
 
@@ -112,7 +112,10 @@ class PretrainedSource:
     history: list[EpochReport]
     best_epoch: int
     source_val_f1: float
-    info: dict[str, Any] = field(default_factory=dict)
+    #: the training's full config, where its time went and how its steps ran
+    config: dict[str, Any] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+    step_path: StepPath = field(default_factory=StepPath)
 
     def save(self, path: Path) -> Path:
         """Write to ``path`` atomically (a ``.pt`` file loadable with ``torch.load(weights_only=True)``)."""
@@ -123,10 +126,11 @@ class PretrainedSource:
             "classes": list(self.classes),
             "state_dict": self.state_dict,
             "normalizer": self.normalizer,
-            "history": [{"epoch": h.epoch, "metrics": h.metrics, "logs": h.logs} for h in self.history],
+            "history": [h.to_dict() for h in self.history],
             "best_epoch": self.best_epoch,
             "source_val_f1": self.source_val_f1,
-            "info": json.loads(json.dumps(self.info, default=str)),
+            "info": json.loads(json.dumps({"timings": self.timings.to_dict(), "config": self.config,
+                                           "step_path": self.step_path.to_dict()}, default=str)),
         }
         atomic_torch_save(payload, path)
         return path
@@ -140,6 +144,7 @@ class PretrainedSource:
             raise DatasetError(f"{path}: not a readable source-model file ({type(err).__name__}: {err})") from None
         if not isinstance(payload, dict) or payload.get("format") != 1:
             raise DatasetError(f"{path}: not a source-model file written by this version")
+        info = payload["info"]
         return cls(
             key=payload["key"],
             classes=list(payload["classes"]),
@@ -148,7 +153,9 @@ class PretrainedSource:
             history=[EpochReport(**h) for h in payload["history"]],
             best_epoch=int(payload["best_epoch"]),
             source_val_f1=float(payload["source_val_f1"]),
-            info=payload["info"],
+            config=dict(info.get("config", {})),
+            timings=Timings.from_dict(info.get("timings", {})),
+            step_path=StepPath.from_dict(info.get("step_path", {})),
         )
 
 
@@ -175,54 +182,70 @@ class ExperimentResult:
     model: torch.nn.Module
     config: dict[str, Any]
     shift_scores: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     normalizer: dict[str, Any] = field(default_factory=dict)
-    #: How the training steps ran: ``path`` (``cuda_graph`` or ``eager``), ``reason``,
-    #: ``placement`` (where the tiles were), ``precision``.
-    step_path: dict[str, str] = field(default_factory=dict)
+    step_path: StepPath = field(default_factory=StepPath)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary sibling, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+@dataclass(frozen=True)
+class SourceTraining:
+    """The training on the source tile alone (stage 1) that a trial starts from or evaluates.
 
-
-def source_training_spec(spec: ExperimentSpec) -> ExperimentSpec:
-    """The training on the source tile alone that ``spec`` evaluates or starts from, as a spec
-    of the source-model method (its ``method_config`` fully resolved).
-
-    - an adaptation method (``starts_from_source``): the source model it starts from, trained
-      with ``pretrain_config``;
-    - a method trained from scratch on the source alone
-      (:meth:`~timematch.methods.base.Method.trained_on_source_alone`: ``source_only``,
-      ``shift_aug``): its own training, with its config. It reads nothing of the target, so
-      one training serves every target of the source tile; being the source-model method's
-      training with that config, it shares its key (:func:`pretrain_key`) and cache.
+    ``method`` is whose training it is: the source-model method's for *the source model*
+    (:attr:`is_source_model`), which adaptation methods start from and the source-only baseline
+    evaluates; or a method trained from scratch on the source alone (shift augmentation), whose
+    trials evaluate their own training. ``spec`` is that training as a spec of the source-model
+    method, its ``method_config`` fully resolved: it reads nothing of the target, so one
+    training serves every target of the source tile. ``key`` names it (and its cached model).
     """
-    name = source_model_method().name
+
+    spec: ExperimentSpec
+    method: str
+    key: str
+
+    @property
+    def is_source_model(self) -> bool:
+        return self.method == self.spec.method
+
+
+def source_training(spec: ExperimentSpec) -> SourceTraining | None:
+    """Which training on the source tile alone the trial ``spec`` uses; None for a method that
+    uses none (the upper bound: trained from scratch on the target). The one rule, for the
+    plan's stage-1 tasks, the trials' tags and :func:`run_experiment`:
+
+    - the source-only baseline (``evaluates_source_model``) evaluates the source model trained
+      with ``pretrain_config`` and its own config;
+    - a method trained from scratch on the source alone
+      (:meth:`~timematch.methods.base.Method.trained_on_source_alone`: ``shift_aug``) evaluates
+      its own training, with its config: being the source-model method's training with that
+      config, it shares its key and cache;
+    - an adaptation method (``starts_from_source``) starts from the source model trained with
+      ``pretrain_config``.
+    """
+    model_method = source_model_method().name
     method = get_method(spec.method)
     if method.evaluates_source_model:
-        overrides = {**spec.pretrain_config, **spec.method_config}
+        whose, overrides = model_method, {**spec.pretrain_config, **spec.method_config}
     elif method.trained_on_source_alone():
-        overrides = dataclasses.asdict(build_config(spec.method, spec.method_config))
+        whose, overrides = spec.method, dataclasses.asdict(build_config(spec.method, spec.method_config))
+    elif method.starts_from_source:
+        whose, overrides = model_method, dict(spec.pretrain_config)
     else:
-        overrides = dict(spec.pretrain_config)
-    return spec.replace(method=name, method_config=overrides, pretrain_config=overrides, target=spec.source)
+        return None
+    training = spec.replace(method=model_method, method_config=overrides, pretrain_config=overrides,
+                            target=spec.source)
+    return SourceTraining(spec=training, method=whose, key=_training_key(training))
 
 
-def pretrain_key(spec: ExperimentSpec) -> str:
-    """A stable hash of every input that determines the source-tile training of ``spec``
-    (:func:`source_training_spec`): the key of its cached model."""
-    p = source_training_spec(spec)
+def pretrain_key(spec: ExperimentSpec) -> str | None:
+    """The key of the source-tile training ``spec`` uses (:func:`source_training`), or None."""
+    training = source_training(spec)
+    return None if training is None else training.key
+
+
+def _training_key(p: ExperimentSpec) -> str:
+    """A stable hash of every input that determines the training ``p`` (a spec of the
+    source-model method): the key of its cached model."""
     inputs = {
         # 2: batches drawn on the device (timematch.data.views): the same inputs train another model
         "version": 2,
@@ -254,17 +277,20 @@ def _open(spec: ExperimentSpec, target: str | None = None) -> tuple[Domain, Doma
 def pretrain_source(
     spec: ExperimentSpec,
     on_epoch: EpochCallback | None = None,
-    resume_state: dict | None = None,
+    resume_state: TrainingState | None = None,
     target: Domain | None = None,
 ) -> PretrainedSource:
-    """Train on the source tile alone (:func:`source_training_spec`: the source model of
-    ``spec``, or a source-only or shift-augmented training), fold ``spec.fold``, keeping the
-    epoch with the best source validation macro F1.
+    """Train on the source tile alone (:func:`source_training`: the source model of ``spec``,
+    or a source-only or shift-augmented training), fold ``spec.fold``, keeping the epoch with
+    the best source validation macro F1.
 
     ``target``: a target domain to compute the epochs' target criteria on (a trial of one
     scenario); without one, the epochs log source metrics only. The target is only evaluated,
     never trained on: the same inputs give the same model with any target or none."""
-    p = source_training_spec(spec)
+    training = source_training(spec)
+    if training is None:
+        raise ConfigError(f"{spec.method} trains on no source model: it is trained from scratch by run_experiment")
+    p = training.spec
     config = build_config(p.method, p.method_config)
     device = pick_device(p.device)
     source, _ = _open(p, target=p.source)
@@ -272,16 +298,18 @@ def pretrain_source(
     model = build_model(p.model, num_classes=len(source.classes)).to(device)
     method = get_method(p.method)(config, model, source, source if target is None else target, device)
     logger.info("pretraining on %s (fold %d, %d classes) on %s", source.tile, p.fold, len(source.classes), device)
-    outcome = fit(method, _seed(p), on_epoch, resume_state, log=logger.info, execution=p.execution())
+    fitted = fit(method, _seed(p), on_epoch, resume_state, log=logger.info, execution=p.execution())
     return PretrainedSource(
-        key=pretrain_key(spec),
+        key=training.key,
         classes=list(source.classes),
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
         normalizer=source.normalizer.to_dict(),
-        history=outcome["history"],
-        best_epoch=int(outcome["best_epoch"]),
-        source_val_f1=float(outcome["best_value"]),
-        info={"timings": outcome["timings"], "config": dataclasses.asdict(config), "step_path": outcome["step_path"]},
+        history=fitted.history,
+        best_epoch=int(fitted.best_epoch),
+        source_val_f1=float(fitted.best_value),
+        config=dataclasses.asdict(config),
+        timings=fitted.timings,
+        step_path=fitted.step_path,
     )
 
 
@@ -289,24 +317,24 @@ def run_experiment(
     spec: ExperimentSpec,
     pretrained: PretrainedSource | None = None,
     on_epoch: EpochCallback | None = None,
-    resume_state: dict | None = None,
+    resume_state: TrainingState | None = None,
 ) -> ExperimentResult:
     """Run ``spec.method`` from ``pretrained`` (trained here when None and the method needs it),
     then evaluate once on the target test split.
 
     A method trained on the source alone (``source_only``, ``shift_aug``: one training per
-    source tile serves every scenario of it) reuses ``pretrained`` when its key is this
-    training's (:func:`pretrain_key`) and only evaluates it (one epoch report carries its
+    source tile serves every scenario of it) reuses ``pretrained`` when it is this trial's
+    training (:func:`source_training`) and only evaluates it (one epoch report carries its
     selection metrics); otherwise it trains it here.
     """
     method_cls = get_method(spec.method)
     config = build_config(spec.method, spec.method_config)  # rejects bad keys and ranges before any work
     device = pick_device(spec.device)
     source, target = _open(spec)
-    timings: dict[str, float] = {}
-    info: dict[str, Any] = {}
+    info = MethodInfo()
     if method_cls.trained_on_source_alone():
-        if pretrained is None or pretrained.key != pretrain_key(spec):
+        training = source_training(spec)
+        if pretrained is None or pretrained.key != training.key:
             pretrained = pretrain_source(spec, on_epoch, resume_state, target=target)
             history, best_epoch = pretrained.history, pretrained.best_epoch
         else:
@@ -317,9 +345,8 @@ def run_experiment(
                                  logs=[f"reused the training {pretrained.key} on the source tile"])
             history = [report]
             if on_epoch:
-                on_epoch(report, lambda: {})
-        timings = pretrained.info.get("timings", {})
-        step_path = pretrained.info.get("step_path", {})
+                on_epoch(report, lambda: None)
+        timings, step_path = pretrained.timings, pretrained.step_path
     else:
         if method_cls.starts_from_source:
             if pretrained is None:
@@ -330,10 +357,9 @@ def run_experiment(
             model = build_model(spec.model, num_classes=len(source.classes)).to(device)
         method = method_cls(config, model, source, target, device)
         logger.info("%s: %s -> %s, fold %d, on %s", spec.method, source.tile, target.tile, spec.fold, device)
-        outcome = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info, execution=spec.execution())
-        history, timings, info = outcome["history"], outcome["timings"], method.info()
-        step_path = outcome["step_path"]
-        best_epoch = outcome["best_epoch"] if method_cls.select_best_by else 0
+        fitted = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info, execution=spec.execution())
+        history, timings, step_path, info = fitted.history, fitted.timings, fitted.step_path, method.info()
+        best_epoch = fitted.best_epoch if method_cls.select_best_by else 0
         model = method.eval_model()
     test = evaluate(model, target, "test", device)
     metrics = {f"test_{k}": test[k] for k in ("macro_f1", "accuracy", "weighted_f1", "kappa")}
@@ -343,13 +369,13 @@ def run_experiment(
     for key in (ORACLE, *CRITERIA):
         if chosen is not None and key in chosen.metrics:
             metrics[key] = chosen.metrics[key]
-    if "estimated_shift" in info:
-        metrics["estimated_shift"] = float(info["estimated_shift"])
+    if info.estimated_shift is not None:
+        metrics["estimated_shift"] = float(info.estimated_shift)
     model = model.to("cpu").eval()
     return ExperimentResult(
         spec=spec, classes=list(source.classes), metrics=metrics, report=test["report"],
         confusion=test["confusion"], history=history, model=model, config=dataclasses.asdict(config),
-        shift_scores=info.get("shift_scores", []), timings=timings, normalizer=target.normalizer.to_dict(),
+        shift_scores=list(info.shift_scores), timings=timings, normalizer=target.normalizer.to_dict(),
         step_path=step_path,
     )
 

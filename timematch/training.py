@@ -7,46 +7,85 @@ builds its optimisers (from the method's parameter groups and config), places it
 back to the host inside an epoch), switches the method's modules between train and eval
 mode, stops on a non-finite loss (at the end of its epoch, naming the first bad step),
 evaluates each epoch, keeps the best epoch when the method asks for it, and hands a
-resumable state (model, owned modules, optimisers, method state, RNGs) to the caller's
-``on_epoch`` callback. The loop's own types live here: :class:`EpochReport`,
-:data:`EpochCallback`; :class:`StepContext` is the engine's, :class:`Execution` (how a
-training runs: precision, CUDA graph, GPU share) :mod:`timematch.execution`'s.
+resumable :class:`~timematch.checkpoint.TrainingState` to the caller's ``on_epoch`` callback.
+Its result is a :class:`FitResult` (history, best epoch, :class:`Timings`, :class:`StepPath`);
+:class:`StepContext` is the engine's, :class:`Execution` (how a training runs: precision, CUDA
+graph, GPU share) :mod:`timematch.execution`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from timematch.checkpoint import BestEpoch, EpochReport, TrainingState, snapshot
 from timematch.data.views import place_views
 from timematch.errors import NonFiniteLoss
 from timematch.execution import PRECISIONS, Execution
 from timematch.selection import epoch_selection
-from timematch.step_engine import LearningRate, StepContext, StepEngine, build_optimizer, suit_device
+from timematch.step_engine import LearningRate, StepContext, StepEngine, build_optimizer
 
-__all__ = ["Execution", "EpochReport", "EpochCallback", "StepContext", "fit", "prepare", "PRECISIONS"]
+__all__ = ["Execution", "EpochReport", "EpochCallback", "FitResult", "StepContext", "StepPath", "Timings",
+           "TrainingState", "fit", "prepare", "PRECISIONS"]
+
+
+@dataclass(frozen=True)
+class StepPath:
+    """How a training's steps ran: ``path`` (``cuda_graph`` or ``eager``), ``reason`` (why a
+    GPU run fell back to eager, say), ``placement`` (where its tiles were), ``precision``."""
+
+    path: str = ""
+    reason: str = ""
+    placement: str = ""
+    precision: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StepPath:
+        return cls(**{f.name: str(values.get(f.name, "")) for f in dataclasses.fields(cls)})
 
 
 @dataclass
-class EpochReport:
-    """What one epoch of training produced: ``epoch`` counts from 1."""
+class Timings:
+    """Where a training's time went: seconds in its steps, seconds waiting for batches, steps."""
 
-    epoch: int
-    metrics: dict[str, float]
-    logs: list[str] = field(default_factory=list)
+    step_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    steps: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Timings:
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
-#: ``on_epoch(report, state)``: ``state()`` returns a checkpoint (tensors and plain Python
-#: values only, loadable with ``torch.load(weights_only=True)``) to resume from.
-EpochCallback = Callable[[EpochReport, Callable[[], dict]], None]
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: every epoch's report, the best epoch by the method's
+    ``select_best_by`` (0 and -inf when it keeps none), where the time went, how the steps ran."""
+
+    history: list[EpochReport]
+    best_epoch: int
+    best_value: float
+    timings: Timings
+    step_path: StepPath
+
+
+#: ``on_epoch(report, state)``: ``state()`` captures a :class:`TrainingState` to resume from
+#: (None after an epoch that only evaluated: there is nothing to resume).
+EpochCallback = Callable[[EpochReport, Callable[[], "TrainingState | None"]], None]
 
 
 #: Fault injection for the reliability tests (RELIABILITY.md): ``METHOD:EPOCH:STEP`` makes the
@@ -62,11 +101,6 @@ def injected_nan(method: str) -> tuple[int, int] | None:
     if name != method or not (epoch.isdigit() and step.isdigit()):
         return None
     return int(epoch), int(step)
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of a module's state."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def prepare(method: Any, seed: int, execution: Execution = Execution(),
@@ -97,119 +131,79 @@ def fit(
     method: Any,
     seed: int,
     on_epoch: EpochCallback | None = None,
-    resume_state: dict | None = None,
+    resume_state: TrainingState | None = None,
     log: Callable[[str], None] | None = None,
     execution: Execution = Execution(),
-) -> dict[str, Any]:
+) -> FitResult:
     """Train ``method`` (a :class:`timematch.methods.base.Method`; the methods build on this
-    module, never the other way round) for its configured epochs; return history, best epoch,
-    timings and the step path (``{"path": "cuda_graph" | "eager", "reason": ...}``).
+    module, never the other way round) for its configured epochs.
 
-    ``on_epoch(report, state)`` is called after every epoch with an :class:`EpochReport`
-    and a function returning a resumable state (tensors and plain values, for
-    ``torch.save`` / ``torch.load(weights_only=True)``); ``resume_state`` is such a state
-    to continue from (saved on either path, on either kind of device). When the method
-    selects a best epoch (``select_best_by``), its weights are loaded into the model at the end.
+    ``on_epoch(report, state)`` is called after every epoch with an :class:`EpochReport` and a
+    function that captures the :class:`TrainingState`; ``resume_state`` is such a state to
+    continue from (saved on either path, on either kind of device). When the method selects a
+    best epoch (``select_best_by``), its weights are loaded into the model at the end.
     """
     config = method.config
-    device = method.device
     steps = method.steps_per_epoch()
     engine = prepare(method, seed, execution, log)
     optimizers, views = method.optimizers, method.views
     rng = np.random.default_rng(seed)
     sampling = views.source.generator  # a background thread's generator (None: the device's default one)
     history: list[EpochReport] = []
-    best = {"epoch": 0, "value": -math.inf, "state": None}
+    best = BestEpoch()
     start = 1
     if resume_state is not None:
-        method.model.load_state_dict(resume_state["model"])
-        for name, state in resume_state["modules"].items():
-            method.owned[name].module.load_state_dict(state)
-        for name, state in resume_state["optimizers"].items():
-            optimizers[name].load_state_dict(state)
-            suit_device(optimizers[name], device)
-        method.load_extra_state(resume_state["method"])
-        rng.bit_generator.state = resume_state["numpy_rng"]
-        torch.set_rng_state(resume_state["torch_rng"])
-        if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
-        if sampling is not None and resume_state.get("sampling_rng") is not None:
-            sampling.set_state(resume_state["sampling_rng"])
-        history = [EpochReport(**h) for h in resume_state["history"]]
-        best = dict(resume_state["best"])
-        start = int(resume_state["epoch"]) + 1
+        resume_state.restore(method, optimizers, rng, sampling)
+        history, best, start = list(resume_state.history), copy.copy(resume_state.best), resume_state.epoch + 1
     engine.set_step((start - 1) * steps)
-    timings = {"step_seconds": 0.0, "data_wait_seconds": 0.0, "steps": 0}
-
-    def state(epoch: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "model": snapshot(method.model),
-            "modules": {name: snapshot(owned.module) for name, owned in method.owned.items()},
-            # deep copies: state_dict() holds live references the next steps would change
-            "optimizers": {name: _cpu(copy.deepcopy(o.state_dict())) for name, o in optimizers.items()},
-            "method": copy.deepcopy(method.extra_state()),
-            "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            # dropout (and, on a GPU, batch sampling) draws from the device's generator (None on the CPU)
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "sampling_rng": None if sampling is None else sampling.get_state(),
-            "history": [{"epoch": h.epoch, "metrics": h.metrics, "logs": h.logs} for h in history],
-            "best": best,
-        }
-
+    timings = Timings()
     for epoch in range(start, config.epochs + 1):
-        logs: list[str] = []
-        metrics = dict(method.start_epoch(epoch, rng, logs))
-        method.set_train_mode()
-        waited = engine.waited
-        started = time.perf_counter()
-        sums, first_bad, bad_loss = engine.run_epoch(steps)  # the epoch's one read back to the host
-        elapsed = time.perf_counter() - started
-        if first_bad >= 0:
-            saved = f"the last checkpoint holds epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
-            step = first_bad - (epoch - 1) * steps + 1
-            raise NonFiniteLoss(
-                f"loss became {bad_loss} at epoch {epoch}, step {step}; {saved}. "
-                "Lower the learning rate or check the input normalisation.", epoch, step, saved,
-            )
-        waited = engine.waited - waited
-        timings["step_seconds"] += elapsed
-        timings["data_wait_seconds"] += waited
-        timings["steps"] += steps
-        metrics.update({key: value / steps for key, value in sums.items() if not key.endswith("_count")})
-        metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
-        metrics.update(method.end_epoch(epoch, logs))
-        metrics.update(epoch_selection(method.eval_model(), method.source, method.target, device, seed))
-        metrics["lr"] = engine.learning_rate()
-        metrics["samples_per_second"] = steps * config.batch_size / max(elapsed, 1e-9)
-        metrics["data_wait_fraction"] = waited / max(elapsed, 1e-9)
-        if method.select_best_by and metrics[method.select_best_by] > best["value"]:
-            best = {"epoch": epoch, "value": float(metrics[method.select_best_by]),
-                    "state": snapshot(method.eval_model())}
-        report = EpochReport(epoch=epoch, metrics=metrics, logs=logs)
+        report, elapsed, waited = _epoch(method, engine, epoch, steps, rng, seed)
+        timings.step_seconds += elapsed
+        timings.data_wait_seconds += waited
+        timings.steps += steps
+        if method.select_best_by and report.metrics[method.select_best_by] > best.value:
+            best = BestEpoch(epoch, float(report.metrics[method.select_best_by]), snapshot(method.eval_model()))
         history.append(report)
         if log:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in _SHOWN)
-            log(f"epoch {epoch}/{config.epochs}: {shown}" + "".join(f"\n  {line}" for line in logs))
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in report.metrics.items() if k in _SHOWN)
+            log(f"epoch {epoch}/{config.epochs}: {shown}" + "".join(f"\n  {line}" for line in report.logs))
         if on_epoch:
-            on_epoch(report, lambda epoch=epoch: state(epoch))
-    if method.select_best_by and best["state"] is not None:
-        method.eval_model().load_state_dict(best["state"])
-    return {"history": history, "best_epoch": best["epoch"], "best_value": best["value"], "timings": timings,
-            "step_path": {"path": engine.path, "reason": engine.reason, "placement": views.placement,
-                          "precision": execution.precision}}
+            on_epoch(report, lambda epoch=epoch, best=best: TrainingState.capture(
+                epoch, method, optimizers, rng, sampling, history, best))
+    if method.select_best_by and best.state is not None:
+        method.eval_model().load_state_dict(best.state)
+    return FitResult(history=history, best_epoch=best.epoch, best_value=best.value, timings=timings,
+                     step_path=StepPath(engine.path, engine.reason, views.placement, execution.precision))
 
 
-def _cpu(value: Any) -> Any:
-    """Tensors in a (nested) state on the CPU: a checkpoint loads anywhere."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_cpu(v) for v in value]
-    return value
+def _epoch(method: Any, engine: StepEngine, epoch: int, steps: int, rng: np.random.Generator,
+           seed: int) -> tuple[EpochReport, float, float]:
+    """Train one epoch and evaluate it: its report, seconds in its steps, seconds waiting for data.
+    Raises :class:`NonFiniteLoss` naming the first step whose loss was not finite."""
+    logs: list[str] = []
+    metrics = dict(method.start_epoch(epoch, rng, logs))
+    method.set_train_mode()
+    waited = engine.waited
+    started = time.perf_counter()
+    sums, first_bad, bad_loss = engine.run_epoch(steps)  # the epoch's one read back to the host
+    elapsed = time.perf_counter() - started
+    if first_bad >= 0:
+        saved = f"the last checkpoint holds epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
+        step = first_bad - (epoch - 1) * steps + 1
+        raise NonFiniteLoss(
+            f"loss became {bad_loss} at epoch {epoch}, step {step}; {saved}. "
+            "Lower the learning rate or check the input normalisation.", epoch, step, saved,
+        )
+    waited = engine.waited - waited
+    metrics.update({key: value / steps for key, value in sums.items() if not key.endswith("_count")})
+    metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
+    metrics.update(method.end_epoch(epoch, logs))
+    metrics.update(epoch_selection(method.eval_model(), method.source, method.target, method.device, seed))
+    metrics["lr"] = engine.learning_rate()
+    metrics["samples_per_second"] = steps * method.config.batch_size / max(elapsed, 1e-9)
+    metrics["data_wait_fraction"] = waited / max(elapsed, 1e-9)
+    return EpochReport(epoch=epoch, metrics=metrics, logs=logs), elapsed, waited
 
 
 _SHOWN = ("train_loss", "target_val_f1", "source_val_f1", "estimated_shift", "pseudo_label_count", "samples_per_second")

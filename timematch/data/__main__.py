@@ -16,7 +16,7 @@ from timematch.data.synthetic import (
     DEFAULT_PARCELS_PER_TILE, DEFAULT_SHIFTS, STRETCH_RANGE, generate_dataset, plot_class_ndvi,
 )
 from timematch.data.tiles import TILES
-from timematch.errors import TimeMatchError
+from timematch.errors import DatasetError, TimeMatchError
 
 
 def tile_info(root: Path, tile: str, merge_seasons: bool = False) -> dict:
@@ -46,8 +46,6 @@ def tile_info(root: Path, tile: str, merge_seasons: bool = False) -> dict:
 def verify_tile(root: Path, tile: str, show_progress: bool = True) -> list[str]:
     """Read every parcel array of a tile (what packing does); one line per bad parcel: its path
     and what is wrong."""
-    from timematch.errors import DatasetError
-
     reader = TileReader(root, tile)
     bad = []
     count = len(reader)

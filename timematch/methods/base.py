@@ -26,6 +26,11 @@ in days (:class:`~timematch.models.classifier.DateOutputs`). Methods that align 
 (MAD, C-MAD, RAINCOAT) use it; batches of ``strong(..., shared_dates=True)`` views share one
 time axis per batch.
 
+A method that adds a module to the classifier's own forward pass (RAINCOAT's frequency
+branch), rather than owning it beside the classifier, attaches it in :meth:`Method.extend_model`
+(:meth:`~timematch.models.TimeSeriesClassifier.attach_extension`); the constructor calls it, and
+a saved model is rebuilt with it (:func:`timematch.serving.rebuild_model`).
+
 On a GPU the sampling and the step are captured once as a CUDA graph and replayed
 (:mod:`timematch.step_engine`), so both follow three rules: tensor operations with static
 shapes (when ``self.static_shapes``, mask, do not select: ``sample_weight`` in the model's
@@ -117,6 +122,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method's training found, kept with the experiment's result: for a shift-estimating
+    method (TimeMatch) every estimation's scores (``ShiftScores.to_dict()``: ``shifts``,
+    ``scores``, ``estimator``, ``estimate``) and the shift it trained with, in days."""
+
+    shift_scores: tuple[dict[str, Any], ...] = ()
+    estimated_shift: int | None = None
+
+
 @dataclass
 class OwnedModule:
     """A module a method owns beyond the classifier; ``trainable`` ones are in train mode
@@ -169,7 +184,7 @@ class Method:
         """Its training reads only the labelled source tile and starts from scratch: one
         training per source tile serves every target (it is a source model, trained as the
         source-model method trains with this method's config; see
-        :func:`timematch.experiment.source_training_spec`)."""
+        :func:`timematch.experiment.source_training`)."""
         return cls.trains_on == "source" and not cls.starts_from_source
 
     def __init__(self, config: TrainConfig, model: nn.Module, source: Domain, target: Domain,
@@ -185,8 +200,17 @@ class Method:
         #: The step keeps its shapes and reads nothing back (on a GPU, where it is captured as a
         #: CUDA graph); on a CPU a method may select samples and skip work instead.
         self.static_shapes = device.type == "cuda"
+        self.extend_model(model, config)
 
     # -- declared by the method ----------------------------------------------------------
+
+    @classmethod
+    def extend_model(cls, model: nn.Module, config: TrainConfig) -> None:
+        """Attach to ``model`` the modules this method adds to its forward pass, each with
+        ``model.attach_extension(cls.name, module, options)``, ``options`` being keys of ``config``
+        that build it again: :func:`timematch.serving.rebuild_model` calls this with the config
+        of those keys to rebuild a saved model. Called by the constructor, so on a model that
+        may have them already (leave it as it is). None by default."""
 
     def own(self, name: str, module: nn.Module, trainable: bool = True) -> nn.Module:
         """Declare a module the method owns: moved to the device here, put in train/eval mode,
@@ -281,9 +305,9 @@ class Method:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def info(self) -> dict[str, Any]:
-        """Method outputs worth keeping with the result (e.g. shift scores)."""
-        return {}
+    def info(self) -> MethodInfo:
+        """Method outputs worth keeping with the result (a shift-estimating method's scores)."""
+        return MethodInfo()
 
     # -- used by the loop and by manual-optimisation methods -----------------------------
 

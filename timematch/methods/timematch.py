@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from timematch.data.dataset import MAX_SHIFT_AUG
-from timematch.methods.base import check_choice, check_range
+from timematch.methods.base import MethodInfo, check_choice, check_range
 from timematch.methods.fixmatch import FixMatch, FixMatchConfig
 from timematch.data.views import Batch
 from timematch.methods.pseudo_label import histogram
@@ -121,5 +121,6 @@ class TimeMatch(FixMatch):
             for s in state["shift_scores"]
         ]
 
-    def info(self) -> dict[str, Any]:
-        return {"shift_scores": [s.to_dict() for s in self.shift_scores], "estimated_shift": int(self.target_shift)}
+    def info(self) -> MethodInfo:
+        return MethodInfo(shift_scores=tuple(s.to_dict() for s in self.shift_scores),
+                          estimated_shift=int(self.target_shift))

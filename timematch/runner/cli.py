@@ -4,10 +4,11 @@ Everything the user named is resolved and checked first (scenarios, methods, pro
 search spaces, objective, data root, tracking store, Ray address), in a few seconds and
 before Ray starts; an error prints one line and exits with code 2.
 
-It parses, resolves (:func:`~timematch.runner.plan.plan_from_choices` builds the plan in one
-call) and runs (:func:`~timematch.runner.launcher.run_launch`). The modules that import torch,
-Ray or MLflow (the plan, through the methods; the launcher; the report) are imported where they
-are first needed, so that ``--help`` and a bad option answer in about 3 s on 2 cores.
+It parses, resolves (:func:`~timematch.runner.choices.plan_from_choices` builds the plan in one
+call) and runs (:func:`~timematch.runner.launcher.run_launch`). The plan needs the methods, and
+so torch, to check what the user named; the modules that load Ray, MLflow or Optuna (the
+launcher, the report) are imported where they are first needed, so that ``--help`` and a bad
+option answer before those start (``tests/test_architecture.py`` keeps the rule).
 
 Longer than 400 lines: two thirds of it are the two parsers' option texts (``--help``).
 """
@@ -24,15 +25,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from timematch.data.embedded import embedded_root
 from timematch.data.format import METADATA_FILE, find_tiles, missing_tiles
+from timematch.data.tiles import default_cache_dir
 from timematch.errors import ConfigError, TimeMatchError, named_option
 from timematch.execution import PRECISIONS
 from timematch.runner.tracking import check_tracking, client, default_tracking_uri, sqlite_path
 from timematch.runner.launch_state import (  # noqa: F401  (the exit codes are this module's API too)
     EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, ExperimentFolder, Launch,
 )
+
+if TYPE_CHECKING:
+    from timematch.runner.plan import LaunchPlan
 
 MAX_SEEDS = 100
 MAX_TRIALS = 1000  # per group: an Optuna study of its own; more is a typo, not a search
@@ -110,24 +116,47 @@ def _launch_id(text: str) -> str:
     return text
 
 
+#: ``--method``'s help until it is printed (:func:`_method_help`)
+_METHOD_HELP = "the registered methods (filled in when help is printed)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Fills ``--method``'s text from the registry when help is printed, not when the parser is
+    built: a launch or a bad option need not wait for it."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if action.help == _METHOD_HELP:
+            action.help = _method_help()
+        return super()._expand_help(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit code 2, like every other bad input
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
+def _method_help() -> str:
+    """The ``--method`` text, its lists from the registry as the plan resolves them; built only
+    when help is printed (:class:`_Formatter`): listing the methods imports them, and torch."""
+    from timematch.runner.choices import parse_methods  # torch, 3.5 s: only --help and a launch need it
+
+    every, paper = parse_methods("all").methods, parse_methods("paper").methods
+    since = [m for m in every if m not in paper]
+    return (f"a method ({', '.join(every)}), a comma list, 'all' (every registered method; source_only then runs "
+            f"as the default-config baseline) or 'paper' (the {len(paper)} methods of the TimeMatch paper's table, "
+            f"without the methods published since: {', '.join(since)}). Named explicitly, source_only is searched "
+            "like the others (default: all)")
+
+
 def launch_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launch.py", description=DESCRIPTION, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     formatter_class=_Formatter)
     what = parser.add_argument_group("what to run")
     what.add_argument("--scenario", default="all", help=(
         "'all' (the five paper scenarios of experiments/scenarios.yaml: DK-FR1, DK-FR2, DK-AT1, FR1-DK, FR1-FR2), "
         "'pairs' (all 12 ordered pairs of the tiles), a name like DK-FR1, or SRC:TGT with tile names "
         "(DK, FR1, FR2, AT1 or country/tile/year); comma lists allowed (default: all)"))
-    what.add_argument("--method", default="all", help=(
-        "a method, a comma list, 'all' (every registered method; source_only then runs as the "
-        "default-config baseline) or 'paper' (the 11 methods of the TimeMatch paper's table, without the "
-        "methods published since: mad, cmad, raincoat). Named explicitly, source_only is searched like the "
-        "others (default: all)"))
+    what.add_argument("--method", default="all", help=_METHOD_HELP)
     what.add_argument("--profile", default="quick", help=(
         "experiments/profiles/<name>.yaml: 'quick' (minutes on a 2-core CPU), 'paper' (published budgets, "
         "3 folds), 'smoke' (tiny, for tests) (default: quick)"))
@@ -177,7 +206,7 @@ def launch_parser() -> argparse.ArgumentParser:
     where.add_argument("--experiment", type=_name, help=(
         "MLflow experiment (one per launch name) (default: timematch-<profile>)"))
     where.add_argument("--results-dir", help=(
-        "Tune state (trial checkpoints, --resume) and reports: <dir>/<experiment>/; on a cluster of several "
+        "Tune state and trial checkpoints (--resume) and reports: <dir>/<experiment>/; on a cluster of several "
         "machines it must be storage every node mounts (default: $TIMEMATCH_RESULTS, else <repo>/results)"))
     control = parser.add_argument_group("control")
     control.add_argument("--resume", action="store_true", help=(
@@ -269,8 +298,6 @@ def resolve_data_root(data_root: str | None, remote: bool = False) -> tuple[Path
             source, fix = ("--data-root", "leave --data-root out") if data_root else ("$TIMEMATCH_DATA", "unset it")
             raise ConfigError(f"{source} {chosen}: no such directory; {fix} to use the embedded synthetic dataset")
         return path, False
-    from timematch.data.embedded import embedded_root
-
     return embedded_root(), True
 
 
@@ -284,11 +311,9 @@ def check_tiles(root: Path, tiles: set[str]) -> None:
         )
 
 
-def plan_launch(args: argparse.Namespace, root: Path) -> Any:
+def plan_launch(args: argparse.Namespace, root: Path) -> LaunchPlan:
     """The :class:`~timematch.runner.plan.LaunchPlan` of what the command line names, checked."""
-    from timematch.data.tiles import default_cache_dir
-    from timematch.runner.plan import PlanChoices, plan_from_choices
-
+    from timematch.runner.choices import PlanChoices, plan_from_choices  # torch: see _method_help
     choices = PlanChoices(
         experiment=_experiment_name(args), scenario=args.scenario, method=args.method, profile=args.profile,
         sets=tuple(args.set), folds=args.folds, trials=0 if args.no_search else args.trials,
@@ -304,9 +329,8 @@ def plan_launch(args: argparse.Namespace, root: Path) -> Any:
 
 
 def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
-    from timematch.runner.plan import LaunchPlan, check_embedded_root
+    from timematch.runner.plan import LaunchPlan, check_embedded_root  # torch: see _method_help
     from timematch.runner.resources import check_address
-
     experiment = ExperimentFolder(_results_dir(args, root), _experiment_name(args))
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if args.resume:
@@ -327,7 +351,7 @@ def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
     return Launch(plan, experiment.launch(launch_id), uri, address, False)
 
 
-def _requested_resources(args: argparse.Namespace, plan) -> tuple[Any, Any, Any]:
+def _requested_resources(args: argparse.Namespace, plan: LaunchPlan) -> tuple[float | str, float | str, int | str]:
     profile = plan.resources
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else profile.cpus_per_trial
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.gpus_per_trial
@@ -335,9 +359,9 @@ def _requested_resources(args: argparse.Namespace, plan) -> tuple[Any, Any, Any]
 
 
 def launch_command(args: argparse.Namespace, root: Path) -> int:
-    from timematch.runner.plan import describe, source_model_path
+    from timematch.runner.describe import describe  # torch: see _method_help
+    from timematch.runner.plan import source_model_path
     from timematch.runner.resources import local_cluster, set_environment, trial_resources
-
     set_environment()
     launch = resolve_launch(args, root)
     plan = launch.plan
@@ -357,7 +381,7 @@ def launch_command(args: argparse.Namespace, root: Path) -> int:
         if launch.resumed:
             print(f"\n--resume: would continue launch {launch.launch_id}")
         return EXIT_OK
-    from timematch.runner.launcher import run_launch
+    from timematch.runner.launcher import run_launch  # Ray and MLflow: 4 s the command line's checks skip
 
     return run_launch(launch, args, (cpus, gpus, concurrent))
 
@@ -366,9 +390,9 @@ def launch_command(args: argparse.Namespace, root: Path) -> int:
 
 
 def report_command(args: argparse.Namespace, root: Path) -> int:
-    from timematch.runner.plan import get_objective
-    from timematch.runner.reporting import build_report, experiment_id
+    from timematch.runner.plan import get_objective  # torch: see _method_help
     from timematch.runner.resources import quiet_logs, set_environment
+    from timematch.runner.reporting import build_report, experiment_id  # MLflow and Optuna: 3.6 s
 
     set_environment()
     quiet_logs(verbose=False)

@@ -4,8 +4,9 @@ Owns the layout of ``<results>/<experiment>/`` (no other module joins these path
 
 - ``launches/<launch id>/launch.json``: the launch record (its plan, tracking URI, MLflow ids),
   written before any work so ``--resume`` finds a launch killed while it generates data;
-- ``launches/<launch id>/tune/``: Ray Tune's state (trial checkpoints, the searcher's);
+- ``launches/<launch id>/tune/``: Ray Tune's state (its trials' results, the searcher's);
 - ``launches/<launch id>/events.log``: the lines trials write for the driver to show;
+- ``launches/<launch id>/trial_states/``: the adaptation trials' resumable states;
 - ``LATEST``: the id of the experiment's latest launch (what ``--resume`` continues);
 - ``optuna.db``: the Optuna studies of every launch of the experiment;
 - ``report.md``, ``report.html``, ``report.png``: the experiment's latest report;
@@ -22,9 +23,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timematch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timematch.runner.plan import LaunchPlan
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 REPORT_SUFFIXES = (".md", ".html", ".png")
@@ -98,6 +102,11 @@ class LaunchFolder:
         return self.path / "events.log"
 
     @property
+    def trial_states(self) -> Path:
+        """The adaptation trials' resumable states, ``<trial id>.pt`` (dropped as each finishes)."""
+        return self.path / "trial_states"
+
+    @property
     def record_path(self) -> Path:
         return self.path / "launch.json"
 
@@ -119,7 +128,7 @@ class LaunchFolder:
 class Launch:
     """A resolved launch: its plan, where it logs and keeps its state."""
 
-    plan: Any  # LaunchPlan
+    plan: LaunchPlan
     folder: LaunchFolder
     tracking_uri: str
     address: str | None

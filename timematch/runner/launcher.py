@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from timematch.data.embedded import ensure_embedded_dataset
+from timematch.data.packed import PackedTile
 from timematch.runner import runs, tracking, waiting
 from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch, LaunchFolder
-from timematch.runner.plan import LaunchPlan, check_embedded_root, describe, get_objective, source_model_path
+from timematch.runner.describe import describe
+from timematch.runner.plan import LaunchPlan, check_embedded_root, get_objective, source_model_path
 from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
 
 
@@ -22,8 +25,6 @@ def pack_tiles(plan: LaunchPlan) -> None:
     """Pack (and so read and check) every tile the launch needs, here, before any trial starts:
     a bad parcel or metadata file is one error naming the file (exit 2), not a failure inside
     every trial; the trials then memory-map the packed caches."""
-    from timematch.data.packed import PackedTile
-
     for tile in plan.tiles:
         PackedTile.open(plan.data_root, tile, Path(plan.cache_dir), progress=_say)
 
@@ -84,8 +85,6 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
     if not launch.resumed:
         launch.save(None)
     if plan.synthetic_data:
-        from timematch.data.embedded import ensure_embedded_dataset
-
         check_embedded_root(plan)
         ensure_embedded_dataset(progress=_say)
     if not str(launch.address or "").startswith("ray://"):  # through Ray Client the data is the cluster's
@@ -113,7 +112,7 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         _say(describe(plan, shown, cached) + "\n")
         context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
                                resources.cpus, resources.gpus, tracking.credentials(), str(launch.folder.events),
-                               waiting.patience())
+                               waiting.patience(), states_dir=str(launch.folder.trial_states))
         with waiting.EventTail(launch.folder.events, _say):
             summaries = _run_stages(plan, context, resources, launch.folder, launch.resumed)
         failed = sum(len(s.failed) for s in summaries)

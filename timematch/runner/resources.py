@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
+
 from timematch.errors import ConfigError
+from timematch.runner.gpu_share import auto_share
 
 #: Set before Ray or MLflow start anything (see stack notes): no telemetry, token auth off
 #: everywhere (a head and a worker in different modes cannot join), no config-table output.
@@ -122,8 +125,6 @@ def connect(address: str | None, verbose: bool = False) -> Cluster:
 def _local_gpu() -> str | None:
     """This machine's GPU model, if it has one (a local cluster's GPUs are this machine's)."""
     try:
-        import torch
-
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - no GPU model known: auto says so
         return None
@@ -164,8 +165,6 @@ def trial_resources(
     gpus_reason = ""
     if gpus in (None, "auto"):
         if cluster.gpus > 0:
-            from timematch.runner.gpu_share import auto_share
-
             share = auto_share(cluster.gpu_type)
             gpus, gpus_reason = share.gpus, share.reason
         else:
@@ -206,8 +205,6 @@ def local_cluster() -> Cluster:
     cpus = float(os.cpu_count() or 1)
     gpus = 0.0
     try:
-        import torch
-
         gpus = float(torch.cuda.device_count())
     except Exception:  # noqa: BLE001 - a dry run only estimates
         pass

@@ -69,13 +69,19 @@ def _suffix(fold: int | None, seed: int | None, trial: str = "") -> str:
     return f" {text.strip()}" if text else ""
 
 
-def quote(value: str) -> str:
-    """``value`` inside single quotes of an MLflow search filter."""
-    return str(value).replace("'", "\\'")
+def quoted(value: Any) -> str:
+    """``value`` as a string literal of an MLflow search filter. MLflow's parser does not
+    unescape ``\'`` inside single quotes (a value with one then matches nothing), so a value
+    holding ``'`` is written in double quotes (one holding both quote characters matches no run)."""
+    text = str(value)
+    if "'" in text and '"' not in text:
+        return f'"{text}"'
+    return "'" + text.replace("'", "\\'") + "'"
 
 
-def run_tags(stage: str, scenario: str, source: str, target: str, method: str, fold: int, objective: str,
+def run_tags(*, stage: str, scenario: str, source: str, target: str, method: str, fold: int, objective: str,
              uses_target_labels: bool, **extra: Any) -> dict[str, str]:
+    """The tags every run of a trial or training carries (``extra``: more, None left out)."""
     tags = {
         "stage": stage, "scenario": scenario, "source": source, "target": target, "method": method,
         "fold": str(fold), "objective": objective,

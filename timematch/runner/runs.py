@@ -1,4 +1,4 @@
-"""A run's life in MLflow, and what it holds (the schema of ``shared/design.md``).
+"""A run's life in MLflow, and what it holds (the tracking schema of ``docs/mlflow.md``).
 
 - one experiment per launch name; one parent run per launch (``stage=launch``);
 - one child run per trial (``stage=adapt``) and per training on a source tile
@@ -27,13 +27,17 @@ tag.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timematch.errors import NonFiniteLoss
-from timematch.runner.run_names import SOURCE_TAGS, pretrain_run_key, quote
+from timematch.runner.run_names import SOURCE_TAGS, pretrain_run_key, quoted
 from timematch.runner.waiting import retry, say, short_error
+
+if TYPE_CHECKING:
+    from timematch.training import StepPath
 
 
 #: The step of every metric logged once per run (final, selection, test, timings, a launch's
@@ -54,7 +58,7 @@ def find_source_run(mlflow_client, key: str) -> Any:
     from mlflow.entities import ViewType
 
     experiments = retry(lambda: mlflow_client.search_experiments(view_type=ViewType.ALL, max_results=1000))
-    clauses = " and ".join(f"tags.{k} = '{quote(v)}'" for k, v in pretrain_run_key(key).items())
+    clauses = " and ".join(f"tags.{k} = {quoted(v)}" for k, v in pretrain_run_key(key).items())
     runs = retry(lambda: mlflow_client.search_runs(
         [e.experiment_id for e in experiments], filter_string=f"{clauses} and attributes.status = 'FINISHED'",
         max_results=1, order_by=["attributes.start_time DESC"]))
@@ -63,7 +67,7 @@ def find_source_run(mlflow_client, key: str) -> Any:
 
 def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str], statuses: tuple[str, ...] = ()) -> Any:
     """The most recent run of the experiment carrying every tag of ``tags`` (and one of ``statuses``)."""
-    clauses = [f"tags.{key} = '{quote(value)}'" for key, value in tags.items()]
+    clauses = [f"tags.{key} = {quoted(value)}" for key, value in tags.items()]
     runs = retry(lambda: mlflow_client.search_runs(
         [experiment_id], filter_string=" and ".join(clauses), max_results=100,
         order_by=["attributes.start_time DESC"],
@@ -93,8 +97,6 @@ class SystemMetrics:
         self.monitor = None
 
     def __enter__(self) -> "SystemMetrics":
-        import logging
-
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
@@ -165,16 +167,17 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: 
         retry(lambda: mlflow_client.log_batch(run_id, metrics=batch))
 
 
-#: How a run's training steps ran (:func:`timematch.training.fit`'s ``step_path``) -> its tags.
+#: How a run's training steps ran (:class:`timematch.training.StepPath`'s fields) -> its tags.
 STEP_PATH_TAGS = {"path": "step_path", "reason": "step_path_reason", "precision": "precision", "placement": "tiles"}
 
 
-def tag_step_path(mlflow_client, run_id: str, step_path: Mapping[str, str]) -> None:
+def tag_step_path(mlflow_client, run_id: str, step_path: StepPath) -> None:
     """Tag a run with how its steps ran: ``step_path`` (``cuda_graph`` or ``eager``) and the
     reason (why a GPU run fell back to eager, say), ``precision``, ``tiles`` (where they were)."""
+    values = step_path.to_dict()
     for key, tag in STEP_PATH_TAGS.items():
-        if step_path.get(key):
-            retry(lambda t=tag, v=str(step_path[key]): mlflow_client.set_tag(run_id, t, v[:5000]))
+        if values.get(key):
+            retry(lambda t=tag, v=str(values[key]): mlflow_client.set_tag(run_id, t, v[:5000]))
 
 
 def _is_number(value: Any) -> bool:
@@ -240,9 +243,9 @@ def kill_interrupted(mlflow_client, experiment_id: str, launch_id: str, also: tu
     KILLED, tagged ``interrupted=true``: a Ctrl-C (the launch run and its trials), or trials an
     interrupted launch started after Tune last saved its state. ``--resume`` continues each
     in the same run. Returns how many were closed."""
-    query = f"tags.launch_id = '{quote(launch_id)}' and attributes.status = 'RUNNING'"
+    query = f"tags.launch_id = {quoted(launch_id)} and attributes.status = 'RUNNING'"
     if stage:
-        query += f" and tags.stage = '{quote(stage)}'"
+        query += f" and tags.stage = {quoted(stage)}"
     found = retry(lambda: mlflow_client.search_runs([experiment_id], query, max_results=1000))
     closed = {*also, *(run.info.run_id for run in found)}
     for run_id in closed:

@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from timematch.locks import cache_lock
 from timematch.runner.plan import LaunchPlan, TrialGroup
 from timematch.runner.search_space import to_optuna
 from timematch.runner.trial_config import AdaptConfig, config_key
@@ -37,9 +38,7 @@ def optuna_storage(path: Path):
     """The persistent Optuna storage of an experiment's searches (SQLite at ``path``): one study
     per (launch, group), named ``<launch id> <group>``, which ``optuna-dashboard sqlite:///PATH``
     opens. Created under a lock: two launches may start at once on one results folder."""
-    import optuna
-
-    from timematch.locks import cache_lock
+    import optuna  # 0.5 s to import: the command line's start-up skips it (tests/test_architecture.py)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

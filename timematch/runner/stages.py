@@ -5,8 +5,8 @@ models, and the shift-augmented baseline's models: each once per source tile, fo
 scenario of the tile), one trial each (no search).
 Stage 2 is one Tuner over every adaptation trial of the plan, with :class:`GroupedSearch`
 (Optuna TPE per group behind a concurrency limit) and :class:`GroupedASHA` (ASHA per
-group on epochs); per-epoch checkpoints and ``FailureConfig`` retries make a failed trial
-continue from its last epoch, and ``Tuner.restore(..., resume_errored=True)`` continues an
+group on epochs); each trial's per-epoch state (:mod:`.trial_run`) and ``FailureConfig``
+retries make a failed trial continue from its last epoch, and ``Tuner.restore(..., resume_errored=True)`` continues an
 interrupted launch (``--resume``) without re-running finished trials.
 """
 
@@ -59,7 +59,6 @@ def _run_config(name: str, storage: Path, plan: LaunchPlan, callbacks: list) -> 
     return tune.RunConfig(
         name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=plan.retries),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
 
 
@@ -77,7 +76,7 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
         return summary
     labels = {t.key: f"pretrain {t.id}" for t in todo}
     tags = {t.key: {"stage": "pretrain", "source": short_name(t.source), "fold": str(t.fold),
-                    "method": run_names.training_method_tag(t.method_name), "trains": t.method_name,
+                    "method": run_names.training_method_tag(t.method), "trains": t.method,
                     "pretrain_key": t.key} for t in todo}
     callbacks = [
         ProgressPrinter("pretrain", labels, len(todo), "source_val_f1"),
@@ -88,8 +87,8 @@ def run_pretrain_stage(plan: LaunchPlan, context: TrialContext, resources: Trial
         _trainable(pretrain_trial, context, resources),
         param_space={"task": tune.grid_search([t.key for t in todo])},  # a TrainingConfig each
         tune_config=tune.TuneConfig(reuse_actors=False),
-        # A fresh directory per attempt: an interrupted training continues from the
-        # source model's own partial checkpoint in the cache, not from Tune's state.
+        # A fresh directory per attempt: an interrupted training continues from its own state
+        # beside the cached model (trial_run), which another launch may continue too.
         run_config=_run_config(f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", folder.tune, plan, callbacks),
     )
     grid = tuner.fit()

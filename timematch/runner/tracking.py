@@ -9,6 +9,8 @@ log, finish, stopped early, failed, killed, continued; the only code that sets a
 
 from __future__ import annotations
 
+import base64
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -17,6 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from timematch.errors import ConfigError
+from timematch.locks import cache_lock
+from timematch.runner.launch_state import safe_name
 from timematch.runner.waiting import EVENTS_VARIABLE, PATIENCE_VARIABLE
 
 
@@ -25,8 +29,6 @@ CHECK_TIMEOUT_S = 3.0
 
 def default_tracking_uri(project_root: Path) -> str:
     """``$MLFLOW_TRACKING_URI``, else SQLite under ``<project>/mlflow/``."""
-    import os
-
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -40,14 +42,10 @@ CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", 
 
 def credentials() -> dict[str, str]:
     """The MLflow credentials of this process's environment (to hand to the trials)."""
-    import os
-
     return {name: os.environ[name] for name in CREDENTIAL_VARIABLES if os.environ.get(name)}
 
 
 def _authorization(found: Mapping[str, str]) -> dict[str, str]:
-    import base64
-
     if "MLFLOW_TRACKING_TOKEN" in found:
         return {"Authorization": f"Bearer {found['MLFLOW_TRACKING_TOKEN']}"}
     if "MLFLOW_TRACKING_USERNAME" in found:
@@ -137,8 +135,6 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     path = sqlite_path(uri)
     if path is None:
         return None
-    from timematch.runner.launch_state import safe_name
-
     return (path.parent.resolve() / "artifacts" / safe_name(experiment)).as_uri()
 
 
@@ -179,8 +175,6 @@ def configure_client(uri: str, credentials: Mapping[str, str] | None = None, eve
     URI named in the messages of a server that stops answering, MLflow's own silent HTTP
     retries made short (:data:`CLIENT_HTTP_SETTINGS`, so :func:`retry` decides and says how
     long to wait), and in a trial the driver's credentials, events file and patience."""
-    import os
-
     os.environ.update(credentials or {})
     os.environ["MLFLOW_TRACKING_URI"] = uri
     if events_path:
@@ -207,8 +201,6 @@ def ensure_experiment(uri: str, name: str) -> str:
     path = sqlite_path(uri)
     if path is None:
         return _ensure_experiment(uri, name)
-    from timematch.locks import cache_lock
-
     with cache_lock(path):
         return _ensure_experiment(uri, name)
 

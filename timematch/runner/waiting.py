@@ -6,7 +6,11 @@ those lines from trials to the driver's terminal.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +32,6 @@ EVENTS_VARIABLE = "TIMEMATCH_EVENTS_FILE"
 
 def say(message: str) -> None:
     """Show ``message`` on the launch's terminal, from the driver or from a trial."""
-    import os
-    import socket
-    import sys
-
     events = os.environ.get(EVENTS_VARIABLE)
     if not events:
         print(message, file=sys.stderr, flush=True)
@@ -48,8 +48,6 @@ class EventTail:
     """The driver's side of :func:`say`: a thread printing the lines trials append to ``path``."""
 
     def __init__(self, path: Path, show: Callable[[str], None], every_s: float = 1.0) -> None:
-        import threading
-
         self.path, self.show, self.every_s = Path(path), show, every_s
         self.offset = self.path.stat().st_size if self.path.is_file() else 0
         self._stop = threading.Event()
@@ -96,8 +94,6 @@ def _server_down(err: BaseException) -> bool:
 
 def patience() -> float:
     """``$TIMEMATCH_TRACKING_PATIENCE_S``, else :data:`PATIENCE_S`."""
-    import os
-
     try:
         return float(os.environ.get(PATIENCE_VARIABLE, PATIENCE_S))
     except ValueError:
@@ -124,8 +120,6 @@ def retry(call: Callable[[], T], attempts: int = 6, what: str = "") -> T:
 
 
 def _wait_for_server(call: Callable[[], T], first: BaseException, what: str) -> T:
-    import os
-
     server = os.environ.get("MLFLOW_TRACKING_URI") or "the tracking server"
     patience_s = patience()
     started = time.monotonic()

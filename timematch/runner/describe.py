@@ -1,0 +1,52 @@
+"""A plan as the user reads it (``--dry-run`` prints it, a launch prints it before it starts):
+the data, the objective, stage 1's trainings (cached or to train) and stage 2's groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timematch.runner.plan import LaunchPlan, get_objective
+
+
+def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: set[str] | None = None) -> str:
+    """A readable summary of the plan (``--dry-run`` prints it)."""
+    objective = get_objective(plan.objective)
+    cached = cached or set()
+    lines = [
+        f"experiment {plan.experiment!r}, profile {plan.profile!r}, seed {plan.seed}"
+        + (f", {plan.seeds} seeds ({plan.seed}..{plan.seed + plan.seeds - 1})" if plan.seeds > 1 else ""),
+        f"data: {plan.data_root}" + (" (embedded synthetic dataset)" if plan.synthetic_data else "")
+        + f"; data overrides {plan.data or '{}'}",
+        f"objective: {objective.name} ({objective.description})",
+        f"training steps: {plan.precision}, "
+        + ("on a GPU one CUDA graph per trial, replayed" if plan.cuda_graph else "eager (--no-cuda-graph)"),
+        f"scenarios: {', '.join(s.name for s in plan.scenarios)}; methods: {', '.join(plan.methods)}; "
+        f"folds: {', '.join(map(str, plan.folds))}",
+        "",
+        f"stage 1, source models: {len(plan.pretrain_tasks)} "
+        f"({sum(t.key in cached for t in plan.pretrain_tasks)} cached, reused); each trained once on its "
+        "source tile for every scenario listed",
+    ]
+    width = max([14, *(len(t.id) for t in plan.pretrain_tasks)])
+    for task in plan.pretrain_tasks:
+        state = "cached" if task.key in cached else "to train"
+        lines.append(f"  {task.id:<{width}} {state:<9} key {task.key}  (for {', '.join(task.scenarios)})")
+    lines.append(f"  training overrides: {plan.pretrain or '{}'}")
+    for method in dict.fromkeys(t.method for t in plan.pretrain_tasks if not t.is_source_model):
+        overrides = next(t.config for t in plan.pretrain_tasks if t.method == method)
+        lines.append(f"  {method}: its training reads the source tile alone; its trials evaluate it on each "
+                     f"target (overrides {overrides or '{}'})")
+    lines += ["", f"stage 2, adaptation: {len(plan.groups)} groups, {plan.n_trials} trials "
+                  f"(Optuna TPE per group, ASHA over epochs: {plan.scheduler}; retries {plan.retries})"]
+    group_width = max([28, *(len(g.id) for g in plan.groups)])
+    for group in plan.groups:
+        how = "baseline, default config" if group.baseline else (
+            f"{group.trials} trials over {', '.join(group.space)}" if group.searched else "1 trial, default config")
+        shared = next((t for t in plan.pretrain_tasks if t.key == group.pretrain_key and t.method == group.method
+                       and not t.is_source_model), None)
+        if shared is not None:
+            how += f" (the defaults: evaluates {shared.id} of stage 1)"
+        lines.append(f"  {group.id:<{group_width}} {how}; {group.epochs} epochs; overrides {group.overrides or '{}'}")
+    if resources:
+        lines += ["", "resources: " + ", ".join(f"{k} {v}" for k, v in resources.items())]
+    return "\n".join(lines)
