@@ -30,7 +30,7 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# the suite without the end-to-end runs marked slow (a few minutes instead of about twenty)
+# the suite without the runs marked slow, for the edit-test loop (timings: docs/testing.md)
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 

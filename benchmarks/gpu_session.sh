@@ -45,7 +45,7 @@ spec = ExperimentSpec(data_root=root, source="DK", target="FR1", method="source_
                       data=DataConfig(min_parcels=50), cache_dir=Path("/tmp/smoke-cache"))
 started = time.perf_counter()
 source = pretrain_source(spec)
-print("pretrain", source.info["step_path"], f"{time.perf_counter() - started:.1f} s")
+print("pretrain", source.step_path, f"{time.perf_counter() - started:.1f} s")
 for name in ("timematch", "dann", "jumbot"):
     started = time.perf_counter()
     result = run_experiment(spec.replace(method=name, method_config={**tiny, "sample_size": 2} if name == "timematch" else tiny), source)

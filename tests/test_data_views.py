@@ -1,5 +1,5 @@
 """Device-built training batches (timematch.data.views) against today's host-built ones
-(tests/reference_batches.py): the same content for the same draws, the same distributions.
+(tests/support/reference_batches.py): the same content for the same draws, the same distributions.
 
 On the CPU; tests/test_gpu.py builds the same views on a GPU.
 """

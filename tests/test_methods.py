@@ -9,7 +9,7 @@ import torch
 from timematch.data.dataset import DataConfig
 from timematch.checkpoint import TrainingState
 from timematch.errors import ConfigError, DatasetError, TrainingError
-from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_key, pretrain_source, run_experiment
+from timematch.experiment import ExperimentSpec, PretrainedSource, pretrain_source, run_experiment, source_training
 from timematch.methods import build_config, config_fields, method_names
 from timematch.data.views import Batch
 from timematch.methods.pseudo_label import ema_update, pseudo_labels, supervised_and_pseudo_loss
@@ -184,7 +184,7 @@ def test_pretrained_save_load_and_reuse(synthetic_root, tmp_path):
     pretrained = pretrain_source(spec)
     path = pretrained.save(tmp_path / "model.pt")
     loaded = PretrainedSource.load(path)
-    assert loaded.key == pretrain_key(spec) == pretrained.key
+    assert loaded.key == source_training(spec).key == pretrained.key
     assert loaded.classes == pretrained.classes
     # the typed parts of the result survive the file (written as the same JSON as before)
     assert (loaded.step_path, loaded.timings, loaded.config) == (pretrained.step_path, pretrained.timings,
@@ -195,8 +195,8 @@ def test_pretrained_save_load_and_reuse(synthetic_root, tmp_path):
     assert len(reports) == 1 and "reused" in reports[0].logs[0]
     assert states == [None], "an evaluation-only epoch has no state to resume from"
     assert result.step_path == loaded.step_path and result.timings == loaded.timings
-    assert pretrain_key(spec.replace(method="timematch")) == pretrain_key(spec)
-    assert pretrain_key(spec.replace(fold=1)) != pretrain_key(spec)
+    assert source_training(spec.replace(method="timematch")).key == source_training(spec).key
+    assert source_training(spec.replace(fold=1)).key != source_training(spec).key
     bad = tmp_path / "evil.pt"
     import pickle, os
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from timematch.errors import ConfigError
-from timematch.experiment import pretrain_key
+from timematch.experiment import source_training
 from timematch.methods import config_fields, method_names, methods_in_table_order
 from timematch.runner.choices import parse_folds, parse_methods
 from timematch.runner.plan import (
@@ -286,7 +286,7 @@ def test_seeds_repeat_every_group_and_source_model_with_their_own_seed(tmp_path,
     assert "DK-FR1/timematch/fold0/seed8" in {g.id for g in two.groups}
     assert len({g.id for g in two.groups}) == len(two.groups)
     for group in two.groups:  # each seed its own source model, its training seeded so
-        assert plan_seed(two, group) == group.seed and group.pretrain_key == pretrain_key(two.spec(group))
+        assert plan_seed(two, group) == group.seed and group.pretrain_key == source_training(two.spec(group)).key
     assert len({t.key for t in two.pretrain_tasks}) == len(two.pretrain_tasks)
     assert LaunchPlan.from_json(two.to_json()).groups == two.groups  # --resume replays it
     with pytest.raises(ConfigError, match="--seeds 0: at least 1"):
@@ -311,7 +311,7 @@ def test_plan_expands_scenarios_methods_folds(tmp_path, named):
     assert {(t.source, t.fold) for t in plan.pretrain_tasks} == {
         ("denmark/32VNH/2017", 0), ("denmark/32VNH/2017", 1), ("france/30TXT/2017", 0), ("france/30TXT/2017", 1)}
     for group in plan.groups:
-        assert group.pretrain_key == pretrain_key(plan.spec(group))
+        assert group.pretrain_key == source_training(plan.spec(group)).key
 
 
 def test_source_models_are_shared_across_scenarios_and_keyed_by_settings(tmp_path, named):
@@ -334,7 +334,7 @@ def test_shift_augmentation_is_trained_once_per_source_tile_and_evaluated_in_eac
         if group.method == "shift_aug":  # its first trial (the defaults) evaluates the shared training
             task = plan.task(group.pretrain_key)
             assert task.method == "shift_aug" and group.scenario.name in task.scenarios
-            assert group.pretrain_key == pretrain_key(plan.spec(group, plan.default_point(group)))
+            assert group.pretrain_key == source_training(plan.spec(group, plan.default_point(group))).key
             assert plan.resolved_pretrain_config(task) == {**plan.resolved_config(group), "shift_aug": True}
         if group.method == "upper_bound":  # the source's classes and statistics: nothing to share
             assert group.pretrain_key is None

@@ -281,3 +281,6 @@ def test_killed_launch_resumes_without_rerunning_or_losing_anything(ray_address,
         if run.data.tags["trial_key"] in finished_before:  # finished before the kill: not run again
             assert run.data.tags["attempt"] == "1"
     assert all(r.data.tags.get("interrupted") == "true" for r in adapt if r not in completed)
+    # the trials' resumable states (trial_run) are gone once each ended without an error
+    states = list((tmp_path / "results" / "resume" / "launches").glob("*/trial_states/*.pt"))
+    assert not states, states

@@ -161,7 +161,8 @@ class TrainingState:
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same error for the user
             raise DatasetError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
                                "delete it to train from the start") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        # (states written before the format was recorded have the same keys and no "format")
+        if not isinstance(payload, dict) or payload.get("format", FORMAT) != FORMAT or "epoch" not in payload:
             raise DatasetError(f"{path}: not a training checkpoint written by this version; delete it to train "
                                "from the start")
         return cls.from_payload(payload)

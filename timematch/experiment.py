@@ -102,7 +102,7 @@ class PretrainedSource:
 
     ``state_dict`` holds the weights of the best epoch by source validation macro F1;
     ``normalizer`` the per-band statistics used for both domains; ``key`` identifies the
-    inputs it was trained from (see :func:`pretrain_key`).
+    inputs it was trained from (:attr:`SourceTraining.key`).
     """
 
     key: str
@@ -235,12 +235,6 @@ def source_training(spec: ExperimentSpec) -> SourceTraining | None:
     training = spec.replace(method=model_method, method_config=overrides, pretrain_config=overrides,
                             target=spec.source)
     return SourceTraining(spec=training, method=whose, key=_training_key(training))
-
-
-def pretrain_key(spec: ExperimentSpec) -> str | None:
-    """The key of the source-tile training ``spec`` uses (:func:`source_training`), or None."""
-    training = source_training(spec)
-    return None if training is None else training.key
 
 
 def _training_key(p: ExperimentSpec) -> str:

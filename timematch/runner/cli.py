@@ -206,7 +206,7 @@ def launch_parser() -> argparse.ArgumentParser:
     where.add_argument("--experiment", type=_name, help=(
         "MLflow experiment (one per launch name) (default: timematch-<profile>)"))
     where.add_argument("--results-dir", help=(
-        "Tune state and trial checkpoints (--resume) and reports: <dir>/<experiment>/; on a cluster of several "
+        "Tune state, trial states (retries, --resume) and reports: <dir>/<experiment>/; on a cluster of several "
         "machines it must be storage every node mounts (default: $TIMEMATCH_RESULTS, else <repo>/results)"))
     control = parser.add_argument_group("control")
     control.add_argument("--resume", action="store_true", help=(

@@ -103,8 +103,13 @@ class LaunchFolder:
 
     @property
     def trial_states(self) -> Path:
-        """The adaptation trials' resumable states, ``<trial id>.pt`` (dropped as each finishes)."""
+        """The adaptation trials' resumable states (:meth:`trial_state`)."""
         return self.path / "trial_states"
+
+    def trial_state(self, trial_id: str) -> Path:
+        """Adaptation trial ``trial_id``'s resumable state: written after each epoch, dropped once
+        the trial ends without an error (a failed one's stays: ``--resume`` continues it)."""
+        return self.trial_states / f"{trial_id}.pt"
 
     @property
     def record_path(self) -> Path:

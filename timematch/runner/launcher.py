@@ -112,7 +112,7 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
         _say(describe(plan, shown, cached) + "\n")
         context = TrialContext(plan, launch.tracking_uri, experiment_id, launch.parent_run_id, launch.launch_id,
                                resources.cpus, resources.gpus, tracking.credentials(), str(launch.folder.events),
-                               waiting.patience(), states_dir=str(launch.folder.trial_states))
+                               waiting.patience(), folder=launch.folder)
         with waiting.EventTail(launch.folder.events, _say):
             summaries = _run_stages(plan, context, resources, launch.folder, launch.resumed)
         failed = sum(len(s.failed) for s in summaries)

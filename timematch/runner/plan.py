@@ -4,7 +4,7 @@ A plan has two stages:
 
 1. *pretrain*: one :class:`PretrainTask` per (source tile, fold, settings) that some trial
    starts from; each is trained once and cached under ``<cache>/source_models/<key>.pt``
-   (the key is :func:`timematch.experiment.pretrain_key`), so later launches reuse it.
+   (the key is :attr:`timematch.experiment.SourceTraining.key`), so later launches reuse it.
 2. *adapt*: one :class:`TrialGroup` per (scenario, method, fold); a group runs ``trials``
    trials, Optuna sampling the method's search space (the first trial is the profile's
    defaults), or one trial with the defaults when it is not searched. The ``source_only``
@@ -244,8 +244,15 @@ def check_embedded_root(plan: LaunchPlan) -> None:
 
 
 def source_model_path(cache_dir: str | Path, key: str) -> Path:
-    """Where the source model with :func:`~timematch.experiment.pretrain_key` ``key`` is cached."""
+    """Where the training on a source tile with key ``key`` (:class:`~timematch.experiment.SourceTraining`)
+    keeps its model."""
     return Path(cache_dir) / "source_models" / f"{key}.pt"
+
+
+def source_model_state_path(cache_dir: str | Path, key: str) -> Path:
+    """Where that training keeps its resumable state until its model is stored: beside it, in
+    the cache, so that another launch that needs the same model may be the one to finish it."""
+    return Path(cache_dir) / "source_models" / f"{key}.partial.pt"
 
 
 def base_spec(plan: LaunchPlan, source: str, target: str, fold: int, seed: int | None = None) -> ExperimentSpec:

@@ -112,11 +112,13 @@ def trial_row(run) -> TrialRow | None:
     stopped = "stopped_early" in tags
     if "test_macro_f1" not in metrics and not stopped:
         return None
+    if not all(tags.get(key) for key in ("scenario", "method")):
+        return None  # not a trial's run (made by hand in the experiment): nothing to place in the table
     values = {name: value for name, value in metrics.items() if name.startswith("test_")}
     prefix = "" if stopped else "final_"  # a stopped trial has its last epoch's value only
     values.update({name: metrics[prefix + name] for name in OBJECTIVES if prefix + name in metrics})
     return TrialRow(
-        scenario=tags["scenario"], method=tags["method"], fold=int(tags["fold"]),
+        scenario=tags["scenario"], method=tags["method"], fold=int(tags.get("fold", 0)),
         trial=tags.get("trial_key", run.info.run_id), metrics=values,
         seed=int(tags.get("seed", 0)),  # untagged on the runs of older launches
         run_id=run.info.run_id, model_uri=tags.get("classifier_uri") or tags.get("model_uri"),

@@ -152,7 +152,7 @@ class SearcherStateUnpickler(pickle.Unpickler):
 
 
 class GroupedASHA(FIFOScheduler):
-    """ASHA within each searched group (time unit: epochs reported); FIFO elsewhere."""
+    """ASHA within each searched group (time unit: the epoch a report names); FIFO elsewhere."""
 
     def __init__(self, plan: LaunchPlan, grace_period: int = 1, reduction_factor: float = 2) -> None:
         super().__init__()
@@ -160,7 +160,9 @@ class GroupedASHA(FIFOScheduler):
         for group in plan.groups:
             if group.searched and group.trials > 1 and group.epochs > grace_period:
                 self._schedulers[group.id] = ASHAScheduler(
-                    time_attr="training_iteration", metric=plan.objective, mode="max", max_t=group.epochs,
+                    # the epoch each report names, not Tune's count of reports: a trial retried or
+                    # resumed from its state (timematch.runner.trial_run) goes on at its own epoch
+                    time_attr="epoch", metric=plan.objective, mode="max", max_t=group.epochs,
                     grace_period=grace_period, reduction_factor=reduction_factor,
                 )
         self._registered: set[str] = set()  # trials the group schedulers know (restored ones re-register)

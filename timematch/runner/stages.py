@@ -162,10 +162,12 @@ def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialRes
         metrics = result.metrics or {}
         if result.error is not None:
             summary.failed.append((label, _first_line(result.error)))
-        elif "test_macro_f1" in metrics:
+            continue  # its state stays: --resume continues it
+        if "test_macro_f1" in metrics:
             summary.done.append(label)
         else:
-            summary.stopped.append(label)
+            summary.stopped.append(label)  # ASHA's choice: nothing left to resume
+        folder.trial_state(_trial_id(result)).unlink(missing_ok=True)
     return summary
 
 

@@ -34,7 +34,10 @@ from timematch.locks import cache_lock
 from timematch.models import build_model
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import run_names, runs, tracking, waiting
-from timematch.runner.plan import OBJECTIVES, LaunchPlan, PretrainTask, TrialGroup, get_objective, source_model_path
+from timematch.runner.launch_state import LaunchFolder
+from timematch.runner.plan import (
+    OBJECTIVES, LaunchPlan, PretrainTask, TrialGroup, get_objective, source_model_path, source_model_state_path,
+)
 from timematch.runner.trial_config import AdaptConfig, TrainingConfig
 from timematch.runner.trial_run import log_data, numbers, placement_tags, trial_run
 from timematch.serving import ParcelPredictor, example_input
@@ -65,9 +68,9 @@ class TrialContext:
     events_path: str = ""
     #: How long trials wait for a tracking server that does not answer (the driver's setting).
     tracking_patience_s: float = waiting.PATIENCE_S
-    #: Where adaptation trials keep their resumable state (``<trial id>.pt``): the launch's
-    #: folder (:attr:`~timematch.runner.launch_state.LaunchFolder.trial_states`), which every node shares.
-    states_dir: str = ""
+    #: The launch's folder (:class:`~timematch.runner.launch_state.LaunchFolder`), which every
+    #: node shares: adaptation trials keep their resumable states there.
+    folder: LaunchFolder = field(kw_only=True)
 
 
 def _start(context: TrialContext) -> None:
@@ -128,12 +131,11 @@ def _train_source_model(task: PretrainTask, path: Path, context: TrialContext) -
                                     None if task.is_source_model else task.method),
         context.parent_run_id, reuse_finished=False, refresh=placement_tags(),
     )
-    # an interrupted training continues from its own state beside the cached model: another
-    # launch that needs the same model may be the one to continue it
-    state = path.with_name(path.stem + ".partial.pt")
+    state = source_model_state_path(plan.cache_dir, task.key)
     data = lambda run_id: log_data(client, run_id, plan, [(task.source, "train")], task.fold)  # noqa: E731
     with trial_run(client, context.tracking_uri, opened, state, data, metric_filter=_source_only) as run:
-        pretrained = pretrain_source(spec, run.on_epoch, run.resume_state)
+        with run.measured():
+            pretrained = pretrain_source(spec, run.on_epoch, run.resume_state)
         pretrained.save(path)
         state.unlink(missing_ok=True)
         model = build_model(spec.model, num_classes=len(pretrained.classes))
@@ -193,15 +195,16 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
         refresh=placement_tags(),
     )
     last_epoch = int(resolved["epochs"])
-    state = Path(context.states_dir) / f"{trial_id}.pt"
+    state = context.folder.trial_state(trial_id)
     tiles = [(group.scenario.source, "train"), (group.scenario.target, "target")]
     data = lambda run_id: log_data(client, run_id, plan, tiles, group.fold)  # noqa: E731
     with trial_run(client, context.tracking_uri, opened, state, data, report_until=last_epoch) as run:
         if run.finished:  # completed before an interruption that Tune had not recorded yet
             tune.report(_logged_final(client, run.run_id, objective.name, last_epoch))
             return
-        result = run_experiment(_placed(spec, context), _load_source_model(plan, group), run.on_epoch,
-                                run.resume_state)
+        with run.measured():
+            result = run_experiment(_placed(spec, context), _load_source_model(plan, group), run.on_epoch,
+                                    run.resume_state)
         final = final_metrics(result)
         _log_artifacts(client, run.run_id, result, run.logs)
         predictor = ParcelPredictor.from_result(result, trial=trial_id, launch_id=context.launch_id)

@@ -3,10 +3,11 @@ and an adaptation trial (stage 2) share.
 
 :func:`trial_run` opens the trial's MLflow run (or continues it: a retried or resumed trial
 keeps its run), refuses a run whose earlier attempt diverged, logs the data it reads, finds
-the trial's resumable state, samples system metrics while the trial runs, and on any error
-ends the run as FAILED with its traceback and re-raises (Tune then retries it). The
+the trial's resumable state, and on any error ends the run as FAILED with its traceback and
+re-raises (Tune then retries it). The
 :class:`TrialRun` it yields logs each epoch, saves the state and reports to Tune
-(:meth:`TrialRun.on_epoch`), then logs the final metrics and the models and ends the run
+(:meth:`TrialRun.on_epoch`), samples system metrics while the training runs
+(:meth:`TrialRun.measured`), then logs the final metrics and the models and ends the run
 (:meth:`TrialRun.finish`).
 
 Both stages resume the same way: after every epoch the trial's
@@ -87,6 +88,10 @@ class TrialRun:
             return
         tune.report({**metrics, "epoch": report.epoch})
 
+    def measured(self) -> runs.SystemMetrics:
+        """The training's ``with`` block: MLflow's system metrics sampled into the run meanwhile."""
+        return runs.SystemMetrics(self.tracking_uri, self.run_id)
+
     def log_missing_epochs(self) -> None:
         """The epochs an interrupted attempt trained, logged once: a continued run has them
         already; a new run (the old one was deleted) gets them now."""
@@ -128,8 +133,7 @@ def trial_run(client: MlflowClient, tracking_uri: str, opened: tuple[str, bool],
         if run.state_path.is_file():
             run.resume_state = TrainingState.load(run.state_path)
             run.log_missing_epochs()
-        with runs.SystemMetrics(tracking_uri, run_id):
-            yield run
+        yield run
     except Exception as err:
         runs.fail(client, run_id, err, traceback.format_exc())
         raise
