@@ -40,10 +40,15 @@ class EpochReport:
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "metrics": self.metrics, "logs": self.logs}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EpochReport:
+        return cls(**values)
 
-@dataclass
+
+@dataclass(frozen=True)
 class BestEpoch:
-    """The best epoch so far by the method's ``select_best_by`` metric, and its eval weights."""
+    """The best epoch so far by the method's ``select_best_by`` metric, and its eval weights
+    (never changed: a better epoch is a new one)."""
 
     epoch: int = 0
     value: float = -float("inf")
@@ -53,6 +58,18 @@ class BestEpoch:
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def read_payload(path: Path, what: str, fix: str = "") -> dict[str, Any]:
+    """A dict written with ``torch.save``, read safely (``weights_only``: nothing is unpickled);
+    a file that is not one is a :class:`DatasetError` naming it as a ``what``, then ``fix``."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same error for the user
+        raise DatasetError(f"{path}: not a readable {what} ({type(err).__name__}: {err}){fix}") from None
+    if not isinstance(payload, dict):
+        raise DatasetError(f"{path}: not a {what} written by this version{fix}")
+    return payload
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -105,7 +122,7 @@ class TrainingState:
             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             sampling_rng=None if sampling is None else sampling.get_state(),
             history=list(history),
-            best=copy.copy(best),
+            best=best,
         )
 
     def restore(self, method: Method, optimizers: dict[str, torch.optim.Optimizer], rng: np.random.Generator,
@@ -144,7 +161,7 @@ class TrainingState:
             optimizers=payload["optimizers"], method=payload["method"], numpy_rng=payload["numpy_rng"],
             torch_rng=payload["torch_rng"], cuda_rng=payload.get("cuda_rng"),
             sampling_rng=payload.get("sampling_rng"),
-            history=[EpochReport(**h) for h in payload["history"]],
+            history=[EpochReport.from_dict(h) for h in payload["history"]],
             best=BestEpoch(**payload["best"]),
         )
 
@@ -156,15 +173,12 @@ class TrainingState:
     @classmethod
     def load(cls, path: Path) -> TrainingState:
         """Read a file written by :meth:`save`, safely (``weights_only``: no arbitrary unpickling)."""
-        try:
-            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same error for the user
-            raise DatasetError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
-                               "delete it to train from the start") from None
-        # (states written before the format was recorded have the same keys and no "format")
-        if not isinstance(payload, dict) or payload.get("format", FORMAT) != FORMAT or "epoch" not in payload:
-            raise DatasetError(f"{path}: not a training checkpoint written by this version; delete it to train "
-                               "from the start")
+        fix = "; delete it to train from the start"
+        payload = read_payload(path, "training checkpoint", fix)
+        # states written before the format was recorded have the same keys and no "format"; a
+        # source-model file (timematch.experiment.PretrainedSource) has a format but not these keys
+        if payload.get("format", FORMAT) != FORMAT or not {"epoch", "optimizers", "history"} <= payload.keys():
+            raise DatasetError(f"{path}: not a training checkpoint written by this version{fix}")
         return cls.from_payload(payload)
 
 

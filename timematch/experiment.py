@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from timematch.checkpoint import atomic_torch_save
+from timematch.checkpoint import atomic_torch_save, read_payload
 from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
 from timematch.data.tiles import resolve_tile
 from timematch.errors import ConfigError, DatasetError
@@ -138,11 +138,8 @@ class PretrainedSource:
     @classmethod
     def load(cls, path: Path) -> "PretrainedSource":
         """Read a file written by :meth:`save`, safely (``weights_only``: no arbitrary unpickling)."""
-        try:
-            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise DatasetError(f"{path}: not a readable source-model file ({type(err).__name__}: {err})") from None
-        if not isinstance(payload, dict) or payload.get("format") != 1:
+        payload = read_payload(path, "source-model file")
+        if payload.get("format") != 1:
             raise DatasetError(f"{path}: not a source-model file written by this version")
         info = payload["info"]
         return cls(
@@ -150,7 +147,7 @@ class PretrainedSource:
             classes=list(payload["classes"]),
             state_dict=payload["state_dict"],
             normalizer=payload["normalizer"],
-            history=[EpochReport(**h) for h in payload["history"]],
+            history=[EpochReport.from_dict(h) for h in payload["history"]],
             best_epoch=int(payload["best_epoch"]),
             source_val_f1=float(payload["source_val_f1"]),
             config=dict(info.get("config", {})),

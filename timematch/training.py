@@ -15,7 +15,6 @@ graph, GPU share) :mod:`timematch.execution`'s.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -154,7 +153,7 @@ def fit(
     start = 1
     if resume_state is not None:
         resume_state.restore(method, optimizers, rng, sampling)
-        history, best, start = list(resume_state.history), copy.copy(resume_state.best), resume_state.epoch + 1
+        history, best, start = list(resume_state.history), resume_state.best, resume_state.epoch + 1
     engine.set_step((start - 1) * steps)
     timings = Timings()
     for epoch in range(start, config.epochs + 1):
