@@ -6,8 +6,9 @@ scenario of the tile), one trial each (no search).
 Stage 2 is one Tuner over every adaptation trial of the plan, with :class:`GroupedSearch`
 (Optuna TPE per group behind a concurrency limit) and :class:`GroupedASHA` (ASHA per
 group on epochs); each trial's per-epoch state (:mod:`.trial_run`) and ``FailureConfig``
-retries make a failed trial continue from its last epoch, and ``Tuner.restore(..., resume_errored=True)`` continues an
-interrupted launch (``--resume``) without re-running finished trials.
+retries make a failed trial continue from its last epoch, and
+``Tuner.restore(..., resume_errored=True)`` continues an interrupted launch (``--resume``)
+without re-running finished trials.
 """
 
 from __future__ import annotations
