@@ -156,13 +156,15 @@ def test_the_best_models_are_registered_and_predict_raw_parcels_on_their_own(swe
     uri, client, _, runs, tmp = sweep
     finished = [r for r in runs["adapt"] if r.data.tags["method"] == "timematch" and "test_macro_f1" in r.data.metrics]
     top = max(r.data.metrics["final_target_val_f1"] for r in finished)
-    registered = client.get_model_version_by_alias("record.DK-FR1.timematch", "best")
+    registered = client.get_model_version_by_alias("record-DK-FR1-timematch", "best")
     best = next(r for r in finished if r.info.run_id == registered.run_id)
     assert best.data.metrics["final_target_val_f1"] == top  # by the objective, never the test split
-    assert client.get_model_version_by_alias("record.DK-FR1.source_only", "best")
+    # the baseline is a reference row: registered under its own alias, never best
+    assert client.get_model_version_by_alias("record-DK-FR1-source_only", "reference")
+    assert client.get_registered_model("record-DK-FR1-source_only").aliases == {"reference": 1}
 
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/record.DK-FR1.timematch@best")
+    model = mlflow.pyfunc.load_model("models:/record-DK-FR1-timematch@best")
     assert model.metadata.signature is not None and model.metadata.get_input_schema().input_names()[0] == "pixels"
     parcels = np.arange(12)
     frame = model.predict(parcels_input(data_root, "FR1", parcels))
@@ -188,16 +190,21 @@ def test_the_winner_is_tagged_as_the_report_selects_it(sweep):
         rows = [TrialRow("DK-FR1", method, 0, r.data.tags["trial_key"], run_id=r.info.run_id,
                          metrics={"target_val_f1": r.data.metrics["final_target_val_f1"]}) for r in mine]
         (selected,) = best_trials(rows, "target_val_f1")
-        assert sorted(int(r.data.tags["rank"]) for r in mine) == list(range(1, len(mine) + 1))
-        by_rank = sorted(mine, key=lambda r: int(r.data.tags["rank"]))
+        # a reference method's place is its reference_rank: its rank tag says it is no winner
+        place = "rank" if method == "timematch" else "reference_rank"
+        assert sorted(int(r.data.tags[place]) for r in mine) == list(range(1, len(mine) + 1))
+        by_rank = sorted(mine, key=lambda r: int(r.data.tags[place]))
         values = [r.data.metrics["final_target_val_f1"] for r in by_rank]
         assert values == sorted(values, reverse=True)
-        assert [r.info.run_id for r in mine if r.data.tags["best"] == "true"] == [selected.run_id]
+        best = [r.info.run_id for r in mine if r.data.tags["best"] == "true"]
+        assert best == ([selected.run_id] if method == "timematch" else [])
         assert all(r.data.tags["selected_by"] == "target_val_f1" for r in mine)
+    assert all(r.data.tags["rank"] == "reference" and r.data.tags["reference"] == "true"
+               for r in finished if r.data.tags["method"] == "source_only")
     # the one-line filter the README gives finds exactly the winners
     winners = client.search_runs([experiment.experiment_id], "tags.best = 'true'")
-    assert sorted(r.data.tags["method"] for r in winners) == ["source_only", "timematch"]
-    registered = client.get_model_version_by_alias("record.DK-FR1.timematch", "best")
+    assert sorted(r.data.tags["method"] for r in winners) == ["timematch"]
+    registered = client.get_model_version_by_alias("record-DK-FR1-timematch", "best")
     assert registered.run_id == next(r.info.run_id for r in winners if r.data.tags["method"] == "timematch")
 
 
@@ -207,7 +214,7 @@ def test_a_re_selection_by_another_objective_rewrites_the_winner_tags(sweep, cap
                  "--objective", "source_val_f1"], project_root=REPO)
     out = capsys.readouterr().out
     assert code == EXIT_OK
-    assert "by source_val_f1: rank (1 = selected) and best=true on 2 winners" in out
+    assert "by source_val_f1: rank (1 = selected) and best=true on 1 winner (filter" in out
     timematch = [client.get_run(r.info.run_id) for r in runs["adapt"] if r.data.tags["method"] == "timematch"]
     best = [r for r in timematch if r.data.tags["best"] == "true"]
     assert len(best) == 1 and all(r.data.tags["selected_by"] == "source_val_f1" for r in timematch)
@@ -222,11 +229,11 @@ def test_a_registered_version_and_its_logged_model_point_at_each_other(sweep):
     import json
 
     _, client, _, runs, _ = sweep
-    version = client.get_model_version_by_alias("record.DK-FR1.timematch", "best")
+    version = client.get_model_version_by_alias("record-DK-FR1-timematch", "best")
     # the version's source is the logged model (models:/<id>); SQLite leaves version.model_id unset
     assert version.source.startswith("models:/m-")
     logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
-    assert {"name": "record.DK-FR1.timematch", "version": version.version} in json.loads(
+    assert {"name": "record-DK-FR1-timematch", "version": version.version} in json.loads(
         logged.tags["mlflow.modelVersions"])
     assert logged.source_run_id == version.run_id
     # named for what it is, logged from the project's entry point rather than Ray's worker script

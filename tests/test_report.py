@@ -137,7 +137,10 @@ def test_reference_rows_are_never_best_and_the_selection_counts_are_stated():
     # dann: 2 trials in fold 0, 1 in fold 1; timematch: the trial without an objective is no candidate
     assert "Each cell selects from (finished trials per fold x folds): source_only 1 x 1; dann 1-2 x 2; " \
            "timematch 1 x 1." in markdown
-    assert "Reference rows (source_only) are never marked best." in markdown
+    # the words say what MLflow's tags and registry do (tests/test_report_mlflow.py checks the tags)
+    assert ("Reference rows (source_only) are never marked best: never bold here; in MLflow their trials are "
+            "tagged reference=true, best=false and rank=reference, and their models registered with the alias "
+            "reference.") in markdown
     assert table.trials_per_fold[("dann", "A-B")] == (2, 1)
 
 

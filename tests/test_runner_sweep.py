@@ -190,10 +190,12 @@ def test_every_registered_method_runs_through_the_runner(ray_address, data_root,
         assert len(mine) == 1 or any("sampled" in r.data.tags for r in mine), method
     adapt = [r for r in adapt if "test_macro_f1" in r.data.metrics]
     table = out[out.index("| Method |"):out.index("Selection gap")]  # the main table only
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+    # a row's name, without the mark of rows that are one model ("dann (=A)")
+    rows = [line.split("|")[1].strip().split(" (")[0] for line in table.splitlines()
+            if line.startswith("| ") and "Method" not in line]
     assert rows == methods  # the paper's order, from each method class's table_order
     for line in table.splitlines():
-        name = line.split("|")[1].strip() if line.startswith("| ") else ""
+        name = line.split("|")[1].strip().split(" (")[0] if line.startswith("| ") else ""
         if name and name != "Method" and get_method(name).reference:
             assert "**" not in line, line  # reference rows are never marked best
     # per-epoch logs that say whether a competitor works, in each default trial (#0: a sampled
@@ -222,6 +224,47 @@ def test_every_registered_method_runs_through_the_runner(ray_address, data_root,
     assert training.info.run_name == "train DK SA"
     assert training.data.params["shift_aug"] == "True" and training.info.status == "FINISHED"
     assert "stage 1, source models: 2" in out and "DK/fold0/shift_aug" in out
+    _check_movement_and_one_model_rows(uri, tmp_path / "results", out)
+
+
+def _check_movement_and_one_model_rows(uri: str, results: Path, out: str) -> None:
+    """Every adaptation trial logs how far it moved from its source model, per epoch and final,
+    and its target test predictions; the report names exactly the rows that are one model."""
+    from timematch.methods import get_method
+    from timematch.movement import MOVEMENT_METRICS
+    from timematch.report import best_trials
+    from timematch.report.agreement import SAME, THRESHOLD
+    from timematch.runner import runs
+    from timematch.runner.launch_state import ExperimentFolder
+    from timematch.runner.reporting import build_report
+
+    client = MlflowClient(uri)
+    finished = [r for r in runs_of(uri, "all-methods", "adapt") if "test_macro_f1" in r.data.metrics]
+    for run in finished:
+        moves = get_method(run.data.tags["method"]).starts_from_source
+        assert moves == ({f"final_{m}" for m in MOVEMENT_METRICS} <= set(run.data.metrics)), run.info.run_name
+        if moves:
+            history = client.get_metric_history(run.info.run_id, "changed_by_batch_norm")
+            assert sorted(m.step for m in history) == [1, 2], run.info.run_name
+        assert runs.read_predictions(client, run.info.run_id) is not None, run.info.run_name
+    report = build_report(uri, ExperimentFolder(results, "all-methods"), log_to_mlflow=False)
+    selected = best_trials(report.rows, "target_val_f1")
+    predictions = {r.method: runs.read_predictions(client, r.run_id) for r in selected}
+    together = {frozenset(d.methods) for d in report.degenerate if d.reason == SAME}
+    # at the smoke budget (4 steps) the competitors cannot differ: they are named as one model
+    assert any({"dann", "cdan"} <= group for group in together), report.degenerate
+    for a in predictions:
+        for b in predictions:
+            if a < b and np.mean(predictions[a] == predictions[b]) >= THRESHOLD:
+                assert any({a, b} <= group for group in together), (a, b, together)
+    for group in together:  # each named group is linked by agreements of >= 99 %
+        assert any(np.mean(predictions[a] == predictions[b]) >= THRESHOLD for a in group for b in group if a != b)
+    shown = report.markdown[:report.markdown.index("Selection gap")]
+    assert all(d.sentence() in shown for d in report.degenerate)  # under the main table
+    group = next(d for d in report.degenerate if {"dann", "cdan"} <= set(d.methods))
+    mark = "=" + "ABCDEFGHIJ"[[d for d in report.degenerate if d.reason == SAME].index(group)]
+    assert f"| dann ({mark}" in shown and f"({mark}) " + group.sentence() in shown
+    assert ("rows that do not differ at this budget" in out) == bool(report.degenerate)
 
 
 def _metric_log(client: MlflowClient, run) -> set[tuple[str, int, float]]:

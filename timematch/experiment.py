@@ -32,11 +32,12 @@ from timematch.checkpoint import atomic_torch_save, read_payload
 from timematch.data.dataset import DataConfig, Domain, Normalizer, open_domains
 from timematch.data.tiles import resolve_tile
 from timematch.errors import ConfigError, DatasetError
-from timematch.evaluation import evaluate, pick_device
+from timematch.evaluation import pick_device, predict, score_labelled
 from timematch.selection import CRITERIA, ORACLE, epoch_selection
 from timematch.methods import build_config, get_method, source_model_method
 from timematch.methods.base import MethodInfo
 from timematch.models import build_model
+from timematch.movement import MOVEMENT_METRICS, MovementProbe
 from timematch.training import EpochCallback, EpochReport, Execution, StepPath, Timings, TrainingState, fit
 
 logger = logging.getLogger("timematch")
@@ -52,6 +53,7 @@ EPOCH_METRICS = (
     "pseudo_label_count",
     "pseudo_label_f1",  # analysis only
     "lr",
+    *MOVEMENT_METRICS,  # adaptation methods: how far the model moved from the source model (timematch.movement)
 )
 
 #: Metrics of the final evaluation on the target test split (reported, never used for selection).
@@ -167,7 +169,10 @@ class ExperimentResult:
     shift-estimating methods: one entry per estimation with ``shifts``, ``scores``,
     ``estimator`` and ``estimate``; ``normalizer`` the band statistics the model reads its
     inputs with (:meth:`Normalizer.to_dict`), which prediction needs
-    (:class:`timematch.serving.ParcelPredictor`).
+    (:class:`timematch.serving.ParcelPredictor`); ``predictions`` the class index it predicts
+    for each labelled parcel of the target test split, in the split's order (what the report
+    compares between methods). An adaptation method's ``metrics`` also hold how far its
+    returned model moved from the source model (:data:`~timematch.movement.MOVEMENT_METRICS`).
     """
 
     spec: ExperimentSpec
@@ -182,6 +187,7 @@ class ExperimentResult:
     timings: Timings = field(default_factory=Timings)
     normalizer: dict[str, Any] = field(default_factory=dict)
     step_path: StepPath = field(default_factory=StepPath)
+    predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
 
 
 @dataclass(frozen=True)
@@ -323,6 +329,7 @@ def run_experiment(
     device = pick_device(spec.device)
     source, target = _open(spec)
     info = MethodInfo()
+    probe = None
     if method_cls.trained_on_source_alone():
         training = source_training(spec)
         if pretrained is None or pretrained.key != training.key:
@@ -343,16 +350,20 @@ def run_experiment(
             if pretrained is None:
                 pretrained = pretrain_source(spec)
             model = _from_pretrained(spec, pretrained, source, target, device)
+            probe = MovementProbe(_from_pretrained(spec, pretrained, source, target, device), target, device)
         else:
             torch.manual_seed(_seed(spec))
             model = build_model(spec.model, num_classes=len(source.classes)).to(device)
         method = method_cls(config, model, source, target, device)
         logger.info("%s: %s -> %s, fold %d, on %s", spec.method, source.tile, target.tile, spec.fold, device)
-        fitted = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info, execution=spec.execution())
+        measure = None if probe is None else (lambda: probe.measure(method.eval_model()))
+        fitted = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info, execution=spec.execution(),
+                     measure=measure)
         history, timings, step_path, info = fitted.history, fitted.timings, fitted.step_path, method.info()
         best_epoch = fitted.best_epoch if method_cls.select_best_by else 0
         model = method.eval_model()
-    test = evaluate(model, target, "test", device)
+    probs, labels = predict(model, target, target.labelled("test"), device)
+    test = score_labelled(probs, labels, target.classes)
     metrics = {f"test_{k}": test[k] for k in ("macro_f1", "accuracy", "weighted_f1", "kappa")}
     # the selection metrics of the returned model: its best epoch when the method keeps one
     by_epoch = {h.epoch: h for h in history}
@@ -362,12 +373,14 @@ def run_experiment(
             metrics[key] = chosen.metrics[key]
     if info.estimated_shift is not None:
         metrics["estimated_shift"] = float(info.estimated_shift)
+    if probe is not None:
+        metrics.update(probe.measure(model))
     model = model.to("cpu").eval()
     return ExperimentResult(
         spec=spec, classes=list(source.classes), metrics=metrics, report=test["report"],
         confusion=test["confusion"], history=history, model=model, config=dataclasses.asdict(config),
         shift_scores=list(info.shift_scores), timings=timings, normalizer=target.normalizer.to_dict(),
-        step_path=step_path,
+        step_path=step_path, predictions=probs.argmax(1).astype(np.int16),
     )
 
 

@@ -29,6 +29,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
 from timematch.report import TrialRow, agg_pyplot, is_candidate
+from timematch.report.document import Bullets, Section, Table
 
 TEST_METRIC = "test_macro_f1"
 #: The fewest finished trials of a (scenario, method) that an importance is computed from.
@@ -114,20 +115,28 @@ def _fanova(study, seed: int, target) -> dict[str, float]:
     return {key: float(value) for key, value in found.items()}
 
 
-def importance_markdown(importances: Sequence[Importance], notes: Sequence[str], objective: str) -> str:
-    """The importance table of a report, then one line per group without one."""
-    lines = [f"## Hyper-parameter importance (fANOVA, share of the variance explained; "
-             f"objective {objective}, and test F1)", ""]
+def importance_section(importances: Sequence[Importance], notes: Sequence[str], objective: str) -> Section:
+    """The report's importance section: the table (one row per searched key of each group), then
+    one line per group without one."""
+    blocks: list = []
     if importances:
-        lines += [f"| scenario | method | finished trials | parameter | for {objective} | for test F1 |",
-                  "|---|---|---:|---|---:|---:|"]
+        rows = []
         for item in importances:
             for row in item.rows():
                 shares = [row[f"importance_{objective}"], row[f"importance_{TEST_METRIC}"]]
-                shown = " | ".join("-" if v is None else f"{v:.2f}" for v in shares)
-                lines.append(f"| {item.scenario} | {item.method} | {item.finished} | {row['param']} | {shown} |")
-    lines += [""] + [f"- {note}" for note in notes]
-    return "\n".join(lines).rstrip() + "\n"
+                rows.append((item.scenario, item.method, str(item.finished), row["param"],
+                             *("-" if v is None else f"{v:.2f}" for v in shares)))
+        blocks.append(Table(("scenario", "method", "finished trials", "parameter", f"for {objective}", "for test F1"),
+                            tuple(rows), align=("left", "left", "right", "left", "right", "right")))
+    if notes:
+        blocks.append(Bullets(tuple(notes)))
+    return Section(f"Hyper-parameter importance (fANOVA, share of the variance explained; objective {objective}, "
+                   "and test F1)", tuple(blocks))
+
+
+def importance_markdown(importances: Sequence[Importance], notes: Sequence[str], objective: str) -> str:
+    """The importance section as Markdown (:func:`importance_section`)."""
+    return importance_section(importances, notes, objective).to_markdown()
 
 
 def plot_sensitivity(scenario: str, method: str, trials: Sequence[TrialRow],

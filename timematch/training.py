@@ -133,6 +133,7 @@ def fit(
     resume_state: TrainingState | None = None,
     log: Callable[[str], None] | None = None,
     execution: Execution = Execution(),
+    measure: Callable[[], dict[str, float]] | None = None,
 ) -> FitResult:
     """Train ``method`` (a :class:`timematch.methods.base.Method`; the methods build on this
     module, never the other way round) for its configured epochs.
@@ -141,6 +142,8 @@ def fit(
     function that captures the :class:`TrainingState`; ``resume_state`` is such a state to
     continue from (saved on either path, on either kind of device). When the method selects a
     best epoch (``select_best_by``), its weights are loaded into the model at the end.
+    ``measure()``: more metrics of the model after each epoch's training, added to its report
+    (never selected by: how far the weights moved, :mod:`timematch.movement`).
     """
     config = method.config
     steps = method.steps_per_epoch()
@@ -158,6 +161,8 @@ def fit(
     timings = Timings()
     for epoch in range(start, config.epochs + 1):
         report, elapsed, waited = _epoch(method, engine, epoch, steps, rng, seed)
+        if measure is not None:
+            report.metrics.update(measure())
         timings.step_seconds += elapsed
         timings.data_wait_seconds += waited
         timings.steps += steps

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,8 @@ class AdversarialConfig(AlignmentConfig):
     grl_hi: float = 1.0
     grl_max_iters: int = 1000
     discriminator_hidden: int = 1024
+
+    step_counts: ClassVar[tuple[str, ...]] = ("grl_max_iters",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

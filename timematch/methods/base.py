@@ -101,6 +101,9 @@ class TrainConfig:
     lr_decay: float = 0.75
     backbone_lr_scale: float = 1.0
 
+    #: Settings that count steps of a step-based schedule (the reversal's warm-up): see :meth:`scaled_to`.
+    step_counts: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         check_range(self, "epochs", 0, 100_000)
         check_range(self, "steps_per_epoch", 1, 10_000_000)
@@ -120,6 +123,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def scaled_to(self, steps: int) -> dict[str, Any]:
+        """The step-based schedule settings that give a training of ``steps`` steps the schedule's
+        shape over this config's own budget (``epochs x steps_per_epoch``): the inverse decay's
+        ``lr_gamma`` times ``own / steps``, each :attr:`step_counts` setting times ``steps / own``
+        (at least 1). Cosine schedules scale by themselves: nothing to set. How the quick profile
+        compresses the published 10,000 steps to 100, and ``benchmarks/budget.py`` to any budget."""
+        if self.steps_per_epoch is None:
+            raise ValueError(f"{type(self).__name__}: a budget in steps needs steps_per_epoch")
+        factor = steps / (self.epochs * self.steps_per_epoch)
+        scaled: dict[str, Any] = {}
+        if self.schedule == "inverse_decay":
+            scaled["lr_gamma"] = self.lr_gamma / factor
+        for name in self.step_counts:
+            scaled[name] = max(1, round(getattr(self, name) * factor))
+        return scaled
 
 
 @dataclass(frozen=True)
@@ -161,7 +180,8 @@ class Method:
     #: A row of the TimeMatch paper's table (False: a method published since; ``--method paper``
     #: runs the paper's rows alone).
     in_paper_table: ClassVar[bool] = True
-    #: A reference row (source-only, upper bound): shown, never marked best.
+    #: A reference row (source-only, upper bound): shown, never marked best (never bold; in MLflow
+    #: its trials are tagged ``reference=true``, never ``best=true``, and its model's alias is ``reference``).
     reference: ClassVar[bool] = False
     #: Its training is the source models' training, and its default trial only evaluates the
     #: pretrained source model on the target (the source-only baseline). Exactly one method.

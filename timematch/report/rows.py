@@ -24,7 +24,8 @@ class TrialRow:
 
     ``metrics`` holds the trial's ``test_*`` metrics and the value of each selection objective
     (``target_val_f1``, ``source_val_f1``, ...) of its final model; ``params`` its sampled
-    values of the searched keys; ``trial`` the key that orders ties (the run's ``trial_key``).
+    values of the searched keys; ``trial`` the key that orders ties (the run's ``trial_key``);
+    ``run_name`` its run's name, as the report names the trial.
     """
 
     scenario: str
@@ -37,6 +38,7 @@ class TrialRow:
     model_uri: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     stopped: bool = False
+    run_name: str = ""
 
     @property
     def replicate(self) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from timematch.report.document import Section, Table, Text
 from timematch.report.rows import GroupKey, TrialRow, best_trials, is_candidate
 from timematch.report.tables import AVERAGE, column_label, method_order, summarize
 
@@ -37,12 +38,11 @@ class SelectionGap:
     metric: str
     oracle: str
 
-    def to_markdown(self) -> str:
+    def section(self) -> Section:
+        """The report's selection-gap section: what each criterion's choice scores, against the
+        oracle and the best possible trial."""
         head = [*(f"{c} (oracle)" if c == self.oracle else c for c in self.criteria), f"{BEST_POSSIBLE} (reference)"]
-        lines = [f"Selection gap: average {self.metric} (x100) over scenarios when each criterion selects the trial "
-                 "per fold; in brackets, the mean Spearman correlation of the criterion with the test metric "
-                 "across a group's trials.", "",
-                 "| Method | " + " | ".join(head) + " |", "|---|" + ":-:|" * len(head)]
+        rows = []
         for method in self.methods:
             cells = []
             for criterion in [*self.criteria, BEST_POSSIBLE]:
@@ -52,12 +52,19 @@ class SelectionGap:
                 if criterion != BEST_POSSIBLE and groups:
                     text += f" (ρ {rho:+.2f})"
                 cells.append(text)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append(f"'{BEST_POSSIBLE}' selects by the test split itself: a bound on any criterion, never a "
-                     f"selection. '{self.oracle}' uses target validation labels; the others use none, except "
-                     "few_shot_target_f1 (a few labelled target validation parcels per class).")
-        return "\n".join(lines) + "\n"
+            rows.append((method, *cells))
+        return Section("Selection gap", (
+            Text(f"Selection gap: average {self.metric} (x100) over scenarios when each criterion selects the trial "
+                 "per fold; in brackets, the mean Spearman correlation of the criterion with the test metric "
+                 "across a group's trials."),
+            Table(("Method", *head), tuple(rows)),
+            Text(f"'{BEST_POSSIBLE}' selects by the test split itself: a bound on any criterion, never a "
+                 f"selection. '{self.oracle}' uses target validation labels; the others use none, except "
+                 "few_shot_target_f1 (a few labelled target validation parcels per class)."),
+        ))
+
+    def to_markdown(self) -> str:
+        return self.section().to_markdown(heading=False)
 
 
 def selection_gap(rows: Iterable[TrialRow], criteria: Sequence[str], oracle: str = "target_val_f1",
@@ -104,16 +111,22 @@ class PairedComparison:
     objective: str
     rows: list[tuple[str, str, int, int, int, float, float]]  # scenario, other, wins, losses, ties, mean diff, p
 
-    def to_markdown(self) -> str:
-        lines = [f"Paired comparison: {self.reference} against every other method, per scenario, over the "
-                 f"folds x seeds both ran (the trial each selects by {self.objective}; {self.metric} x100).", "",
-                 f"| Scenario | vs | {self.reference} wins | losses | ties | mean difference | Wilcoxon p |",
-                 "|---|---|:-:|:-:|:-:|:-:|:-:|"]
+    def section(self) -> Section:
+        """The report's paired-comparison section."""
+        rows = []
         for scenario, other, wins, losses, ties, diff, p in self.rows:
             shown_p = "–" if math.isnan(p) else f"{p:.3f}"
-            lines.append(f"| {column_label(scenario)} | {other} | {wins} | {losses} | {ties} | {100 * diff:+.1f} "
-                         f"| {shown_p} |")
-        return "\n".join(lines) + "\n"
+            rows.append((column_label(scenario), other, str(wins), str(losses), str(ties), f"{100 * diff:+.1f}",
+                         shown_p))
+        return Section("Paired comparison", (
+            Text(f"Paired comparison: {self.reference} against every other method, per scenario, over the "
+                 f"folds x seeds both ran (the trial each selects by {self.objective}; {self.metric} x100)."),
+            Table(("Scenario", "vs", f"{self.reference} wins", "losses", "ties", "mean difference", "Wilcoxon p"),
+                  tuple(rows), align=("left", "left", "center", "center", "center", "center", "center")),
+        ))
+
+    def to_markdown(self) -> str:
+        return self.section().to_markdown(heading=False)
 
 
 def paired_comparison(rows: Iterable[TrialRow], objective: str, metric: str = "test_macro_f1",

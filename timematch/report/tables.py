@@ -1,21 +1,22 @@
 """The paper-style results table: per (scenario, method, fold) the trial with the best
 objective, then the mean and standard deviation of its test metric over folds (and seeds), as
-Markdown and HTML::
+Markdown and HTML, as the report's first section (:meth:`ResultTable.section`)::
 
     rows -> summarize(rows, "target_val_f1") -> ResultTable
-    table.to_markdown(), table.to_html()
+    table.section(), table.to_markdown(), table.to_html()
 
 The standard deviation is the population one (``numpy.std``, ddof 0) over folds. The
 ``Avg`` column is the mean over scenarios of the per-scenario means; its spread is the
 standard deviation over folds of the per-fold averages, when every scenario has the same
 folds. Methods appear in the paper's order; reference methods (source-only, upper bound) are
-never marked best.
+never marked best: never bold, and the runner never tags their trials ``best=true`` nor
+registers their models as ``best`` (:mod:`timematch.runner.reporting`,
+:mod:`timematch.runner.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from timematch.methods import get_method, method_names, methods_in_table_order
+from timematch.report.document import Document, Figure, Section, Table, Text
 from timematch.report.rows import TrialRow, best_trials, is_candidate
 
 AVERAGE = "Avg"
@@ -86,6 +88,9 @@ class ResultTable:
     #: (method, scenario) -> the number of candidate trials per fold the cell selected from
     trials_per_fold: dict[tuple[str, str], tuple[int, ...]] = dataclasses.field(default_factory=dict)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    #: method -> a mark after its name (``=A``: the rows of one model, named in a note; see
+    #: :mod:`timematch.report.agreement`)
+    marks: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -130,43 +135,28 @@ class ResultTable:
         note = f"Each cell selects from {per}: " + "; ".join(parts) + "."
         references = [m for m in self.methods if is_reference(m)]
         if references:
-            note += f" Reference rows ({', '.join(references)}) are never marked best."
+            note += (f" Reference rows ({', '.join(references)}) are never marked best: never bold here; in MLflow "
+                     "their trials are tagged reference=true, best=false and rank=reference, and their models "
+                     "registered with the alias reference.")
         return note
 
-    def to_markdown(self) -> str:
-        header = ["Method", *[column_label(c) for c in self.columns]]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * len(self.columns)) + "|"]
+    def section(self, figures: Sequence[Figure] = ()) -> Section:
+        """The report's results section: the table, its caption, the selection note and the
+        notes, then ``figures`` (the table as bars)."""
         best = {c: self.best_in(c) for c in self.columns}
-        for method in self.methods:
-            cells = []
-            for column in self.columns:
-                text = self.value(method, column).format()
-                cells.append(f"**{text}**" if method in best[column] else text)
-            lines.append("| " + " | ".join([method, *cells]) + " |")
-        footer = [f"\n{self.caption()}.", self.selection_note()] + [f"{note}" for note in self.notes]
-        return "\n".join(lines) + "\n" + "\n".join(footer) + "\n"
+        rows = tuple((f"{method} ({self.marks[method]})" if method in self.marks else method,
+                      *(self.value(method, c).format() for c in self.columns)) for method in self.methods)
+        bold = frozenset((r, c + 1) for r, method in enumerate(self.methods)
+                         for c, column in enumerate(self.columns) if method in best[column])
+        table = Table(("Method", *(column_label(c) for c in self.columns)), rows, bold=bold)
+        notes = [Text(f"{self.caption()}."), Text(self.selection_note()), *(Text(note) for note in self.notes)]
+        return Section(f"Results: {self.metric} (x100)", (table, *notes, *figures))
+
+    def to_markdown(self) -> str:
+        return self.section().to_markdown(heading=False)
 
     def to_html(self, title: str = "TimeMatch results") -> str:
-        best = {c: self.best_in(c) for c in self.columns}
-        head = "".join(f"<th>{html.escape(column_label(c))}</th>" for c in self.columns)
-        body = []
-        for method in self.methods:
-            cells = []
-            for column in self.columns:
-                text = html.escape(self.value(method, column).format())
-                cells.append(f"<td><b>{text}</b></td>" if method in best[column] else f"<td>{text}</td>")
-            body.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}</tr>")
-        notes = "".join(f"<p>{html.escape(note)}</p>" for note in (self.selection_note(), *self.notes))
-        return (
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif}table{border-collapse:collapse}"
-            "th,td{border:1px solid #999;padding:4px 8px;text-align:center}th{background:#eee}"
-            "</style></head><body>\n"
-            f"<table><caption>{html.escape(self.caption())}</caption>"
-            f"<thead><tr><th>Method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
-            f"{notes}</body></html>\n"
-        )
+        return Document(title, [self.section()]).to_html()
 
 
 def _span(low: int, high: int) -> str:
@@ -179,8 +169,10 @@ def summarize(
     metric: str = "test_macro_f1",
     scenarios: Sequence[str] | None = None,
     notes: Sequence[str] = (),
+    marks: dict[str, str] | None = None,
 ) -> ResultTable:
-    """The paper-style table of ``metric`` for the best trial per fold by ``objective``."""
+    """The paper-style table of ``metric`` for the best trial per fold by ``objective``;
+    ``notes`` under it, ``marks`` after the names of its rows (:attr:`ResultTable.marks`)."""
     rows = list(rows)
     chosen = [row for row in best_trials(rows, objective) if metric in row.metrics]
     candidates: dict[tuple[str, str], dict[tuple[int, int], int]] = {}
@@ -212,4 +204,4 @@ def summarize(
     seeds = sorted({r.seed for r in chosen}) or [0]
     trials_per_fold = {key: tuple(n for _, n in sorted(per_fold.items())) for key, per_fold in candidates.items()}
     return ResultTable(methods, scenario_names, cells, average, metric, objective, folds, tuple(notes),
-                       trials_per_fold, seeds)
+                       trials_per_fold, seeds, dict(marks or {}))

@@ -420,4 +420,6 @@ def report_command(args: argparse.Namespace, root: Path) -> int:
     print(report.markdown)
     print("written: " + ", ".join(str(p) for p in report.files))
     print(report.tagged)
+    if report.degenerate:
+        print(report.degenerate_line())
     return EXIT_OK

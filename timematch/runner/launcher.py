@@ -77,7 +77,8 @@ def _run_stages(plan: LaunchPlan, context, resources, folder: LaunchFolder, resu
 
 
 def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, Any, Any]) -> int:
-    from timematch.runner.reporting import NoFinishedTrial, build_report, register_best_models
+    from timematch.runner.registry import register_best_models
+    from timematch.runner.reporting import NoFinishedTrial, build_report
     from timematch.runner.trainables import TrialContext
 
     plan = launch.plan
@@ -122,10 +123,12 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
             report = build_report(launch.tracking_uri, launch.folder.experiment, plan.objective,
                                   launch_id=launch.launch_id)
             _say(f"\n{report.markdown}\nwritten: {', '.join(str(p) for p in report.files)}\n{report.tagged}")
+            if report.degenerate:
+                _say(report.degenerate_line())
             registered = register_best_models(launch.tracking_uri, plan.experiment, report, plan.objective,
                                               launch.launch_id)
             if registered:
-                _say(f"registered (alias 'best', by {plan.objective}): {', '.join(registered)}")
+                _say(f"registered by {plan.objective} (models:/<name>@<alias>): {', '.join(registered)}")
         except NoFinishedTrial as err:  # only this case has no table; any other error surfaces
             _say(f"\nno report: {err}")
         counts = {"trials_done": sum(len(s.done) for s in summaries[1:]),

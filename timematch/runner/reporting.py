@@ -3,14 +3,15 @@
 Used at the end of a launch and by ``python launch.py report``. The table itself is built
 by :mod:`timematch.report` (no MLflow there); this module finds the runs, turns each into a
 :class:`~timematch.report.TrialRow` (:func:`trial_row`, the one place that reads a trial's
-tags and metrics for the report), writes ``report.md``, ``report.html`` and ``report.png``
-to ``results/<experiment>/`` and logs them to the latest launch's parent run.
+tags and metrics for the report), writes ``report.md`` and ``report.html`` (one
+:class:`~timematch.report.Document`, the same sections in both; the HTML embeds the figures)
+and ``report.png`` to ``results/<experiment>/``, logs them to the launch's parent run, tags
+the trials' runs with their ranks (:func:`mark_winners`) and sets the launch run's
+description to name the winners (:func:`winners_description`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from collections.abc import Mapping
@@ -21,13 +22,15 @@ from typing import Any
 from PIL import Image
 
 from timematch.errors import ConfigError
-from timematch.importance import EVALUATOR, Importance, importance_markdown, param_importances, plot_sensitivity
+from timematch.importance import EVALUATOR, Importance, importance_section, param_importances, plot_sensitivity
+from timematch.movement import MOVEMENT_METRICS
 from timematch.report import (
-    AVERAGE, ResultTable, TrialRow, agg_pyplot, best_trials, paired_comparison, plot_methods, ranked_trials,
-    selection_gap, summarize,
+    AVERAGE, Document, Figure, ResultTable, Section, TrialRow, agg_pyplot, best_trials, column_label, is_reference,
+    method_order, paired_comparison, plot_methods, ranked_trials, selection_gap, summarize,
 )
+from timematch.report.agreement import Degenerate, labelled, one_model_rows, terminal_line
 from timematch.runner import runs, tracking, waiting
-from timematch.runner.launch_state import ExperimentFolder, safe_name
+from timematch.runner.launch_state import ExperimentFolder
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, get_objective
 from timematch.runner.run_names import quoted
 from timematch.runner.search_space import to_optuna
@@ -48,6 +51,12 @@ class Report:
     launch_run_id: str | None = None
     #: What :func:`mark_winners` tagged, in one line ("" when nothing was logged to MLflow)
     tagged: str = ""
+    #: Rows that are one model (:mod:`timematch.report.agreement`), named under the table
+    degenerate: list[Degenerate] = field(default_factory=list)
+
+    def degenerate_line(self) -> str:
+        """:attr:`degenerate` in one line for the terminal ("" when no rows are one model)."""
+        return terminal_line(self.degenerate)
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -117,12 +126,15 @@ def trial_row(run) -> TrialRow | None:
     values = {name: value for name, value in metrics.items() if name.startswith("test_")}
     prefix = "" if stopped else "final_"  # a stopped trial has its last epoch's value only
     values.update({name: metrics[prefix + name] for name in OBJECTIVES if prefix + name in metrics})
+    # how far its returned model moved from the source model (timematch.movement), as logged
+    values.update({f"final_{name}": metrics[f"final_{name}"] for name in MOVEMENT_METRICS
+                   if f"final_{name}" in metrics})
     return TrialRow(
         scenario=tags["scenario"], method=tags["method"], fold=int(tags.get("fold", 0)),
         trial=tags.get("trial_key", run.info.run_id), metrics=values,
         seed=int(tags.get("seed", 0)),  # untagged on the runs of older launches
         run_id=run.info.run_id, model_uri=tags.get("classifier_uri") or tags.get("model_uri"),
-        params=json.loads(tags.get("sampled") or "{}"), stopped=stopped,
+        params=json.loads(tags.get("sampled") or "{}"), stopped=stopped, run_name=run.info.run_name or "",
     )
 
 
@@ -133,8 +145,9 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
 
     ``launch_id``: a launch (None: the latest; :data:`ALL_LAUNCHES`: every launch pooled,
     which turns each cell into a best-of-all-their-trials). The report is logged to that
-    launch's parent run (the latest one when pooling), with its table as one chart, and every
-    ranked trial's run is tagged with its rank by the objective (:func:`mark_winners`).
+    launch's parent run (the latest one when pooling), with its table as one chart and a
+    description that names the winners (:func:`winners_description`), and every ranked
+    trial's run is tagged with its rank by the objective (:func:`mark_winners`).
     """
     experiment = folder.experiment
     exp_id = experiment_id(uri, experiment)
@@ -160,28 +173,32 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
          f"{len(rows)} finished trials of all launches of experiment '{experiment}' pooled")
         + "; the target test split is never used for selection.",
     ]
-    table = summarize(rows, chosen.name, "test_macro_f1", scenarios, notes)
+    client = tracking.client(uri)
+    degenerate = one_model_rows(rows, chosen.name, lambda run_id: runs.read_predictions(client, run_id))
+    marks, flagged = labelled(degenerate)
+    table = summarize(rows, chosen.name, "test_macro_f1", scenarios, notes + flagged, marks)
     gap = selection_gap(rows, list(OBJECTIVES), oracle=ORACLE, scenarios=scenarios)
-    markdown = table.to_markdown() + "\n" + gap.to_markdown()
+    sections = [gap.section()]
     if len(table.seeds) > 1 or len(table.folds) > 1:
         paired = paired_comparison(rows, chosen.name, scenarios=scenarios)
         if paired.rows:
-            markdown += "\n" + paired.to_markdown()
+            sections.append(paired.section())
     folder.path.mkdir(parents=True, exist_ok=True)
-    client = tracking.client(uri)
     searched = searched_spaces(client, launch) if launch is not None else {}
     sensitivity = hyperparameter_sensitivity(trials, searched, chosen.name, folder)
-    if sensitivity.markdown:
-        markdown += "\n" + sensitivity.markdown
     files = folder.report_files
-    files[0].write_text(f"# {experiment}\n\n{markdown}")
-    files[1].write_text(table.to_html(title=experiment))
     plt = agg_pyplot()
     figure = plot_methods(table, title=f"{experiment}: {table.metric}, best trial per fold by {chosen.name}")
     figure.savefig(files[2], dpi=120)
     plt.close(figure)
-    report = Report(table, markdown, files + sensitivity.files, len(rows), rows,
+    bars = Figure(files[2], files[2].name, f"{table.metric} (x100) per scenario and method, as in the table")
+    document = Document(experiment, [table.section(figures=[bars]), *sections, *sensitivity.sections],
+                        markdown_preface=MARKDOWN_PREFACE)
+    files[0].write_text(document.to_markdown())
+    files[1].write_text(document.to_html())
+    report = Report(table, document.to_markdown(preface=False), files + sensitivity.files, len(rows), rows,
                     launch.info.run_id if launch is not None else None)
+    report.degenerate = degenerate
     if log_to_mlflow and launch is not None:
         run_id = launch.info.run_id
         for path in files:
@@ -195,26 +212,100 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
         waiting.retry(lambda: client.log_image(run_id, chart, key=f"{table.metric} per scenario", step=0))
         runs.log_metrics(client, run_id, report_metrics(table, len(rows)), step=runs.FINAL_STEP)
         report.tagged = mark_winners(client, trials, chosen.name)
+        description = winners_description(rows, chosen.name, table.metric, scenarios, scope,
+                                          launch.info.experiment_id, run_id)
+        waiting.retry(lambda: client.set_tag(run_id, DESCRIPTION_TAG, description))
     return report
 
 
+#: Under the title of ``report.md`` only: where its figures show inline.
+MARKDOWN_PREFACE = ("The figures are linked files beside this one (`report.png`, `sensitivity/`). In MLflow's UI "
+                    "open `report.html` instead: the same report with the figures in the page.")
+
+#: The tag that holds a run's description in MLflow's UI (its run page; the launch's card in the chart view).
+DESCRIPTION_TAG = "mlflow.note.content"
+
+
 def mark_winners(mlflow_client, trials: list[TrialRow], objective: str) -> str:
-    """Tag every finished trial's run with its ``rank`` in its (scenario, method, fold, seed)
-    by ``objective`` (1: the trial the report selects), ``best`` (``true`` on rank 1, else
-    ``false``) and ``selected_by`` (``objective``). A re-selection (``report --objective``)
-    rewrites the three tags; trials without a value for the objective, and trials stopped
-    early, get ``rank`` none and ``best=false``. Returns what it did, in one line."""
+    """Tag every finished trial's run with its place in its (scenario, method, fold, seed) by
+    ``objective`` and ``selected_by`` (``objective``). A trial of an adaptation method gets
+    ``rank`` (1: the trial the report selects, a winner) and ``best`` (``true`` on rank 1). A
+    trial of a reference method (source-only, the upper bound: rows to compare with, never
+    marked best) gets ``reference=true``, ``best=false``, ``rank=reference`` and its place as
+    ``reference_rank`` (1: the trial its row shows). A re-selection (``report --objective``)
+    rewrites the tags; trials without a value for the objective, and trials stopped early, get
+    ``rank`` (or ``reference_rank``) none and ``best=false``. Returns what it did, in one line."""
     from mlflow.entities import RunTag
 
     ranked = ranked_trials([row for row in trials if not row.stopped], objective)
     rank = {row.run_id: index + 1 for group in ranked.values() for index, row in enumerate(group)}
     for row in trials:
-        place = rank.get(row.run_id)
-        tags = [RunTag("rank", str(place) if place else "none"), RunTag("best", "true" if place == 1 else "false"),
-                RunTag("selected_by", objective)]
+        place = str(rank.get(row.run_id) or "none")
+        if is_reference(row.method):
+            tags = [RunTag("rank", REFERENCE_RANK), RunTag("reference_rank", place), RunTag("reference", "true"),
+                    RunTag("best", "false")]
+        else:
+            tags = [RunTag("rank", place), RunTag("best", "true" if place == "1" else "false")]
+        tags.append(RunTag("selected_by", objective))
         waiting.retry(lambda r=row, t=tags: mlflow_client.log_batch(r.run_id, tags=t))
-    return (f"tagged {len(trials)} trial runs by {objective}: rank (1 = selected) and best=true on "
-            f"{len(ranked)} winners (filter the runs table with: tags.best = 'true')")
+    winners = [key for key in ranked if not is_reference(key[1])]
+    references = sorted({key[1] for key in ranked if is_reference(key[1])})
+    line = (f"tagged {len(trials)} trial runs by {objective}: rank (1 = selected) and best=true on "
+            f"{len(winners)} winner{'' if len(winners) == 1 else 's'} (filter the runs table with: tags.best = 'true')")
+    if references:
+        line += f"; reference rows ({', '.join(references)}): reference=true, never best"
+    return line
+
+
+#: The ``rank`` tag of a reference method's trial: never a winner (its place: ``reference_rank``).
+REFERENCE_RANK = "reference"
+
+
+def cell_winners(rows: list[TrialRow], objective: str, with_model: bool = False) -> dict[tuple[str, str], TrialRow]:
+    """Per (scenario, method), the selected trial (:func:`best_trials`) with the highest
+    ``objective`` over its folds and seeds (the first in the report's order on a tie): the trial
+    the launch's description names and the Model Registry holds. ``with_model``: among the
+    trials that logged a model only."""
+    best: dict[tuple[str, str], TrialRow] = {}
+    for row in best_trials(rows, objective):
+        key = (row.scenario, row.method)
+        if (row.model_uri or not with_model) and (key not in best
+                                                  or row.metrics[objective] > best[key].metrics[objective]):
+            best[key] = row
+    return best
+
+
+def winners_description(rows: list[TrialRow], objective: str, metric: str, scenarios: list[str],
+                        launch_id: str | None, experiment_id: str, run_id: str) -> str:
+    """The launch run's description (Markdown, a line per (scenario, method)): the trial the
+    report selects (:func:`cell_winners`), linked by its run name, with its ``objective``
+    and test metric (as logged: 0 to 1) and its sampled hyper-parameters; the winners of the
+    adaptation methods first, then the reference rows, said to be references; and a link to
+    the whole report, ``report/report.html`` (the figures inline)."""
+    runs_page = f"#/experiments/{experiment_id}/runs"
+    winners = cell_winners(rows, objective)
+    scenarios = [*scenarios, *sorted({scenario for scenario, _ in winners} - set(scenarios))]
+    methods = method_order(method for _, method in winners)
+    pooled = "" if launch_id else ", all launches pooled"
+    lines = [f"**Winners** by `{objective}`{pooled} ([the report]({runs_page}/{run_id}/artifacts/report/report.html): "
+             "report/report.html)"]
+    for reference in (False, True):
+        for (scenario, method), row in sorted(winners.items(), key=lambda item: (scenarios.index(item[0][0]),
+                                                                                  methods.index(item[0][1]))):
+            if is_reference(method) != reference:
+                continue
+            name = f"[{row.run_name or row.trial}]({runs_page}/{row.run_id})" if row.run_id else row.run_name
+            replicates = len({r.replicate for r in rows if (r.scenario, r.method) == (scenario, method)})
+            best_of = f" (the best over {replicates} folds x seeds)" if replicates > 1 else ""
+            values = f"{objective} {row.metrics[objective]:.3f}, {metric} {row.metrics.get(metric, float('nan')):.3f}"
+            params = ", ".join(f"{key}={_short(value)}" for key, value in sorted(row.params.items())) or "defaults"
+            kind = f"{method} (reference, never best)" if reference else f"**{method}**"
+            lines.append(f"- {column_label(scenario)} {kind}: {name}{best_of}: {values}; {params}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -224,7 +315,8 @@ class Sensitivity:
     importances: list[Importance] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
-    markdown: str = ""
+    #: The report's sections: the importance table and notes, then the plots (none when nothing was searched)
+    sections: list[Section] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"evaluator": EVALUATOR,
@@ -256,6 +348,7 @@ def hyperparameter_sensitivity(trials: list[TrialRow], spaces: Mapping[tuple[str
     ``folder.sensitivity_plot``; a group with too few finished trials gets a one-line note instead."""
     plt = agg_pyplot()
     out = Sensitivity()
+    plotted: list[tuple[str, str]] = []
     for (scenario, method), distributions in spaces.items():
         group = [t for t in trials if t.scenario == scenario and t.method == method]
         if not group:
@@ -272,9 +365,13 @@ def hyperparameter_sensitivity(trials: list[TrialRow], spaces: Mapping[tuple[str
         figure.savefig(path, dpi=110)
         plt.close(figure)
         out.files.append(path)
+        plotted.append((scenario, method))
     if out.importances or out.notes:
-        out.markdown = importance_markdown(out.importances, out.notes, objective)
-        out.markdown += "".join(f"\n![{p.stem}](sensitivity/{p.name})" for p in out.files) + "\n"
+        out.sections.append(importance_section(out.importances, out.notes, objective))
+    if out.files:
+        out.sections.append(Section("Sensitivity: each trial's F1 against each searched hyper-parameter", tuple(
+            Figure(path, f"sensitivity/{path.name}", f"{scenario} {method}")
+            for (scenario, method), path in zip(plotted, out.files))))
     return out
 
 
@@ -290,55 +387,3 @@ def report_metrics(table: ResultTable, n_rows: int) -> dict[str, float]:
                 name = f"avg_{table.metric}/{method}" if column == AVERAGE else f"{table.metric}/{column}/{method}"
                 metrics[name] = value.mean
     return metrics
-
-
-def register_best_models(uri: str, experiment: str, report: Report, objective: str, launch_id: str) -> list[str]:
-    """Register, per (scenario, method), the model of the best trial by ``objective`` in the
-    Model Registry as ``<experiment>.<scenario>.<method>``, alias ``best`` pointing at it.
-
-    ``objective`` is the launch's selection rule (never the test split); reference methods
-    (the upper bound) are registered too, tagged as such. Returns the names registered.
-    """
-    best: dict[tuple[str, str], TrialRow] = {}
-    for row in best_trials(report.rows, objective):
-        key = (row.scenario, row.method)
-        if row.model_uri and (key not in best or row.metrics[objective] > best[key].metrics[objective]):
-            best[key] = row
-    names = []
-    for (scenario, method), row in sorted(best.items()):
-        name = f"{safe_name(experiment)}.{scenario}.{method}"
-        tags = {"objective": objective, objective: f"{row.metrics[objective]:.4f}", "fold": str(row.fold),
-                "launch_id": launch_id, "trial_key": row.trial,
-                "description": f"{method} adapted for {scenario}; the best trial of launch {launch_id} by {objective}"}
-        register_best(uri, name, str(row.model_uri), row.run_id, tags)
-        names.append(name)
-    return names
-
-
-def register_best(uri: str, name: str, model_uri: str, run_id: str, tags: Mapping[str, str],
-                  alias: str = "best") -> int:
-    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version.
-
-    A logged model (``models:/m-...``) goes through ``mlflow.register_model``, which links both
-    ways: the version records the logged model and its run, and the logged model lists the
-    version (its ``mlflow.modelVersions``, which ``MlflowClient.create_model_version`` leaves
-    unset, so the UI would offer to register a model that is registered already).
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    mlflow_client = tracking.client(uri)
-    try:
-        waiting.retry(lambda: mlflow_client.create_registered_model(name, description=tags.get("description")))
-    except MlflowException as err:
-        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-            raise
-    if model_uri.startswith("models:/m-"):
-        # MLflow writes "Registered model ... already exists" to stderr: the launch says what it registered
-        with tracking.using_uri(uri), contextlib.redirect_stderr(io.StringIO()):
-            version = waiting.retry(lambda: mlflow.register_model(model_uri, name, tags=dict(tags)))
-    else:  # a model of an older launch, logged as a run's artifact
-        version = waiting.retry(lambda: mlflow_client.create_model_version(name, model_uri, run_id=run_id,
-                                                                           tags=dict(tags)))
-    waiting.retry(lambda: mlflow_client.set_registered_model_alias(name, alias, version.version))
-    return int(version.version)

@@ -11,7 +11,9 @@
   pretraining runs log source metrics only; the launch run logs the report's numbers;
 - artifacts: the model (``mlflow.pytorch.load_model``) and a self-contained parcel
   classifier (``mlflow.pyfunc``), confusion-matrix and shift-score plots, the per-class
-  report (JSON and CSV); the data as a dataset input; system metrics.
+  report (JSON and CSV), the predicted class of every target test parcel
+  (:data:`PREDICTIONS_ARTIFACT`, which the report compares between methods); the data as a
+  dataset input; system metrics.
 
 **This module is the only code that sets a run's status**, in the driver and in trials:
 :func:`open_run` (RUNNING: created, or continued by a retry or ``--resume``),
@@ -28,9 +30,13 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from timematch.errors import NonFiniteLoss
 from timematch.runner.run_names import SOURCE_TAGS, pretrain_run_key, quoted
@@ -45,6 +51,31 @@ if TYPE_CHECKING:
 FINAL_STEP = 0
 #: Requirements written with logged models: writing them skips MLflow's slow inference.
 PIP_REQUIREMENTS = ["torch", "numpy", "timematch"]
+
+
+#: A trial's predicted class index per labelled target test parcel, in the split's order: a
+#: ``.npy`` int16 vector (read back with ``allow_pickle=False``).
+PREDICTIONS_ARTIFACT = "target_test_predictions.npy"
+
+
+def log_predictions(mlflow_client, run_id: str, predictions) -> None:
+    """Log ``predictions`` (a 1-d integer array) as the run's :data:`PREDICTIONS_ARTIFACT`."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / PREDICTIONS_ARTIFACT
+        np.save(path, np.asarray(predictions, dtype=np.int16), allow_pickle=False)
+        retry(lambda: mlflow_client.log_artifact(run_id, str(path)))
+
+
+def read_predictions(mlflow_client, run_id: str):
+    """The run's :data:`PREDICTIONS_ARTIFACT` (None for a run without one: an older launch's)."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = retry(lambda: mlflow_client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, directory))
+            return np.load(path, allow_pickle=False)
+        except (MlflowException, OSError, ValueError):
+            return None
 
 
 def logged_steps(mlflow_client, run_id: str, key: str) -> set[int]:

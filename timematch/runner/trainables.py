@@ -32,6 +32,7 @@ from timematch.experiment import (
 )
 from timematch.locks import cache_lock
 from timematch.models import build_model
+from timematch.movement import MOVEMENT_METRICS
 from timematch.report import per_class_csv, plot_confusion, plot_shift_scores
 from timematch.runner import run_names, runs, tracking, waiting
 from timematch.runner.launch_state import LaunchFolder
@@ -227,12 +228,15 @@ def _load_source_model(plan: LaunchPlan, group: TrialGroup) -> PretrainedSource 
 
 def final_metrics(result: ExperimentResult) -> dict[str, float]:
     """``final_<objective>`` of the returned model (its best epoch's for methods that keep
-    one, as :func:`run_experiment` reports them), and the target test metrics."""
+    one, as :func:`run_experiment` reports them), its estimated shift and how far it moved from
+    the source model (``final_moved_encoder``, ...: :mod:`timematch.movement`), and the target
+    test metrics."""
     source = dict(result.metrics)
     final = {f"final_{name}": float(source[name]) for name in OBJECTIVES if name in source}
     final.update({k: float(v) for k, v in result.metrics.items() if k.startswith(TEST_PREFIX)})
-    if "estimated_shift" in result.metrics:
-        final["final_estimated_shift"] = float(result.metrics["estimated_shift"])
+    for name in ("estimated_shift", *MOVEMENT_METRICS):
+        if name in result.metrics:
+            final[f"final_{name}"] = float(result.metrics[name])
     return final
 
 
@@ -262,6 +266,7 @@ def _log_artifacts(client: MlflowClient, run_id: str, result: ExperimentResult, 
         waiting.retry(lambda: client.log_dict(run_id, _plain(result.shift_scores), "shift_scores.json"))
     if logs:
         waiting.retry(lambda: client.log_text(run_id, "\n".join(logs) + "\n", "epoch_logs.txt"))
+    runs.log_predictions(client, run_id, result.predictions)
 
 
 def _plain(value: Any) -> Any:
