@@ -90,7 +90,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="where source models are cached (default: the launches')")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows --out holds (same scenario and fold) and run only the missing ones")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the table of the rows --out holds, as docs/results.md shows it, and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,14 +127,19 @@ def main() -> None:
     print(header)
     for steps in budgets:
         control = None
+        if all((method, steps) in done for method in methods):
+            print(f"{'(all)':<12}{steps:>7}  (kept from {args.out})")
+            continue
         for method in [CONTROL, *methods]:
             name = "dann" if method == CONTROL else method
             if (method, steps) in done:
-                if method == CONTROL:  # the kept control's predictions are not stored: run it again
-                    rows = [r for r in rows if (r["method"], r["budget"]) != (CONTROL, steps)]
-                else:
+                kept_row = next(r for r in rows if (r["method"], r["budget"]) == (method, steps))
+                if method != CONTROL or "predictions" in kept_row:
+                    if method == CONTROL:
+                        control = np.asarray(kept_row["predictions"])
                     print(f"{method:<12}{steps:>7}  (kept from {args.out})")
                     continue
+                rows.remove(kept_row)  # a control without its predictions: run it again
             config = budget_config(name, steps, profile.method_overrides(name))
             if method == CONTROL:
                 config["trade_off"] = 0.0
@@ -147,12 +157,38 @@ def main() -> None:
                                            "changed_by_batch_norm")},
                 "agrees_with_control": float(np.mean(result.predictions == control)),
             }
+            if method == CONTROL:  # kept, so that a resumed run compares with it
+                row["predictions"] = control.tolist()
             rows.append(row)
             print(f"{method:<12}{steps:>7}{100 * row['test_macro_f1']:>7.1f}{100 * row['moved_encoder']:>8.2f}"
                   f"{100 * row['moved_classifier']:>8.2f}{100 * row['changed_predictions']:>8.1f}"
                   f"{100 * row['changed_by_batch_norm']:>7.1f}{100 * row['agrees_with_control']:>9.1f}"
                   f"{seconds:>7.0f}{cpu:>7.0f}", flush=True)
             write(args, rows, budgets, methods)  # what ran so far survives an interruption
+
+
+def markdown(result: dict) -> str:
+    """Per method (rows) and budget (columns): test macro F1 x100, the share of target test
+    parcels predicted differently from the source model, agreement with the control, the
+    encoder's relative movement, CPU seconds."""
+    rows = [r for r in result["rows"] if r["budget"]]
+    budgets = sorted({r["budget"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: r["method"] != CONTROL)))
+    by = {(r["method"], r["budget"]): r for r in rows}
+    baseline = next(r for r in result["rows"] if r["method"] == "source_only")
+    lines = ["| method | " + " | ".join(f"{b} steps: F1 / changed / = finetune / encoder moved / CPU s" for b in budgets)
+             + " |", "|---|" + ":-:|" * len(budgets)]
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            r = by.get((method, budget))
+            cells.append("not run" if r is None else
+                         f"{100 * r['test_macro_f1']:.1f} / {100 * r['changed_predictions']:.1f} % / "
+                         f"{100 * r['agrees_with_control']:.1f} % / {100 * r['moved_encoder']:.2f} % / "
+                         f"{r.get('cpu_seconds', float('nan')):.0f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append(f"| source_only | {100 * baseline['test_macro_f1']:.1f} (the source model) |" + " |" * (len(budgets) - 1))
+    return "\n".join(lines)
 
 
 def kept_rows(out: Path, args: argparse.Namespace) -> list[dict]:

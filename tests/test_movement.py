@@ -15,7 +15,7 @@ from timematch.methods import build_config, method_names
 from timematch.models import build_model
 from timematch.movement import MOVEMENT_METRICS, MovementProbe, predicted_classes
 from timematch.report import summarize
-from timematch.report.agreement import SAME, UNMOVED, degenerate_rows, labelled, terminal_line
+from timematch.report.agreement import SAME, UNMOVED, degenerate_rows, labelled, movement_section, terminal_line
 from timematch.report.rows import TrialRow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,8 +100,9 @@ def test_rows_with_the_same_predictions_are_flagged_together():
     other[:50] = (other[:50] + 1) % 5  # 95 % agreement: a different model
     nearly = base.copy()
     nearly[:5] = (nearly[:5] + 1) % 5  # 99.5 %: the same model
-    rows = [_row("source_only"), _row("dann", final_moved_encoder=0.001, final_moved_classifier=0.003),
-            _row("cdan", final_moved_encoder=0.002, final_moved_classifier=0.002), _row("timematch")]
+    moved = {"final_changed_predictions": 0.1, "final_changed_by_batch_norm": 0.05}
+    rows = [_row("source_only"), _row("dann", final_moved_encoder=0.001, final_moved_classifier=0.003, **moved),
+            _row("cdan", final_moved_encoder=0.002, final_moved_classifier=0.002, **moved), _row("timematch")]
     predictions = {"DK-FR1/source_only/0": other, "DK-FR1/dann/0": base, "DK-FR1/cdan/0": nearly,
                    "DK-FR1/timematch/0": rng.integers(0, 5, 1000)}
     found = degenerate_rows(rows, predictions, order=["source_only", "dann", "cdan", "timematch"])
@@ -115,6 +116,11 @@ def test_rows_with_the_same_predictions_are_flagged_together():
     table = summarize(rows, "test_macro_f1", notes=notes, marks=marks).to_markdown()
     assert "| dann (=A) |" in table and "| cdan (=A) |" in table and "| timematch |" in table
     assert f"(=A) {note}" in table
+
+    # the report's movement section: the adaptation rows that logged it, in the paper's order
+    section = movement_section(rows, "test_macro_f1").to_markdown()
+    assert "| dann | 0.10 | 0.30 |" in section and "| cdan | 0.20 | 0.20 |" in section
+    assert "source_only" not in section and movement_section(rows[:1], "test_macro_f1") is None
 
     # rows that differ everywhere: no note at all
     predictions["DK-FR1/cdan/0"] = other[::-1].copy()

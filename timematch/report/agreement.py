@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from timematch.methods import get_method, method_names, methods_in_table_order
+from timematch.report.document import Section, Table, Text
 from timematch.report.rows import TrialRow, best_trials
 
 #: Rows agreeing on at least this share of the target test parcels are reported as one model.
@@ -168,6 +169,35 @@ def labelled(found: Sequence[Degenerate]) -> tuple[dict[str, str], list[str]]:
                 marks[method].append(mark)
         notes.append(f"({mark}) {finding.sentence()}")
     return {m: ",".join(v).replace(",=", ",") for m, v in marks.items()}, notes
+
+
+#: The movement columns of :func:`movement_section`: (metric of a trial row, header)
+MOVEMENT_COLUMNS = (("final_moved_encoder", "encoder moved %"), ("final_moved_classifier", "classifier moved %"),
+                    ("final_changed_predictions", "predictions changed %"),
+                    ("final_changed_by_batch_norm", "by batch norm alone %"))
+
+
+def movement_section(rows: Iterable[TrialRow], objective: str) -> Section | None:
+    """How far the trials the report selects (by ``objective``) moved from their source model,
+    per method, averaged over scenario-folds (:mod:`timematch.movement`); None when no row
+    logged it (a launch of reference methods only, or older runs)."""
+    selected = best_trials(rows, objective)
+    values: dict[str, list[TrialRow]] = {}
+    for row in selected:
+        if MOVEMENT_COLUMNS[0][0] in row.metrics:
+            values.setdefault(row.method, []).append(row)
+    if not values:
+        return None
+    table = Table(("Method", *(header for _, header in MOVEMENT_COLUMNS), "scenario-folds"), tuple(
+        (method, *(f"{100 * np.mean([r.metrics[key] for r in values[method]]):.{1 if 'changed' in key else 2}f}"
+                   for key, _ in MOVEMENT_COLUMNS), str(len(values[method])))
+        for method in methods_in_table_order(sorted(values))))
+    return Section("How far each method moved from its source model", (table, Text(
+        "Relative change of the weights (||θ - θ0|| / ||θ0||), the share of target test parcels the returned "
+        "model predicts differently from the source model it started from, and the share the trial's batch-norm "
+        "statistics alone change (the source model's weights with them); means over the selected trials. Rows "
+        f"whose predictions agree on at least {100 * THRESHOLD:.0f} % of the parcels are marked in the results "
+        "table. None of this selects anything."),))
 
 
 def terminal_line(found: Sequence[Degenerate]) -> str:

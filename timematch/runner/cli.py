@@ -158,8 +158,9 @@ def launch_parser() -> argparse.ArgumentParser:
         "(DK, FR1, FR2, AT1 or country/tile/year); comma lists allowed (default: all)"))
     what.add_argument("--method", default="all", help=_METHOD_HELP)
     what.add_argument("--profile", default="quick", help=(
-        "experiments/profiles/<name>.yaml: 'quick' (minutes on a 2-core CPU), 'paper' (published budgets, "
-        "3 folds), 'smoke' (tiny, for tests) (default: quick)"))
+        "experiments/profiles/<name>.yaml: 'quick' (minutes on a 2-core CPU; too short for the feature-alignment "
+        "competitors to act: the report flags them), 'paper' (published budgets, 3 folds), 'smoke' (tiny, for "
+        "tests) (default: quick)"))
     what.add_argument("--folds", help=(
         "number of folds N (folds 0..N-1) or a comma list like 0,2 (default: the profile's)"))
     what.add_argument("--trials", type=_integer(0, MAX_TRIALS), help=(

@@ -15,6 +15,7 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
     lines = [
         f"experiment {plan.experiment!r}, profile {plan.profile!r}, seed {plan.seed}"
         + (f", {plan.seeds} seeds ({plan.seed}..{plan.seed + plan.seeds - 1})" if plan.seeds > 1 else ""),
+        *([f"profile {plan.profile!r}: {plan.profile_description}"] if plan.profile_description else []),
         f"data: {plan.data_root}" + (" (embedded synthetic dataset)" if plan.synthetic_data else "")
         + f"; data overrides {plan.data or '{}'}",
         f"objective: {objective.name} ({objective.description})",

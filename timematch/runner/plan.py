@@ -158,6 +158,7 @@ class LaunchPlan:
     seeds: int = 1  # each (scenario, method, fold) repeated over seeds seed .. seed + seeds - 1
     precision: str = "fp32"  # the training steps' precision (timematch.training.Execution)
     cuda_graph: bool = True  # on a GPU, the training step captured once and replayed
+    profile_description: str = ""  # what the profile is for and what its budgets can show
 
     @property
     def n_trials(self) -> int:
@@ -292,7 +293,8 @@ def build_plan(request: PlanRequest) -> LaunchPlan:
         get_objective(request.objective)
     search = request.trials > 0
     plan = LaunchPlan(
-        experiment=request.experiment, profile=profile.name, objective=request.objective, seed=request.seed,
+        experiment=request.experiment, profile=profile.name, profile_description=profile.description,
+        objective=request.objective, seed=request.seed,
         data_root=str(Path(request.data_root).expanduser().resolve()),
         cache_dir=str(Path(request.cache_dir).expanduser().resolve()), data=dict(profile.data),
         pretrain=dict(profile.pretrain), folds=list(request.folds), scenarios=list(request.scenarios),

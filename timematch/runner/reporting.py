@@ -28,7 +28,7 @@ from timematch.report import (
     AVERAGE, Document, Figure, ResultTable, Section, TrialRow, agg_pyplot, best_trials, column_label, is_reference,
     method_order, paired_comparison, plot_methods, ranked_trials, selection_gap, summarize,
 )
-from timematch.report.agreement import Degenerate, labelled, one_model_rows, terminal_line
+from timematch.report.agreement import Degenerate, labelled, movement_section, one_model_rows, terminal_line
 from timematch.runner import runs, tracking, waiting
 from timematch.runner.launch_state import ExperimentFolder
 from timematch.runner.plan import OBJECTIVES, LaunchPlan, get_objective
@@ -178,7 +178,8 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
     marks, flagged = labelled(degenerate)
     table = summarize(rows, chosen.name, "test_macro_f1", scenarios, notes + flagged, marks)
     gap = selection_gap(rows, list(OBJECTIVES), oracle=ORACLE, scenarios=scenarios)
-    sections = [gap.section()]
+    moved = movement_section(rows, chosen.name)
+    sections = [gap.section(), *([moved] if moved else [])]
     if len(table.seeds) > 1 or len(table.folds) > 1:
         paired = paired_comparison(rows, chosen.name, scenarios=scenarios)
         if paired.rows:
