@@ -265,6 +265,8 @@ def _check_movement_and_one_model_rows(uri: str, results: Path, out: str) -> Non
     mark = "=" + "ABCDEFGHIJ"[[d for d in report.degenerate if d.reason == SAME].index(group)]
     assert f"| dann ({mark}" in shown and f"({mark}) " + group.sentence() in shown
     assert ("rows that do not differ at this budget" in out) == bool(report.degenerate)
+    launch = next(r for r in runs_of(uri, "all-methods", "launch"))
+    assert group.sentence() in launch.data.tags["mlflow.note.content"]  # the launch run's description too
     moved = report.markdown[report.markdown.index("## How far each method moved"):]
     assert "| dann |" in moved and "| source_only |" not in moved.split("\n## ")[0]
 

@@ -215,6 +215,7 @@ def build_report(uri: str, folder: ExperimentFolder, objective: str | None = Non
         report.tagged = mark_winners(client, trials, chosen.name)
         description = winners_description(rows, chosen.name, table.metric, scenarios, scope,
                                           launch.info.experiment_id, run_id)
+        description += "".join(f"\n\n**One model** {note}" for note in flagged)  # as under the table
         waiting.retry(lambda: client.set_tag(run_id, DESCRIPTION_TAG, description))
     return report
 
