@@ -14,7 +14,8 @@ model; then, for the trial's model at any point, :meth:`MovementProbe.measure` g
   from the source model's;
 - ``changed_by_batch_norm``: the same share for the source model's weights with the trial's
   current buffers (its batch-norm statistics): the part of ``changed_predictions`` that the
-  statistics alone explain.
+  statistics alone explain. For a method that adds a branch to the classifier's forward pass
+  (RAINCOAT), the source model has no such branch, so this share also holds the branch's absence.
 
 The test split's labels are never read: only which class each model predicts, so nothing here
 selects (:mod:`timematch.selection` reads no test split). The runner logs the four per epoch
