@@ -58,10 +58,8 @@ def budget_config(method: str, steps: int, base: dict) -> dict:
     """``method``'s config at a budget of ``steps`` steps (from its quick-profile config ``base``)."""
     if steps % EPOCHS:
         raise SystemExit(f"--budgets: {steps} is not a multiple of {EPOCHS} epochs")
-    config = {k: v for k, v in base.items() if k not in ("lr_gamma", "grl_max_iters")}
-    config.update(epochs=EPOCHS, steps_per_epoch=steps // EPOCHS)
-    config.update(build_config(method, {}).scaled_to(steps))
-    return config
+    # the scaled schedule settings replace the quick profile's (its own 100-step scaling)
+    return {**base, "epochs": EPOCHS, "steps_per_epoch": steps // EPOCHS, **build_config(method, {}).scaled_to(steps)}
 
 
 def source_model(spec: ExperimentSpec, cache: Path) -> PretrainedSource:

@@ -350,7 +350,7 @@ def run_experiment(
             if pretrained is None:
                 pretrained = pretrain_source(spec)
             model = _from_pretrained(spec, pretrained, source, target, device)
-            probe = MovementProbe(_from_pretrained(spec, pretrained, source, target, device), target, device)
+            probe = MovementProbe(model, target, device)  # copies the source model before the method changes it
         else:
             torch.manual_seed(_seed(spec))
             model = build_model(spec.model, num_classes=len(source.classes)).to(device)
@@ -374,7 +374,7 @@ def run_experiment(
     if info.estimated_shift is not None:
         metrics["estimated_shift"] = float(info.estimated_shift)
     if probe is not None:
-        metrics.update(probe.measure(model))
+        metrics.update(probe.measure(model, predictions=probs.argmax(1)))
     model = model.to("cpu").eval()
     return ExperimentResult(
         spec=spec, classes=list(source.classes), metrics=metrics, report=test["report"],

@@ -71,12 +71,14 @@ class MovementProbe:
         self._model = copy.deepcopy(start)  # loaded with the start weights and a trial's buffers in measure()
         self.start_predictions = predicted_classes(start, domain, device)
 
-    def measure(self, model: torch.nn.Module) -> dict[str, float]:
-        """:data:`MOVEMENT_METRICS` of ``model`` (the trial's model now; left as it was)."""
+    def measure(self, model: torch.nn.Module, predictions: np.ndarray | None = None) -> dict[str, float]:
+        """:data:`MOVEMENT_METRICS` of ``model`` (the trial's model now; left as it was);
+        ``predictions``: its test predictions when the caller has them already."""
         state = model.state_dict()
-        training = model.training
-        predictions = predicted_classes(model, self.domain, self.device)
-        model.train(training)
+        if predictions is None:
+            training = model.training
+            predictions = predicted_classes(model, self.domain, self.device)
+            model.train(training)
         statistics_only = dict(self.start_state)
         statistics_only.update({name: state[name] for name in self.buffers if name in state})
         self._model.load_state_dict(statistics_only)

@@ -51,13 +51,13 @@ class Degenerate:
                  if len(self.cells) < self.compared else
                  f"in every scenario-fold ({self.compared})" if self.compared > 1 else "")
         moved = "" if self.moved is None else f"; weights moved at most {100 * self.moved:.1f} % from the source model"
+        parcels = " ".join(filter(None, (f"{_share(self.agreement)} of the target test parcels", where)))
         names = ", ".join(self.methods)
         if self.reason == SAME:
-            return (f"{names}: the same predictions on {_share(self.agreement)} of the target test parcels {where}"
-                    f"{moved}; at this budget they do not differ, whatever the table's digits say.").replace(" ;", ";")
+            return (f"{names}: the same predictions on {parcels}{moved}; at this budget they do not differ, "
+                    "whatever the table's digits say.")
         verb = "predicts" if len(self.methods) == 1 else "predict"
-        return (f"{names}: {verb} what the source model predicts on {_share(self.agreement)} of the target test "
-                f"parcels {where}{moved}; at this budget adaptation did not act.").replace(" ;", ";")
+        return f"{names}: {verb} what the source model predicts on {parcels}{moved}; at this budget adaptation did not act."
 
 
 def one_model_rows(rows: Iterable[TrialRow], objective: str,
