@@ -33,7 +33,7 @@ from timematch.selection import epoch_selection
 from timematch.step_engine import LearningRate, StepContext, StepEngine, build_optimizer
 
 __all__ = ["Execution", "EpochReport", "EpochCallback", "FitResult", "StepContext", "StepPath", "Timings",
-           "TrainingState", "fit", "prepare", "PRECISIONS"]
+           "Training", "TrainingState", "fit", "prepare", "PRECISIONS"]
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,7 @@ def prepare(method: Any, seed: int, execution: Execution = Execution(),
     device = method.device
     steps = method.steps_per_epoch()
     total_steps = config.epochs * steps
-    optimizers = {name: build_optimizer(config, groups, device) for name, groups in method.optimizer_groups().items()}
-    if len(optimizers) > 1 and not method.manual_optimization:
-        raise TypeError(f"{type(method).__name__} names {len(optimizers)} optimisers: set manual_optimization")
-    method.optimizers = optimizers
+    optimizers = build_optimizers(method)
     torch.manual_seed(seed)
     views = place_views(method.source, method.target, device, execution.gpu_share, seed)
     method.views = views
@@ -124,6 +121,16 @@ def prepare(method: Any, seed: int, execution: Execution = Execution(),
     return StepEngine(method, optimizers, LearningRate.of(config, total_steps), views, steps, total_steps,
                       precision=execution.precision, cuda_graph=execution.cuda_graph,
                       poison_step=None if poison is None else (poison[0] - 1) * steps + poison[1] - 1, log=log)
+
+
+def build_optimizers(method: Any) -> dict[str, torch.optim.Optimizer]:
+    """``method``'s optimisers, from its parameter groups and config, set on it (``method.optimizers``)."""
+    optimizers = {name: build_optimizer(method.config, groups, method.device)
+                  for name, groups in method.optimizer_groups().items()}
+    if len(optimizers) > 1 and not method.manual_optimization:
+        raise TypeError(f"{type(method).__name__} names {len(optimizers)} optimisers: set manual_optimization")
+    method.optimizers = optimizers
+    return optimizers
 
 
 def fit(
@@ -145,69 +152,113 @@ def fit(
     ``measure()``: more metrics of the model after each epoch's training, added to its report
     (never selected by: how far the weights moved, :mod:`timematch.movement`).
     """
-    config = method.config
-    steps = method.steps_per_epoch()
     engine = prepare(method, seed, execution, log)
-    optimizers, views = method.optimizers, method.views
-    rng = np.random.default_rng(seed)
-    sampling = views.source.generator  # a background thread's generator (None: the device's default one)
-    history: list[EpochReport] = []
-    best = BestEpoch()
-    start = 1
+    training = Training(method, seed, engine.views, log, measure)
     if resume_state is not None:
-        resume_state.restore(method, optimizers, rng, sampling)
-        history, best, start = list(resume_state.history), resume_state.best, resume_state.epoch + 1
-    engine.set_step((start - 1) * steps)
-    timings = Timings()
-    for epoch in range(start, config.epochs + 1):
-        report, elapsed, waited = _epoch(method, engine, epoch, steps, rng, seed)
-        if measure is not None:
-            report.metrics.update(measure())
-        timings.step_seconds += elapsed
-        timings.data_wait_seconds += waited
-        timings.steps += steps
-        if method.select_best_by and report.metrics[method.select_best_by] > best.value:
-            best = BestEpoch(epoch, float(report.metrics[method.select_best_by]), snapshot(method.eval_model()))
-        history.append(report)
-        if log:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in report.metrics.items() if k in _SHOWN)
-            log(f"epoch {epoch}/{config.epochs}: {shown}" + "".join(f"\n  {line}" for line in report.logs))
+        training.resume(resume_state)
+    engine.set_step(training.start_step)
+    for epoch in training.epochs():
+        metrics, logs = training.begin_epoch(epoch)
+        waited = engine.waited
+        started = time.perf_counter()
+        sums, first_bad, bad_loss = engine.run_epoch(training.steps)  # the epoch's one read back to the host
+        elapsed = time.perf_counter() - started
+        training.check_finite(epoch, first_bad, bad_loss)
+        report = training.finish_epoch(epoch, metrics, logs, sums, elapsed, engine.waited - waited,
+                                       engine.learning_rate())
         if on_epoch:
-            on_epoch(report, lambda epoch=epoch, best=best: TrainingState.capture(
-                epoch, method, optimizers, rng, sampling, history, best))
-    if method.select_best_by and best.state is not None:
-        method.eval_model().load_state_dict(best.state)
-    return FitResult(history=history, best_epoch=best.epoch, best_value=best.value, timings=timings,
-                     step_path=StepPath(engine.path, engine.reason, views.placement, execution.precision))
+            on_epoch(report, training.state_capture(epoch))
+    return training.result(engine.path, engine.reason, execution.precision)
 
 
-def _epoch(method: Any, engine: StepEngine, epoch: int, steps: int, rng: np.random.Generator,
-           seed: int) -> tuple[EpochReport, float, float]:
-    """Train one epoch and evaluate it: its report, seconds in its steps, seconds waiting for data.
-    Raises :class:`NonFiniteLoss` naming the first step whose loss was not finite."""
-    logs: list[str] = []
-    metrics = dict(method.start_epoch(epoch, rng, logs))
-    method.set_train_mode()
-    waited = engine.waited
-    started = time.perf_counter()
-    sums, first_bad, bad_loss = engine.run_epoch(steps)  # the epoch's one read back to the host
-    elapsed = time.perf_counter() - started
-    if first_bad >= 0:
+class Training:
+    """One method's training as the loop sees it between steps: its epochs, their reports,
+    the best epoch, the timings, and its resumable state. :func:`fit` drives one with a
+    :class:`~timematch.step_engine.StepEngine`; :func:`timematch.arrays.fit_array` drives
+    several, whose steps run fused, with the same reports."""
+
+    def __init__(self, method: Any, seed: int, views: Any, log: Callable[[str], None] | None = None,
+                 measure: Callable[[], dict[str, float]] | None = None) -> None:
+        self.method = method
+        self.seed = seed
+        self.views = views
+        self.log = log
+        self.measure = measure
+        self.steps = method.steps_per_epoch()
+        self.rng = np.random.default_rng(seed)
+        self.sampling = views.source.generator  # a background thread's generator (None: the device's default one)
+        self.history: list[EpochReport] = []
+        self.best = BestEpoch()
+        self.start = 1
+        self.timings = Timings()
+
+    @property
+    def start_step(self) -> int:
+        return (self.start - 1) * self.steps
+
+    def resume(self, state: TrainingState) -> None:
+        state.restore(self.method, self.method.optimizers, self.rng, self.sampling)
+        self.history, self.best, self.start = list(state.history), state.best, state.epoch + 1
+
+    def epochs(self) -> range:
+        return range(self.start, self.method.config.epochs + 1)
+
+    def begin_epoch(self, epoch: int) -> tuple[dict[str, float], list[str]]:
+        """The method's start of the epoch (a shift estimate, say) and train mode: its metrics and log lines."""
+        logs: list[str] = []
+        metrics = dict(self.method.start_epoch(epoch, self.rng, logs))
+        self.method.set_train_mode()
+        return metrics, logs
+
+    def check_finite(self, epoch: int, first_bad: int, bad_loss: float) -> None:
+        """Raise :class:`NonFiniteLoss` naming the first step whose loss was not finite (-1: none was)."""
+        if first_bad < 0:
+            return
         saved = f"the last checkpoint holds epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
-        step = first_bad - (epoch - 1) * steps + 1
+        step = first_bad - (epoch - 1) * self.steps + 1
         raise NonFiniteLoss(
             f"loss became {bad_loss} at epoch {epoch}, step {step}; {saved}. "
             "Lower the learning rate or check the input normalisation.", epoch, step, saved,
         )
-    waited = engine.waited - waited
-    metrics.update({key: value / steps for key, value in sums.items() if not key.endswith("_count")})
-    metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
-    metrics.update(method.end_epoch(epoch, logs))
-    metrics.update(epoch_selection(method.eval_model(), method.source, method.target, method.device, seed))
-    metrics["lr"] = engine.learning_rate()
-    metrics["samples_per_second"] = steps * method.config.batch_size / max(elapsed, 1e-9)
-    metrics["data_wait_fraction"] = waited / max(elapsed, 1e-9)
-    return EpochReport(epoch=epoch, metrics=metrics, logs=logs), elapsed, waited
+
+    def finish_epoch(self, epoch: int, metrics: dict[str, float], logs: list[str], sums: dict[str, float],
+                     elapsed: float, waited: float, learning_rate: float) -> EpochReport:
+        """The epoch's report from its step sums: the method's end of the epoch, the selection
+        criteria, the measurements; the best epoch kept; the epoch logged."""
+        method, steps = self.method, self.steps
+        metrics.update({key: value / steps for key, value in sums.items() if not key.endswith("_count")})
+        metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
+        metrics.update(method.end_epoch(epoch, logs))
+        metrics.update(epoch_selection(method.eval_model(), method.source, method.target, method.device, self.seed))
+        metrics["lr"] = learning_rate
+        metrics["samples_per_second"] = steps * method.config.batch_size / max(elapsed, 1e-9)
+        metrics["data_wait_fraction"] = waited / max(elapsed, 1e-9)
+        report = EpochReport(epoch=epoch, metrics=metrics, logs=logs)
+        if self.measure is not None:
+            report.metrics.update(self.measure())
+        self.timings.step_seconds += elapsed
+        self.timings.data_wait_seconds += waited
+        self.timings.steps += steps
+        if method.select_best_by and report.metrics[method.select_best_by] > self.best.value:
+            self.best = BestEpoch(epoch, float(report.metrics[method.select_best_by]), snapshot(method.eval_model()))
+        self.history.append(report)
+        if self.log:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in report.metrics.items() if k in _SHOWN)
+            self.log(f"epoch {epoch}/{method.config.epochs}: {shown}" + "".join(f"\n  {line}" for line in report.logs))
+        return report
+
+    def state_capture(self, epoch: int) -> Callable[[], TrainingState | None]:
+        """A function that captures the state to resume from after ``epoch``."""
+        method, history, best = self.method, list(self.history), self.best
+        return lambda: TrainingState.capture(epoch, method, method.optimizers, self.rng, self.sampling, history, best)
+
+    def result(self, path: str, reason: str, precision: str) -> FitResult:
+        """The training's result; the best epoch's weights loaded when the method keeps one."""
+        method = self.method
+        if method.select_best_by and self.best.state is not None:
+            method.eval_model().load_state_dict(self.best.state)
+        return FitResult(history=self.history, best_epoch=self.best.epoch, best_value=self.best.value,
+                         timings=self.timings, step_path=StepPath(path, reason, self.views.placement, precision))
 
 
 _SHOWN = ("train_loss", "target_val_f1", "source_val_f1", "estimated_shift", "pseudo_label_count", "samples_per_second")

@@ -39,6 +39,12 @@ class ALDAConfig(AdversarialConfig):
         check_range(self, "pseudo_threshold", 0.0, 1.0)
 
 
+def _one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """float one-hot rows (``F.one_hot`` checks its labels' range with a read-back, which an
+    array of trials, under ``torch.func.vmap``, cannot do)."""
+    return (labels[:, None] == torch.arange(classes, device=labels.device)).float()
+
+
 def alda_losses(discriminator_logits: torch.Tensor, probs: torch.Tensor, source_labels: torch.Tensor,
                 threshold: float) -> dict[str, torch.Tensor]:
     """ALDA's adversarial and corrected losses for ``discriminator_logits`` (N, K) and the
@@ -51,13 +57,13 @@ def alda_losses(discriminator_logits: torch.Tensor, probs: torch.Tensor, source_
     xi = torch.sigmoid(discriminator_logits.float())
     confidence, predicted = probs.detach().max(1)
     accepted = (confidence[n:] > threshold).float()
-    predicted_mask = F.one_hot(predicted, classes).float()
+    predicted_mask = _one_hot(predicted, classes)
     predicted_mask = torch.cat([predicted_mask[:n], predicted_mask[n:] * accepted[:, None]])
     eye = torch.eye(classes, device=probs.device)
     off = (1.0 - eye) / (classes - 1)
     eta = off + (eye - off) * xi[:, None, :]  # (N, K, K): eta[b, k, l]
     corrected = (eta * predicted_mask[:, None, :]).sum(2).clamp(0.0, 1.0)  # (N, K)
-    wanted = torch.cat([F.one_hot(source_labels, classes).float(), (1.0 - predicted_mask[n:]) / (classes - 1)])
+    wanted = torch.cat([_one_hot(source_labels, classes), (1.0 - predicted_mask[n:]) / (classes - 1)])
     rows = torch.cat([torch.ones(n, device=probs.device), accepted])
     with torch.autocast(probs.device.type, enabled=False):  # autocast refuses binary_cross_entropy
         per_row = F.binary_cross_entropy(corrected.float(), wanted, reduction="none").sum(1)

@@ -75,10 +75,15 @@ class AdversarialConfig(AlignmentConfig):
 
 
 class _GradientReversal(torch.autograd.Function):
+    generate_vmap_rule = True  # an array of trials runs it under torch.func.vmap (timematch.arrays)
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(coefficient)
+    def forward(x: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -36,7 +36,14 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
             sources.append(value.detach())
         else:
             target.copy_(value)
-    torch._foreach_lerp_(targets, sources, 1.0 - decay)
+    # a member of an array of trials (timematch.arrays, under torch.func.vmap; its own decay, maybe a
+    # tensor) updates tensor by tensor: vmap has no rule for the fused update
+    if isinstance(decay, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(targets[0]):
+        weight = 1.0 - decay
+        for target, source in zip(targets, sources):
+            target.lerp_(source, weight.to(target.dtype) if isinstance(weight, torch.Tensor) else weight)
+    else:
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
 
 
 @torch.no_grad()

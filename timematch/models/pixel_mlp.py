@@ -66,8 +66,9 @@ def _backward_layers(
     grad = grad_out
     for layer in range(len(params) // 2 - 1, -1, -1):
         grad = torch.ops.aten.threshold_backward(grad, acts[layer + 1], 0.0)  # through the ReLU
-        grads[2 * layer].add_((acts[layer].t() @ grad).t())  # far faster than grad.t() @ acts for few channels
-        grads[2 * layer + 1].add_(grad.sum(0, dtype=grads[2 * layer + 1].dtype))
+        # out of place: under vmap (an array of trials) the gradients may be batched where a start value is not
+        grads[2 * layer] = grads[2 * layer] + (acts[layer].t() @ grad).t()  # far faster than grad.t() @ acts
+        grads[2 * layer + 1] = grads[2 * layer + 1] + grad.sum(0, dtype=grads[2 * layer + 1].dtype)
         if layer:
             grad = grad @ params[2 * layer]
 
@@ -84,21 +85,25 @@ class _HiddenMoments(torch.autograd.Function):
     (weight, bias) pairs. Sums are float64.
     """
 
+    generate_vmap_rule = True  # an array of trials runs it under torch.func.vmap (timematch.arrays)
+
     @staticmethod
-    def forward(ctx, x, weights, chunk_rows, dtype, *params):
-        dim = params[-2].shape[0]
-        total = x.new_zeros(dim, dtype=torch.float64)
-        gram = x.new_zeros(dim, dim, dtype=torch.float64)
+    def forward(x, weights, chunk_rows, dtype, *params):
+        total = gram = 0.0  # accumulated out of place: under vmap the sums are batched, x is not
         layers = _cast(params, dtype)
         for r0 in range(0, x.shape[0], chunk_rows):
             hidden = _forward_layers(x[r0 : r0 + chunk_rows].to(dtype), layers)[-1].float()
             weighted = hidden if weights is None else hidden * weights[r0 : r0 + chunk_rows, None]
-            total += weighted.sum(0).double()
-            gram += (weighted.t() @ hidden).double()
+            total = total + weighted.sum(0).double()
+            gram = gram + (weighted.t() @ hidden).double()
+        return total, gram
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weights, chunk_rows, dtype, *params = inputs
         ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
         ctx.weighted = weights is not None
         ctx.save_for_backward(x, weights, *params)
-        return total, gram
 
     @staticmethod
     @once_differentiable
@@ -126,12 +131,13 @@ class _PooledMLP(torch.autograd.Function):
     float32.
     """
 
+    generate_vmap_rule = True  # an array of trials runs it under torch.func.vmap (timematch.arrays)
+
     @staticmethod
-    def forward(ctx, x, weights, counts, padded, chunk, dtype, *params):
+    def forward(x, weights, counts, padded, chunk, dtype, *params):
         G, S, C = x.shape
         dim = params[-2].shape[0]
-        mean = x.new_empty(G, dim, dtype=torch.float32)
-        std = x.new_empty(G, dim, dtype=torch.float32)
+        means, stds = [], []  # joined at the end: under vmap the results are batched, x is not
         dof = (counts - 1).clamp_min(1)[:, None]
         layers = _cast(params, dtype)
         for g0 in range(0, G, chunk):
@@ -145,11 +151,18 @@ class _PooledMLP(torch.autograd.Function):
             centred = hidden.sub_(m[:, None, :])
             if padded:
                 centred.mul_(w)
-            mean[g0:g1] = m
-            std[g0:g1] = centred.square_().sum(1).div_(dof[g0:g1]).add_(STD_EPS).sqrt_()
+            means.append(m)
+            stds.append(centred.mul_(centred).sum(1).div_(dof[g0:g1]).add_(STD_EPS).sqrt_())
+        if len(means) == 1:
+            return means[0], stds[0]
+        return torch.cat(means), torch.cat(stds)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weights, counts, padded, chunk, dtype, *params = inputs
+        mean, std = output
         ctx.chunk, ctx.padded, ctx.dtype = chunk, padded, dtype
         ctx.save_for_backward(x, weights, counts, mean, std, *params)
-        return mean, std
 
     @staticmethod
     @once_differentiable
@@ -167,7 +180,7 @@ class _PooledMLP(torch.autograd.Function):
             acts = _forward_layers(x[g0:g1].reshape(-1, C).to(ctx.dtype), layers)
             # centre first: h - mean is exactly 0 for a lone valid pixel, whose std is tiny
             centred = acts[-1].float().view(g1 - g0, S, dim) - mean[g0:g1, None, :]
-            grad = torch.addcmul(along_mean[g0:g1, None, :], centred, along_centred[g0:g1, None, :], out=centred)
+            grad = centred.mul_(along_centred[g0:g1, None, :]).add_(along_mean[g0:g1, None, :])
             if ctx.padded:
                 grad.mul_(weights[g0:g1, :, None])
             _backward_layers(acts, grad.view(-1, dim).to(ctx.dtype), layers, grads)
@@ -206,13 +219,12 @@ def _pixel_moments(rows: torch.Tensor, weights: torch.Tensor | None, total, chun
     float32 Gram matrices accurate.
     """
     shift = rows[:chunk_rows].mean(0)
-    total_sum = rows.new_zeros(rows.shape[1], dtype=torch.float64)
-    gram = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    total_sum = gram = 0.0  # accumulated out of place: under vmap the weights may be batched, the rows not
     for r0 in range(0, rows.shape[0], chunk_rows):
         centred = rows[r0 : r0 + chunk_rows] - shift
         weighted = centred if weights is None else centred * weights[r0 : r0 + chunk_rows, None]
-        total_sum += weighted.sum(0).double()
-        gram += (weighted.t() @ centred).double()
+        total_sum = total_sum + weighted.sum(0).double()
+        gram = gram + (weighted.t() @ centred).double()
     offset = total_sum / total  # mean - shift
     return shift.double() + offset, gram / total - torch.outer(offset, offset)
 
