@@ -19,7 +19,7 @@ from tests.support.methods import TINY, tiny_config
 from timematch.arrays import array_reason, fit_array, varying_keys
 from timematch.data.dataset import DataConfig
 from timematch.errors import ConfigError, NonFiniteLoss
-from timematch.experiment import ExperimentSpec, _from_pretrained, _open, _seed, pretrain_source
+from timematch.experiment import ExperimentSpec, build_trial, pretrain_source
 from timematch.methods import build_config, get_method, method_names
 from timematch.training import fit
 
@@ -52,14 +52,10 @@ def base(synthetic_root, tmp_path_factory):
 
 
 def _method(base, name, values):
-    """The method of a trial, built as a trial builds it from the same seed."""
+    """The method of a trial, built as a trial builds it (timematch.experiment.build_trial)."""
     spec, pretrained = base
-    spec = spec.replace(method=name, method_config={**tiny_config(name), **values})
-    source, target = _open(spec)
-    model = _from_pretrained(spec, pretrained, source, target, torch.device("cpu"))
-    torch.manual_seed(_seed(spec))
-    method = get_method(name)(build_config(name, spec.method_config), model, source, target, torch.device("cpu"))
-    return method, _seed(spec)
+    trial = build_trial(spec.replace(method=name, method_config={**tiny_config(name), **values}), pretrained)
+    return trial.method, trial.seed
 
 
 def _alone(base, name, values):

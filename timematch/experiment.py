@@ -326,11 +326,9 @@ def run_experiment(
     """
     method_cls = get_method(spec.method)
     config = build_config(spec.method, spec.method_config)  # rejects bad keys and ranges before any work
-    device = pick_device(spec.device)
-    source, target = _open(spec)
-    info = MethodInfo()
-    probe = None
     if method_cls.trained_on_source_alone():
+        device = pick_device(spec.device)
+        source, target = _open(spec)
         training = source_training(spec)
         if pretrained is None or pretrained.key != training.key:
             pretrained = pretrain_source(spec, on_epoch, resume_state, target=target)
@@ -344,24 +342,74 @@ def run_experiment(
             history = [report]
             if on_epoch:
                 on_epoch(report, lambda: None)
-        timings, step_path = pretrained.timings, pretrained.step_path
+        return _evaluated(spec, config, model, source, target, device, history, best_epoch, pretrained.timings,
+                          pretrained.step_path, MethodInfo(), None)
+    trial = build_trial(spec, pretrained)
+    logger.info("%s: %s -> %s, fold %d, on %s", spec.method, trial.source.tile, trial.target.tile, spec.fold,
+                trial.device)
+    fitted = fit(trial.method, trial.seed, on_epoch, resume_state, log=logger.info, execution=spec.execution(),
+                 measure=trial.measure)
+    return trial.evaluate(fitted)
+
+
+@dataclass
+class Trial:
+    """A trial of a method that trains (not one that evaluates a training on the source alone),
+    built and ready to train: its method (the model inside), domains and device, and the probe of
+    how far it moves from its source model. :func:`run_experiment` trains it with
+    :func:`~timematch.training.fit`; an array of trials (:func:`timematch.arrays.fit_array`)
+    trains several; :meth:`evaluate` turns the training into the :class:`ExperimentResult`."""
+
+    spec: ExperimentSpec
+    config: Any
+    method: Any
+    source: Domain
+    target: Domain
+    device: torch.device
+    probe: MovementProbe | None
+
+    @property
+    def seed(self) -> int:
+        """The seed its training draws from (the spec's seed and fold)."""
+        return _seed(self.spec)
+
+    def measure(self) -> dict[str, float]:
+        return {} if self.probe is None else self.probe.measure(self.method.eval_model())
+
+    def evaluate(self, fitted: Any) -> ExperimentResult:
+        """The result of the training ``fitted`` (a :class:`~timematch.training.FitResult`)."""
+        method = self.method
+        best_epoch = fitted.best_epoch if method.select_best_by else 0
+        return _evaluated(self.spec, self.config, method.eval_model(), self.source, self.target, self.device,
+                          fitted.history, best_epoch, fitted.timings, fitted.step_path, method.info(), self.probe)
+
+
+def build_trial(spec: ExperimentSpec, pretrained: PretrainedSource | None = None) -> Trial:
+    """The :class:`Trial` of ``spec`` (a method that trains), from ``pretrained`` when it starts
+    from the source model (trained here when None). The random stream is seeded from the spec
+    before the method builds its own modules, so a trial builds the same wherever it runs."""
+    method_cls = get_method(spec.method)
+    config = build_config(spec.method, spec.method_config)
+    device = pick_device(spec.device)
+    source, target = _open(spec)
+    probe = None
+    if method_cls.starts_from_source:
+        if pretrained is None:
+            pretrained = pretrain_source(spec)
+        model = _from_pretrained(spec, pretrained, source, target, device)
+        probe = MovementProbe(model, target, device)  # copies the source model before the method changes it
     else:
-        if method_cls.starts_from_source:
-            if pretrained is None:
-                pretrained = pretrain_source(spec)
-            model = _from_pretrained(spec, pretrained, source, target, device)
-            probe = MovementProbe(model, target, device)  # copies the source model before the method changes it
-        else:
-            torch.manual_seed(_seed(spec))
-            model = build_model(spec.model, num_classes=len(source.classes)).to(device)
-        method = method_cls(config, model, source, target, device)
-        logger.info("%s: %s -> %s, fold %d, on %s", spec.method, source.tile, target.tile, spec.fold, device)
-        measure = None if probe is None else (lambda: probe.measure(method.eval_model()))
-        fitted = fit(method, _seed(spec), on_epoch, resume_state, log=logger.info, execution=spec.execution(),
-                     measure=measure)
-        history, timings, step_path, info = fitted.history, fitted.timings, fitted.step_path, method.info()
-        best_epoch = fitted.best_epoch if method_cls.select_best_by else 0
-        model = method.eval_model()
+        torch.manual_seed(_seed(spec))
+        model = build_model(spec.model, num_classes=len(source.classes)).to(device)
+    torch.manual_seed(_seed(spec))
+    method = method_cls(config, model, source, target, device)
+    return Trial(spec, config, method, source, target, device, probe)
+
+
+def _evaluated(spec: ExperimentSpec, config: Any, model: torch.nn.Module, source: Domain, target: Domain,
+               device: torch.device, history: list[EpochReport], best_epoch: int, timings: Timings,
+               step_path: StepPath, info: MethodInfo, probe: MovementProbe | None) -> ExperimentResult:
+    """Evaluate ``model`` once on the target test split: the experiment's result."""
     probs, labels = predict(model, target, target.labelled("test"), device)
     test = score_labelled(probs, labels, target.classes)
     metrics = {f"test_{k}": test[k] for k in ("macro_f1", "accuracy", "weighted_f1", "kappa")}

@@ -72,6 +72,13 @@ exit codes:
 """
 
 
+def _array_size(text: str) -> int | str:
+    """An argparse type: ``auto`` or a whole number >= 1."""
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}")
+
+
 def _number_or_auto(text: str) -> float | str:
     """An argparse type: ``auto`` or a finite number >= 0."""
     if text == "auto":
@@ -198,6 +205,11 @@ def launch_parser() -> argparse.ArgumentParser:
         "GPUs per trial, fractions allowed (e.g. 0.25: four trials share a GPU); 'auto': on a GPU cluster the "
         "share at which the measured aggregate throughput of its GPU model stops rising "
         "(timematch/runner/gpu_curves.json; 0.25 for a model not measured), else 0 (default: the profile's, auto)"))
+    where.add_argument("--array", type=_array_size, default="auto", help=(
+        "trials of one searched group trained in lockstep as one fused model on one device (each still its own "
+        "Optuna trial, MLflow run and ASHA decision; docs/running.md#trial-arrays): K at most per array; 1 runs "
+        "every trial alone; 'auto': 1 on a CPU (an array computes its members one after another there) and on a "
+        "GPU until its curve is measured (benchmarks/gpu_session.sh) (default: auto)"))
     where.add_argument("--cpus-per-trial", type=_number_or_auto, help=(
         "CPUs per trial; 'auto': 1 on CPU clusters, a share of a node's CPUs per GPU trial "
         "(default: the profile's, auto)"))
@@ -345,6 +357,9 @@ def resolve_launch(args: argparse.Namespace, root: Path) -> Launch:
         check_address(address)
         return Launch(plan, folder, uri, address, True, saved.get("parent_run_id"))
     plan = plan_launch(args, root)
+    from timematch.runner.plan import resolve_array  # torch: see _method_help
+
+    plan.array, plan.array_reason = resolve_array(getattr(args, "array", "auto"))
     uri = _tracking_uri(args, root)
     check_tracking(uri)
     check_address(address)

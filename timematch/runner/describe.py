@@ -38,7 +38,10 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
         lines.append(f"  {method}: its training reads the source tile alone; its trials evaluate it on each "
                      f"target (overrides {overrides or '{}'})")
     lines += ["", f"stage 2, adaptation: {len(plan.groups)} groups, {plan.n_trials} trials "
-                  f"(Optuna TPE per group, ASHA over epochs: {plan.scheduler}; retries {plan.retries})"]
+                  f"(Optuna TPE per group, ASHA over epochs: {plan.scheduler}; retries {plan.retries})",
+              f"trials per array: {plan.array}" + (f" ({plan.array_reason})" if plan.array_reason else "")
+              + ("" if plan.array <= 1 else ": a searched group's trials of a method that can share one train as "
+                 "one fused model, each still its own Optuna trial, MLflow run and ASHA decision")]
     group_width = max([28, *(len(g.id) for g in plan.groups)])
     for group in plan.groups:
         how = "baseline, default config" if group.baseline else (
@@ -47,6 +50,9 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
                        and not t.is_source_model), None)
         if shared is not None:
             how += f" (the defaults: evaluates {shared.id} of stage 1)"
+        sizes = plan.array_sizes(group)
+        if sizes:
+            how += f", in {len(sizes)} array(s) of {'+'.join(map(str, sizes))} trained as one model"
         lines.append(f"  {group.id:<{group_width}} {how}; {group.epochs} epochs; overrides {group.overrides or '{}'}")
     if resources:
         lines += ["", "resources: " + ", ".join(f"{k} {v}" for k, v in resources.items())]

@@ -13,7 +13,7 @@ from timematch.data.packed import PackedTile
 from timematch.runner import runs, tracking, waiting
 from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch, LaunchFolder
 from timematch.runner.describe import describe
-from timematch.runner.plan import LaunchPlan, check_embedded_root, get_objective, source_model_path
+from timematch.runner.plan import LaunchPlan, check_embedded_root, get_objective, resolve_array, source_model_path
 from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
 
 
@@ -95,6 +95,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
     cluster = connect(launch.address, verbose=args.verbose)
     try:
         resources = trial_resources(cluster, *requested)
+        if plan.array_reason.startswith("auto") and not launch.resumed:
+            plan.array, plan.array_reason = resolve_array("auto", resources.gpus)
         if cluster.nodes > 1 and tracking.sqlite_path(launch.tracking_uri) is not None:
             _say(f"warning: {cluster.nodes} nodes log to SQLite {launch.tracking_uri}: that works only when every "
                  "node sees the file (nodes on one machine); otherwise use an MLflow server (--tracking-uri http://...)"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from timematch.arrays import array_reason
 from timematch.data.dataset import DataConfig
 from timematch.data.embedded import embedded_root
 from timematch.data.tiles import short_name
@@ -159,10 +160,29 @@ class LaunchPlan:
     precision: str = "fp32"  # the training steps' precision (timematch.training.Execution)
     cuda_graph: bool = True  # on a GPU, the training step captured once and replayed
     profile_description: str = ""  # what the profile is for and what its budgets can show
+    array: int = 1  # trials of one group trained as one fused model (--array; timematch.arrays)
+    array_reason: str = ""  # how --array auto chose
 
     @property
     def n_trials(self) -> int:
         return sum(g.trials for g in self.groups)
+
+    def array_sizes(self, group: TrialGroup) -> list[int]:
+        """The sizes of the arrays ``group``'s trials run in; empty: they run one by one (arrays
+        of one, today's path), as for a group that is not searched or whose method cannot share
+        an array (:func:`timematch.arrays.array_reason`)."""
+        method = get_method(group.method)
+        if self.array <= 1 or not group.searched or group.trials < 2 or array_reason(method) \
+                or not method.starts_from_source:
+            return []
+        count = -(-group.trials // self.array)  # as few arrays as --array allows, as even as can be
+        small, extra = divmod(group.trials, count)
+        return [small + 1] * extra + [small] * (count - extra)
+
+    @property
+    def tune_trials(self) -> int:
+        """Ray Tune's trials: one per array, one per trial outside arrays."""
+        return sum(len(self.array_sizes(g)) or g.trials for g in self.groups)
 
     @property
     def tiles(self) -> list[str]:
@@ -230,6 +250,14 @@ class LaunchPlan:
         raw["scheduler"] = Scheduler(**raw["scheduler"])
         raw["resources"] = Resources(**raw["resources"])
         return cls(**raw)
+
+
+def resolve_array(requested: int | str, gpus: float = 0.0) -> tuple[int, str]:
+    """``--array``: (trials per array, how it was chosen)."""
+    if requested != "auto":
+        return int(requested), "--array"
+    where = "a GPU, whose array curve is not measured yet (benchmarks/gpu_session.sh)" if gpus > 0 else "a CPU"
+    return 1, f"auto: 1 on {where}"
 
 
 def check_embedded_root(plan: LaunchPlan) -> None:

@@ -135,7 +135,15 @@ class ProgressPrinter(Callback):
     @_never_raise
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
-        if "test_macro_f1" in result:
+        if "members" in result:  # an array of trials (timematch.runner.trial_arrays)
+            ends = {end: int(result.get(f"members_{end}", 0)) for end in ("done", "stopped", "failed")}
+            for end, count in ends.items():
+                self.counts[end] += count
+            best = (f"; best {self.objective} {result[self.objective]:.4f} (member {int(result['best_member'])}), "
+                    f"test_macro_f1 {result['test_macro_f1']:.4f}" if self.objective in result else "")
+            self._print(f"done    {self._name(trial)}  array of {int(result['members'])}: "
+                        + ", ".join(f"{n} {end}" for end, n in ends.items()) + best)
+        elif "test_macro_f1" in result:
             self.counts["done"] += 1
             value = result.get(self.objective)
             group = config_key(trial.config)
@@ -197,6 +205,11 @@ class RunStatusCallback(Callback):
         self.key = key  # "trial_key" (adaptation) or "pretrain_key"
         self.tags = tags  # config value (group id or task key) -> the run tags of its trials
 
+    @staticmethod
+    def _is_array(trial) -> bool:
+        """An array of trials: its members' runs end themselves (timematch.runner.trial_arrays)."""
+        return bool((trial.config or {}).get("members"))
+
     def _key_tags(self, trial) -> dict[str, str]:
         if self.key == "pretrain_key":
             return run_names.pretrain_run_key(TrainingConfig.of(trial.config).task)
@@ -204,6 +217,8 @@ class RunStatusCallback(Callback):
 
     @_never_raise
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if self._is_array(trial):
+            return
         client = tracking.client(self.tracking_uri)
         run = runs.find_run(client, self.experiment_id, self._key_tags(trial), ("RUNNING",))
         if run is not None:  # the trial reported and was stopped before it finished
@@ -213,6 +228,8 @@ class RunStatusCallback(Callback):
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         """A trial about to be retried: the whole text of its failure goes to its run
         (``errors/attempt-<n>.txt``); the terminal shows its cause in a few words."""
+        if self._is_array(trial):
+            return
         _, text = _error_text(trial)
         client = tracking.client(self.tracking_uri)
         run = runs.find_run(client, self.experiment_id, self._key_tags(trial))
@@ -221,6 +238,8 @@ class RunStatusCallback(Callback):
 
     @_never_raise
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        if self._is_array(trial):
+            return
         client = tracking.client(self.tracking_uri)
         summary, text = _error_text(trial)
         run = runs.find_run(client, self.experiment_id, self._key_tags(trial))

@@ -64,13 +64,21 @@ class GroupedSearch(Searcher):
                  optuna_db: Path | None = None, launch_id: str = "") -> None:
         super().__init__(metric=plan.objective, mode="max")
         self._order = [g.id for g in plan.groups]
-        self._trials = {g.id: g.trials for g in plan.groups}
+        self._arrays = {g.id: plan.array_sizes(g) for g in plan.groups}
+        self._trials = {g.id: len(self._arrays[g.id]) or g.trials for g in plan.groups}
         self._remaining = dict(self._trials)
         self._searchers: dict[str, Searcher] = {}
         storage = optuna_storage(optuna_db) if optuna_db is not None else None
         for index, group in enumerate(plan.groups):
-            study = f"{launch_id} {group.id}".strip()
-            self._searchers[group.id] = self._make(plan, group, index, seed, max_concurrent_per_group, storage, study)
+            study = member_study_name(launch_id, group)
+            if self._arrays[group.id]:
+                if storage is None:
+                    raise ValueError("arrays of trials ask their group's study in a storage: pass optuna_db")
+                create_member_study(plan, group, storage, study)
+                self._searchers[group.id] = _FixedConfig()
+            else:
+                self._searchers[group.id] = self._make(plan, group, index, seed, max_concurrent_per_group, storage,
+                                                       study)
         self._owner: dict[str, str] = {}
 
     @staticmethod
@@ -107,17 +115,22 @@ class GroupedSearch(Searcher):
             number = self._trials[group_id] - self._remaining[group_id]  # in its group: 0 is the defaults
             self._remaining[group_id] -= 1
             self._owner[trial_id] = group_id
+            sizes = self._arrays[group_id]
+            if sizes:  # an array: its members ask the group's study themselves
+                return AdaptConfig(group_id, number, members=sizes[number]).to_tune()
             return AdaptConfig(group_id, number, dict(params)).to_tune()
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         group_id = self._owner.get(trial_id)
+        if group_id and self._arrays.get(group_id):
+            return  # an array's members tell their study themselves
         if group_id and self.metric in result:
             self._searchers[group_id].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         group_id = self._owner.get(trial_id)
-        if group_id is None:
+        if group_id is None or self._arrays.get(group_id):
             return
         if result is not None and self.metric not in result:
             result, error = None, True  # stopped before its first report: Optuna records a failure
@@ -130,6 +143,22 @@ class GroupedSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             self.__dict__.update(SearcherStateUnpickler(file).load())
+
+
+def member_study_name(launch_id: str, group: TrialGroup) -> str:
+    """The Optuna study of a group's trials in the launch's storage: ``<launch id> <group>``."""
+    return f"{launch_id} {group.id}".strip()
+
+
+def create_member_study(plan: LaunchPlan, group: TrialGroup, storage: Any, name: str) -> None:
+    """Create (or find again, on ``--resume``) the study whose trials an array's members are,
+    with the group's defaults as its first trial (as :class:`GroupedSearch` does for single trials)."""
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    default = plan.default_point(group)
+    if default and not study.trials:
+        study.enqueue_trial(default)
 
 
 class SearcherStateUnpickler(pickle.Unpickler):
@@ -157,8 +186,8 @@ class GroupedASHA(FIFOScheduler):
     def __init__(self, plan: LaunchPlan, grace_period: int = 1, reduction_factor: float = 2) -> None:
         super().__init__()
         self._schedulers: dict[str, ASHAScheduler] = {}
-        for group in plan.groups:
-            if group.searched and group.trials > 1 and group.epochs > grace_period:
+        for group in plan.groups:  # an array's members are stopped by their study's pruner (trial_arrays)
+            if group.searched and group.trials > 1 and group.epochs > grace_period and not plan.array_sizes(group):
                 self._schedulers[group.id] = ASHAScheduler(
                     # the epoch each report names, not Tune's count of reports: a trial retried or
                     # resumed from its state (timematch.runner.trial_run) goes on at its own epoch

@@ -136,7 +136,7 @@ def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialRes
         labels = {g.id: g.id for g in plan.groups}
         tags = {g.id: adapt_run_tags(plan, g) for g in plan.groups}
         callbacks = [
-            ProgressPrinter("adapt", labels, plan.n_trials, plan.objective),
+            ProgressPrinter("adapt", labels, plan.tune_trials, plan.objective),
             RunStatusCallback(context.tracking_uri, context.experiment_id, context.launch_id,
                               context.parent_run_id, "trial_key", tags),
         ]
@@ -149,12 +149,12 @@ def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialRes
                 scheduler=GroupedASHA(plan, plan.scheduler.grace_period, plan.scheduler.reduction_factor),
                 # a worker process serves several trials in turn: it saves each trial the start of a
                 # process that imports torch, Ray and MLflow (~6 s on 2 cores; trials are seconds to minutes)
-                num_samples=plan.n_trials, reuse_actors=True,
+                num_samples=plan.tune_trials, reuse_actors=True,
             ),
             run_config=_run_config(ADAPT_DIR, folder.tune, plan, callbacks),
         )
     grid = tuner.fit()
-    _raise_if_interrupted(grid, plan.n_trials)
+    _raise_if_interrupted(grid, plan.tune_trials)
     closed = close_interrupted_runs(context)
     summary = StageSummary("adaptation", planned=plan.n_trials)
     summary.interrupted = closed
@@ -164,7 +164,11 @@ def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialRes
         if result.error is not None:
             summary.failed.append((label, _first_line(result.error)))
             continue  # its state stays: --resume continues it
-        if "test_macro_f1" in metrics:
+        if "members" in metrics:  # an array: its members' runs hold their ends
+            summary.done += [f"{label} member"] * int(metrics.get("members_done", 0))
+            summary.stopped += [f"{label} member"] * int(metrics.get("members_stopped", 0))
+            summary.failed += [(f"{label} member", "see its run")] * int(metrics.get("members_failed", 0))
+        elif "test_macro_f1" in metrics:
             summary.done.append(label)
         else:
             summary.stopped.append(label)  # ASHA's choice: nothing left to resume

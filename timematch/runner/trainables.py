@@ -171,14 +171,48 @@ def adapt_run_tags(plan: LaunchPlan, group: TrialGroup, **extra: Any) -> dict[st
 
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     """One trial (``config``: an :class:`~timematch.runner.trial_config.AdaptConfig`): adapt the
-    group's source model with its sampled params, evaluate, log, report."""
+    group's source model with its sampled params, evaluate, log, report. An array's config
+    (``members`` > 0) trains that many trials of its group as one (:mod:`.trial_arrays`)."""
     trial = AdaptConfig.of(config)
     _start(context)
+    if trial.members:
+        from timematch.runner.trial_arrays import array_trial
+
+        array_trial(trial, context)
+        return
     plan = context.plan
     group = plan.group(trial.group)
     params = dict(trial.params)
-    objective = get_objective(plan.objective)
     trial_id = tune.get_context().get_trial_id()
+    opened = open_adapt_run(context, group, params, trial_id, trial.number if group.trials > 1 else None)
+    with trial_run(opened.client, context.tracking_uri, opened.opened, opened.state, opened.data,
+                   report_until=opened.last_epoch) as run:
+        if run.finished:  # completed before an interruption that Tune had not recorded yet
+            tune.report(_logged_final(opened.client, run.run_id, plan.objective, opened.last_epoch))
+            return
+        with run.measured():
+            result = run_experiment(opened.spec, load_source_model(plan, group), run.on_epoch, run.resume_state)
+        finish_adapt_run(run, result, trial_id, context, group, opened.last_epoch)
+
+
+@dataclass(frozen=True)
+class AdaptRun:
+    """An adaptation trial's run, opened (or found again): what :func:`trial_run` needs, the
+    trial's spec (with its GPU share) and its last epoch."""
+
+    client: Any
+    opened: tuple[str, bool]
+    state: Path
+    data: Any
+    spec: ExperimentSpec
+    last_epoch: int
+
+
+def open_adapt_run(context: TrialContext, group: TrialGroup, params: dict[str, Any], trial_id: str,
+                   number: int | None, **tags: Any) -> AdaptRun:
+    """Open the run of trial ``trial_id`` of ``group`` with sampled ``params`` (``number``: its
+    number in its group, for the run name; ``tags``: more run tags), or find it again."""
+    plan = context.plan
     resolved = plan.resolved_config(group, params)
     spec = plan.spec(group, params)
     training = source_training(spec)
@@ -186,36 +220,37 @@ def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     tags = adapt_run_tags(
         plan, group, launch_id=context.launch_id, trial_id=trial_id, baseline="true" if group.baseline else None,
         sampled=json.dumps(params) if params else None, pretrain_key=None if training is None else training.key,
-        seed=plan.seed if group.seed is None else group.seed, profile=plan.profile,
+        seed=plan.seed if group.seed is None else group.seed, profile=plan.profile, **tags,
     )
     opened = runs.open_run(
         client, context.experiment_id, run_names.adapt_run_key(context.launch_id, trial_id), tags, resolved,
-        run_names.trial_run_name(group.scenario.name, group.method, _varying_fold(plan, group.fold),
-                                trial.number if group.trials > 1 else None, group.seed),
+        run_names.trial_run_name(group.scenario.name, group.method, _varying_fold(plan, group.fold), number,
+                                group.seed),
         context.parent_run_id,
         refresh=placement_tags(),
     )
-    last_epoch = int(resolved["epochs"])
-    state = context.folder.trial_state(trial_id)
     tiles = [(group.scenario.source, "train"), (group.scenario.target, "target")]
     data = lambda run_id: log_data(client, run_id, plan, tiles, group.fold)  # noqa: E731
-    with trial_run(client, context.tracking_uri, opened, state, data, report_until=last_epoch) as run:
-        if run.finished:  # completed before an interruption that Tune had not recorded yet
-            tune.report(_logged_final(client, run.run_id, objective.name, last_epoch))
-            return
-        with run.measured():
-            result = run_experiment(_placed(spec, context), _load_source_model(plan, group), run.on_epoch,
-                                    run.resume_state)
-        final = final_metrics(result)
-        _log_artifacts(client, run.run_id, result, run.logs)
-        predictor = ParcelPredictor.from_result(result, trial=trial_id, launch_id=context.launch_id)
-        selection = {name: final[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in final}
-        run.finish(result.step_path, {**final, **result.timings.to_dict()}, predictor,
-                   example_input(plan.data_root, group.scenario.target),
-                   {**final, **selection, "epoch": last_epoch, "final": 1.0, "mlflow_run_id": run.run_id})
+    return AdaptRun(client, opened, context.folder.trial_state(trial_id), data, _placed(spec, context),
+                    int(resolved["epochs"]))
 
 
-def _load_source_model(plan: LaunchPlan, group: TrialGroup) -> PretrainedSource | None:
+def finish_adapt_run(run: Any, result: ExperimentResult, trial_id: str, context: TrialContext, group: TrialGroup,
+                     last_epoch: int) -> dict[str, float]:
+    """Log a trained trial's final metrics, artifacts and models, end its run, report (``run.report``);
+    returns the final metrics."""
+    plan = context.plan
+    final = final_metrics(result)
+    _log_artifacts(run.client, run.run_id, result, run.logs)
+    predictor = ParcelPredictor.from_result(result, trial=trial_id, launch_id=context.launch_id)
+    selection = {name: final[f"final_{name}"] for name in OBJECTIVES if f"final_{name}" in final}
+    run.finish(result.step_path, {**final, **result.timings.to_dict()}, predictor,
+               example_input(plan.data_root, group.scenario.target),
+               {**final, **selection, "epoch": last_epoch, "final": 1.0, "mlflow_run_id": run.run_id})
+    return final
+
+
+def load_source_model(plan: LaunchPlan, group: TrialGroup) -> PretrainedSource | None:
     if group.pretrain_key is None:
         return None
     path = source_model_path(plan.cache_dir, group.pretrain_key)

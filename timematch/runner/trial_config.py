@@ -31,9 +31,13 @@ class AdaptConfig:
     group: str
     number: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    #: An array of this many trials of the group trained as one (:mod:`timematch.runner.trial_arrays`:
+    #: each member's params come from the group's study, ``number`` is the array's); 0: one trial.
+    members: int = 0
 
     def to_tune(self) -> dict[str, Any]:
-        return {"group": self.group, "number": self.number, "params": dict(self.params)}
+        tune = {"group": self.group, "number": self.number, "params": dict(self.params)}
+        return {**tune, "members": self.members} if self.members else tune
 
     @classmethod
     def of(cls, config: Mapping[str, Any] | None) -> "AdaptConfig":

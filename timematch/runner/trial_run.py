@@ -62,7 +62,7 @@ class TrialRun:
     run_id: str
     tracking_uri: str
     state_path: Path
-    #: the run had already finished (a trial completed before an interruption Tune did not record)
+    #: the run has finished (here, or before an interruption Tune did not record)
     finished: bool = False
     #: the state to continue from (None: train from the start)
     resume_state: TrainingState | None = None
@@ -73,6 +73,9 @@ class TrialRun:
     report_until: int | None = None
     #: every epoch's log lines, ``epoch N: ...``
     logs: list[str] = field(default_factory=list)
+    #: where the epochs' and the end's metrics go: Tune (a member of an array of trials reports
+    #: to its Optuna study instead, :mod:`timematch.runner.trial_arrays`)
+    report: Callable[[dict[str, Any]], None] = field(default=lambda metrics: tune.report(metrics))
 
     def on_epoch(self, report: EpochReport, state: Callable[[], TrainingState | None]) -> None:
         """The training's ``on_epoch``: log the epoch, save the state to resume from, report to Tune."""
@@ -86,7 +89,7 @@ class TrialRun:
             captured.save(self.state_path)
         elif self.report_until is not None:
             return
-        tune.report({**metrics, "epoch": report.epoch})
+        self.report({**metrics, "epoch": report.epoch})
 
     def measured(self) -> runs.SystemMetrics:
         """The training's ``with`` block: MLflow's system metrics sampled into the run meanwhile."""
@@ -110,8 +113,9 @@ class TrialRun:
         runs.log_metrics(self.client, self.run_id, final, step=runs.FINAL_STEP)
         runs.log_models(self.tracking_uri, self.run_id, predictor, input_example)
         runs.finish(self.client, self.run_id)
+        self.finished = True
         self.state_path.unlink(missing_ok=True)
-        tune.report(dict(report))
+        self.report(dict(report))
 
 
 @contextmanager
@@ -135,7 +139,8 @@ def trial_run(client: MlflowClient, tracking_uri: str, opened: tuple[str, bool],
             run.log_missing_epochs()
         yield run
     except Exception as err:
-        runs.fail(client, run_id, err, traceback.format_exc())
+        if not run.finished:  # an array's member that finished before another one failed stays finished
+            runs.fail(client, run_id, err, traceback.format_exc())
         raise
 
 
