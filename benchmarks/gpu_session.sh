@@ -6,7 +6,8 @@
 #   3. benchmarks/training_step.py: every method's step, eager and fast path;
 #   4. benchmarks/gpu_sharing.py: K = 1..16 trials per GPU (processes, streams, MPS), curve saved;
 #   5. benchmarks/quality.py --sections precision: TimeMatch in fp32 and bf16 over 3 seeds;
-#   6. benchmarks/data_loading.py: batches built with the tile on the GPU.
+#   6. benchmarks/data_loading.py: batches built with the tile on the GPU;
+#   7. benchmarks/trial_arrays.py: K = 1..32 trials as one fused model (fp32, bf16) next to K processes.
 # Each section has its own time limit, so one that hangs does not cost the others. Logs go to
 # $OUT/session.log, the sharing curve to $OUT/gpu_curves.json. SECTIONS picks some of them.
 #
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TIMEMATCH_CACHE=${TIMEMATCH_CACHE:-/tmp/timematch-cache} MLFLOW_DISABLE_TELEMETRY=true
 exec > >(tee -a "$OUT/session.log") 2>&1
 
-SECTIONS=${SECTIONS:-smoke cuda-tests training-step training-step-bf16 gpu-sharing precision data-loading}
+SECTIONS=${SECTIONS:-smoke cuda-tests training-step training-step-bf16 gpu-sharing precision data-loading array}
 section() {  # section NAME SECONDS COMMAND...
     local name=$1 limit=$2 started=$SECONDS
     shift 2
@@ -62,4 +63,5 @@ section gpu-sharing 170 $PY benchmarks/gpu_sharing.py --paths "${SHARING_PATHS:-
     --save "$OUT/gpu_curves.json"
 section precision 100 $PY benchmarks/quality.py --sections precision --seeds 3
 section data-loading 40 $PY benchmarks/data_loading.py --device cuda --epochs 1 --zarr-batches 2
+section array 240 $PY benchmarks/trial_arrays.py --device cuda --processes
 echo "=== done ($(date +%T))"

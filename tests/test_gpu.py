@@ -238,3 +238,24 @@ def test_views_on_the_gpu_build_the_cpu_content(synthetic_root, tmp_path):
         assert torch.equal(getattr(got, key).cpu(), value), key
     strong = gpu.strong(gpu.draw_labelled(64), 30, 0.5)
     assert strong.pixels.is_cuda and strong.pixels.shape == want.pixels.shape and torch.isfinite(strong.pixels).all()
+
+
+@pytest.mark.parametrize("name", ["timematch", "dann"])
+def test_an_array_on_the_fast_path_equals_its_members_alone(cuda_base, name):
+    """Trial arrays (timematch/arrays.py) on a GPU: the members' fused step captured as one CUDA
+    graph, and each member's weights and losses those of its trial alone on the fast path."""
+    from timematch.arrays import fit_array
+    from timematch.experiment import build_trial
+
+    spec, pretrained = cuda_base
+    values = [{}, {"lr": 3e-4}, {"weight_decay": 1e-3}]
+    specs = [spec.replace(method=name, method_config={**fast_config(name), **v}) for v in values]
+    alone = [_run(s, pretrained)[0] for s in specs]
+    trials = [build_trial(s, pretrained) for s in specs]
+    outcomes = fit_array([t.method for t in trials], trials[0].seed)
+    for trial, outcome, single in zip(trials, outcomes, alone):
+        assert outcome.error is None, outcome.error
+        assert outcome.result.step_path.path == "cuda_graph", outcome.result.step_path
+        assert_same_weights(single.model.state_dict(), trial.method.eval_model().state_dict(), 1e-3, name)
+        assert outcome.result.history[-1].metrics["train_loss"] == pytest.approx(
+            single.history[-1].metrics["train_loss"], rel=1e-3)

@@ -88,16 +88,19 @@ EpochCallback = Callable[[EpochReport, Callable[[], "TrainingState | None"]], No
 
 
 #: Fault injection for the reliability tests (RELIABILITY.md): ``METHOD:EPOCH:STEP`` makes the
-#: loss of that training step of that method NaN, as a diverging run's would become.
+#: loss of that training step of that method NaN, as a diverging run's would become;
+#: ``METHOD#N:EPOCH:STEP`` only that of trial number N of its group in an array of trials.
 INJECT_NAN_VARIABLE = "TIMEMATCH_INJECT_NAN"
 
 
-def injected_nan(method: str) -> tuple[int, int] | None:
-    """(epoch, step) at which ``$TIMEMATCH_INJECT_NAN`` poisons ``method``'s loss, if it does."""
+def injected_nan(method: str, number: int | None = None) -> tuple[int, int] | None:
+    """(epoch, step) at which ``$TIMEMATCH_INJECT_NAN`` poisons ``method``'s loss, if it does
+    (``number``: the trial's number in its group, for the ``METHOD#N`` form)."""
     value = os.environ.get(INJECT_NAN_VARIABLE, "")
     name, _, where = value.partition(":")
+    name, _, member = name.partition("#")
     epoch, _, step = where.partition(":")
-    if name != method or not (epoch.isdigit() and step.isdigit()):
+    if name != method or not (epoch.isdigit() and step.isdigit()) or (member and member != str(number)):
         return None
     return int(epoch), int(step)
 

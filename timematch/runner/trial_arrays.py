@@ -43,6 +43,7 @@ from timematch.runner.search_space import to_optuna
 from timematch.runner.trainables import TrialContext, finish_adapt_run, load_source_model, open_adapt_run
 from timematch.runner.trial_config import AdaptConfig
 from timematch.runner.trial_run import TrialRun, trial_run
+from timematch.training import injected_nan
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +153,15 @@ def array_trial(config: AdaptConfig, context: TrialContext) -> None:
         for epoch in sorted({_resumed_epoch(m) for m in members}):
             batch = [m for m in members if _resumed_epoch(m) == epoch]
             trials = [build_trial(m.spec, pretrained) for m in batch]
+            steps = trials[0].method.steps_per_epoch()
+            poisoned = [injected_nan(group.method, m.number) for m in batch]  # fault injection (RELIABILITY.md)
             with batch[0].run.measured():
                 outcomes = fit_array([t.method for t in trials], trials[0].seed,
                                      on_epoch=[m.run.on_epoch for m in batch], log=logger.info,
                                      execution=trials[0].spec.execution(), measure=[t.measure for t in trials],
-                                     resume_states=None if epoch == 0 else [m.run.resume_state for m in batch])
+                                     resume_states=None if epoch == 0 else [m.run.resume_state for m in batch],
+                                     poison=None if not any(poisoned) else
+                                     [-1 if p is None else (p[0] - 1) * steps + p[1] - 1 for p in poisoned])
             for member, trial, outcome in zip(batch, trials, outcomes):
                 _end(member, trial, outcome, study, context, group, counts, best)
     tune.report({**counts, **best, "members": config.members, "final": 1.0})
