@@ -76,6 +76,30 @@ def test_eval_batches(dataset, cache_dir):
     assert seen == len(source.split.test)
 
 
+def test_eval_batches_are_built_once_per_parcel_set_and_normaliser(dataset, cache_dir):
+    """Every epoch, and every member of an array, evaluates the same parcels: their batches are
+    kept (within a byte budget) and handed out again; another normaliser gets its own."""
+    from timematch.data import dataset as module
+    from timematch.data.dataset import EvalBatchCache, Normalizer
+
+    source, _ = open_domains(dataset, "DK", "FR1", fold=0, config=DataConfig(min_parcels=5))
+    again, _ = open_domains(dataset, "DK", "FR1", fold=0, config=DataConfig(min_parcels=5))
+    first = list(source.eval_batches(source.split.test))
+    assert all(a is b for a, b in zip(first, again.eval_batches(source.split.test)))  # another Domain, same tile
+    assert list(source.eval_batches(source.split.val))[0] is not first[0]
+    source.normalizer = Normalizer(source.normalizer.mean + 1, source.normalizer.std)
+    shifted = list(source.eval_batches(source.split.test))
+    assert shifted[0] is not first[0] and np.allclose(shifted[0]["pixels"], first[0]["pixels"] - 1 / source.normalizer.std,
+                                                      atol=1e-5)
+    size = sum(a.nbytes for b in first for a in b.values() if isinstance(a, np.ndarray))
+    small = EvalBatchCache(budget=size)  # room for one parcel set
+    small.get(("a",), lambda: iter(first))
+    assert small.get(("a",), lambda: iter([])) == first
+    small.get(("b",), lambda: iter(first))
+    assert small.get(("a",), lambda: iter([])) == []  # dropped for b, built again
+    assert module.EVAL_BATCHES.budget == 512 * 2**20
+
+
 def test_eval_view_holds_exact_normalised_pixels(dataset, cache_dir):
     source, _ = open_domains(dataset, "DK", "FR1", fold=0, config=DataConfig(min_parcels=5))
     batch = next(source.eval_batches(source.split.test[:1]))

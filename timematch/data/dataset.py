@@ -143,8 +143,19 @@ class Domain:
     # -- batch views -------------------------------------------------------------------
 
     def eval_batches(self, parcels: np.ndarray, max_parcels: int = 256) -> Iterator[dict]:
-        """Evaluation view: every pixel and every date, parcels of similar size batched together."""
+        """Evaluation view: every pixel and every date, parcels of similar size batched together.
+
+        The batches of a parcel set are kept (:data:`EVAL_BATCHES`, within its byte budget) and
+        handed out again: a trial evaluates the same validation and test parcels every epoch, and
+        the members of an array of trials (:mod:`timematch.arrays`) evaluate the same ones. A caller
+        must not change their arrays in place (the evaluation makes new tensors from them)."""
         parcels = np.asarray(parcels)
+        built = (self.packed.path / "manifest.json").stat().st_mtime_ns  # a tile rebuilt in place is another
+        key = (str(self.packed.path), built, self.normalizer.mean.tobytes(), self.normalizer.std.tobytes(),
+               self.labels.tobytes(), parcels.tobytes(), max_parcels, self.config.eval_pixel_budget)
+        return iter(EVAL_BATCHES.get(key, lambda: self._eval_batches(parcels, max_parcels)))
+
+    def _eval_batches(self, parcels: np.ndarray, max_parcels: int) -> Iterator[dict]:
         order = parcels[np.argsort(self.packed.n_pixels[parcels], kind="stable")]
         n_dates = self.packed.n_dates
         start = 0
@@ -187,6 +198,39 @@ class Domain:
             "label": self.labels[parcels],
             "index": np.asarray(parcels, dtype=np.int64),
         }
+
+
+class EvalBatchCache:
+    """The evaluation batches of recent parcel sets, least recently used dropped first, within
+    ``budget`` bytes (a set larger than the budget is built each time, never kept)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._entries: dict[tuple, tuple[list[dict], int]] = {}
+        self._bytes = 0
+
+    def get(self, key: tuple, build: Any) -> list[dict]:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self._entries[key] = found  # most recently used last
+            return found[0]
+        batches = list(build())
+        size = sum(a.nbytes for b in batches for a in b.values() if isinstance(a, np.ndarray))
+        if size <= self.budget:
+            while self._entries and self._bytes + size > self.budget:
+                _, dropped = self._entries.pop(next(iter(self._entries)))  # the least recently used
+                self._bytes -= dropped
+            self._entries[key] = (batches, size)
+            self._bytes += size
+        return batches
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+#: Every domain's evaluation batches (:meth:`Domain.eval_batches`), per process: 512 MiB at most.
+EVAL_BATCHES = EvalBatchCache(512 * 2**20)
 
 
 def tile_class_names(packed: PackedTile, merge_seasons: bool = False) -> np.ndarray:

@@ -40,8 +40,8 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
     # tensor) updates tensor by tensor: vmap has no rule for the fused update
     if isinstance(decay, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(targets[0]):
         weight = 1.0 - decay
-        for target, source in zip(targets, sources):
-            target.lerp_(source, weight.to(target.dtype) if isinstance(weight, torch.Tensor) else weight)
+        for target, source in zip(targets, sources):  # lerp's formula; vmap has no batching rule for lerp_
+            target.add_((source - target) * (weight.to(target.dtype) if isinstance(weight, torch.Tensor) else weight))
     else:
         torch._foreach_lerp_(targets, sources, 1.0 - decay)
 

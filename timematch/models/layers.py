@@ -132,8 +132,10 @@ def update_running_stats(norm: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Te
         unbiased = var * (rows.to(var.dtype) / (rows.to(var.dtype) - 1).clamp_min(1))
     else:  # a number: no tensor made from it (a host-to-device copy, which a captured step cannot hold)
         unbiased = var * (rows / max(rows - 1, 1))
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    # lerp's own formula (a + w (b - a)) in ops that torch.func.vmap batches (an array of trials
+    # runs this per member; vmap has no batching rule for lerp_ and would loop over the members)
+    running_mean.add_((mean.to(running_mean.dtype) - running_mean) * momentum)
+    running_var.add_((unbiased.to(running_var.dtype) - running_var) * momentum)
 
 
 class LinearBlock(nn.Module):
