@@ -166,6 +166,21 @@ def test_a_resumed_array_continues_every_member(base):
         assert resumed[k].result.history[-1].metrics["train_loss"] == full[k].result.history[-1].metrics["train_loss"]
 
 
+def test_what_sets_a_shape_or_a_branch_is_equal_inside_an_array():
+    from timematch.arrays import array_signature, invariant_keys
+
+    for name in method_names():
+        config_class = get_method(name).config_class
+        keys = invariant_keys(config_class)
+        assert {"epochs", "steps_per_epoch", "batch_size", "optimizer", "schedule"} <= set(keys)
+        assert "lr" not in keys and "weight_decay" not in keys
+    assert {"fourier_modes", "fourier_channels"} <= set(invariant_keys(get_method("raincoat").config_class))
+    assert {"kernel_min_exponent", "kernel_max_exponent"} <= set(invariant_keys(get_method("mmd").config_class))
+    assert "grl_max_iters" not in invariant_keys(get_method("dann").config_class)
+    assert array_signature(build_config("raincoat", {"lr": 1e-3})) == array_signature(build_config("raincoat", {}))
+    assert array_signature(build_config("raincoat", {"fourier_modes": 4})) != array_signature(build_config("raincoat", {}))
+
+
 def test_what_cannot_share_an_array_says_why(base):
     with pytest.raises(ConfigError, match="batch_size differs"):
         varying_keys([build_config("dann", {"batch_size": 16}), build_config("dann", {"batch_size": 32})])
@@ -177,5 +192,5 @@ def test_what_cannot_share_an_array_says_why(base):
     with pytest.raises(ConfigError, match="JUMBOT trials run alone.*host"):
         fit_array(jumbot, 0)
     sizes = [_method(base, "dann", {"discriminator_hidden": h})[0] for h in (16, 32)]
-    with pytest.raises(ConfigError, match="sets a size .*differ in discriminator_hidden"):
+    with pytest.raises(ConfigError, match="discriminator_hidden differs"):
         fit_array(sizes, 0)

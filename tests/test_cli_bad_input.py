@@ -46,6 +46,8 @@ LAUNCH_CASES = [
                                                        "leave --data-root out to use the embedded synthetic dataset"]),
     ("--address", ["--address", "http://somewhere"], ["'auto'", "ray://HOST:PORT", "HOST:PORT"]),
     ("--gpus-per-trial", ["--gpus-per-trial", "nan"], ["expected a number >= 0 or 'auto'"]),
+    ("--array", ["--array", "0"], ["argument --array: expected a whole number >= 1 or 'auto', got '0'"]),
+    ("--array", ["--array", "four"], ["expected a whole number >= 1 or 'auto'"]),
     ("--gpus-per-trial", ["--gpus-per-trial", "-1"], ["expected a number >= 0 or 'auto'"]),
     ("--cpus-per-trial", ["--cpus-per-trial", "abc"], ["expected a number >= 0 or 'auto'"]),
     ("--cpus-per-trial", ["--cpus-per-trial", "100000"], ["no node has that many CPUs"]),

@@ -20,28 +20,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from tests.support.launches import REPO, common_args, metric_log, runs_of, tracking_uri
 from timematch.runner.cli import EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, main
 
-REPO = Path(__file__).resolve().parents[1]
 TAGS = ("stage", "scenario", "source", "target", "method", "fold", "objective", "selection_uses_target_labels")
 pytestmark = pytest.mark.slow
-
-
-def common_args(data_root: Path, tmp_path: Path, experiment: str) -> list[str]:
-    return ["--profile", "smoke", "--set", "data.min_parcels=20", "--data-root", str(data_root),
-            "--results-dir", str(tmp_path / "results"), "--tracking-uri", tracking_uri(tmp_path),
-            "--experiment", experiment, "--folds", "1"]
-
-
-def tracking_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-
-
-def runs_of(uri: str, experiment: str, stage: str | None = None) -> list:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return [r for r in runs if stage is None or r.data.tags.get("stage") == stage]
 
 
 def test_sweep_logs_runs_and_reuses_source_models(ray_address, data_root, tmp_path, monkeypatch, capsys):
@@ -271,14 +254,6 @@ def _check_movement_and_one_model_rows(uri: str, results: Path, out: str) -> Non
     assert "| dann |" in moved and "| source_only |" not in moved.split("\n## ")[0]
 
 
-def _metric_log(client: MlflowClient, run) -> set[tuple[str, int, float]]:
-    entries = set()
-    for key in run.data.metrics:
-        for m in client.get_metric_history(run.info.run_id, key):
-            entries.add((key, m.step, m.value if not np.isnan(m.value) else -1.0))
-    return entries
-
-
 def test_killed_launch_resumes_without_rerunning_or_losing_anything(ray_address, data_root, tmp_path):
     env = {**os.environ, "TIMEMATCH_CACHE": str(tmp_path / "cache")}
     uri = tracking_uri(tmp_path)
@@ -303,7 +278,7 @@ def test_killed_launch_resumes_without_rerunning_or_losing_anything(ray_address,
     assert process.returncode == -signal.SIGKILL, "".join(seen)
 
     client = MlflowClient(uri)
-    before = {r.info.run_id: _metric_log(client, r) for r in runs_of(uri, "resume")}
+    before = {r.info.run_id: metric_log(client, r) for r in runs_of(uri, "resume")}
     finished_before = {r.data.tags["trial_key"] for r in runs_of(uri, "resume", "adapt") if r.info.status == "FINISHED"}
     assert finished_before
 
@@ -316,7 +291,7 @@ def test_killed_launch_resumes_without_rerunning_or_losing_anything(ray_address,
     # nothing logged before the kill was lost
     for run_id, entries in before.items():
         assert run_id in after
-        assert entries <= _metric_log(client, after[run_id])
+        assert entries <= metric_log(client, after[run_id])
     adapt = [r for r in after.values() if r.data.tags.get("stage") == "adapt"]
     assert len({r.data.tags["trial_key"] for r in adapt}) == len(adapt)  # one run per trial
     assert not [r for r in adapt if r.info.status == "RUNNING"]

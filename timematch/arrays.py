@@ -75,22 +75,36 @@ def array_reason(method_class: type) -> str | None:
     return None
 
 
+def invariant_keys(config_class: type) -> tuple[str, ...]:
+    """The config keys that must be equal in every member of an array: :data:`LOCKSTEP`, and
+    every key that is not a real number (a whole number may set a shape or a loop, a flag or a
+    choice a branch) unless the config class lists it in ``array_varying``."""
+    varying = set(getattr(config_class, "array_varying", ()))
+    return tuple(f.name for f in dataclasses.fields(config_class)
+                 if f.name in LOCKSTEP or (f.type not in ("float", float) and f.name not in varying))
+
+
+def array_signature(config: Any) -> tuple:
+    """The values of ``config``'s :func:`invariant_keys`: members with equal signatures can share an array."""
+    return tuple((key, getattr(config, key)) for key in invariant_keys(type(config)))
+
+
 def varying_keys(configs: Sequence[Any]) -> tuple[str, ...]:
     """The config keys whose values differ between members. Raises :class:`ConfigError` when a
-    key that must be equal in an array (:data:`LOCKSTEP`, a choice, a flag) differs."""
+    key that must be equal in an array (:func:`invariant_keys`) differs."""
     first = configs[0]
     if any(type(c) is not type(first) for c in configs):
         raise ConfigError(f"an array's members have one config class; got {sorted({type(c).__name__ for c in configs})}")
+    invariant = set(invariant_keys(type(first)))
     varying = []
     for field in dataclasses.fields(first):
         values = [getattr(c, field.name) for c in configs]
         if all(v == values[0] for v in values):
             continue
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if field.name in LOCKSTEP or not numeric:
+        if field.name in invariant:
             raise ConfigError(f"{type(first).__name__}.{field.name} differs between an array's members ({values}); "
-                              f"it must be equal in one array (the members run in lockstep with the same shapes): "
-                              f"put members that differ there in different arrays")
+                              f"it must be equal in one array (it may set a shape, a loop or a branch, or the "
+                              f"lockstep): put members that differ there in different arrays")
         varying.append(field.name)
     return tuple(varying)
 

@@ -61,6 +61,7 @@ class AdversarialConfig(AlignmentConfig):
     discriminator_hidden: int = 1024
 
     step_counts: ClassVar[tuple[str, ...]] = ("grl_max_iters",)
+    array_varying: ClassVar[tuple[str, ...]] = ("grl_max_iters",)  # a tensor in the reversal's schedule
 
     def __post_init__(self) -> None:
         super().__post_init__()

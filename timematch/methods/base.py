@@ -103,6 +103,11 @@ class TrainConfig:
 
     #: Settings that count steps of a step-based schedule (the reversal's warm-up): see :meth:`scaled_to`.
     step_counts: ClassVar[tuple[str, ...]] = ()
+    #: Whole-number settings that may differ between the members of an array of trials
+    #: (:mod:`timematch.arrays`): the step reads them only as tensors, or they are read outside
+    #: the step. Every other whole number, flag and choice may set a shape or a loop and is
+    #: equal inside an array (:func:`timematch.arrays.invariant_keys`); real numbers may differ.
+    array_varying: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         check_range(self, "epochs", 0, 100_000)

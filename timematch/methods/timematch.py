@@ -21,7 +21,7 @@ Ablations by config: ``estimator`` (am, is, ent, acc), ``ema_decay=0``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ class TimeMatchConfig(FixMatchConfig):
     init_estimator: str = "is"
     sample_size: int = 100  # target batches per shift estimation
     source_shift: bool = True
+
+    #: read by the shift estimation, outside the step
+    array_varying: ClassVar[tuple[str, ...]] = ("max_temporal_shift", "sample_size")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,7 +27,8 @@ from timematch.runner.plan import LaunchPlan, source_model_path
 from timematch.runner.progress import ProgressPrinter, RunStatusCallback, short_cause
 from timematch.runner.resources import TrialResources
 from timematch.runner.search import GroupedASHA, GroupedSearch
-from timematch.runner.trainables import TrialContext, adapt_run_tags, adapt_trial, pretrain_trial
+from timematch.runner.trainables import TrialContext, adapt_run_tags, pretrain_trial
+from timematch.runner.trial_arrays import adaptation_trial
 from timematch.runner.trial_config import config_key
 
 ADAPT_DIR = "adapt"  # the adaptation Tuner's folder in the launch's Tune storage
@@ -128,7 +129,7 @@ def link_source_runs(plan: LaunchPlan, context: TrialContext) -> None:
 def run_adapt_stage(plan: LaunchPlan, context: TrialContext, resources: TrialResources, folder: LaunchFolder,
                     resume: bool) -> StageSummary:
     """Every adaptation trial of the plan in one Tuner (restored when resuming)."""
-    trainable = _trainable(adapt_trial, context, resources)
+    trainable = _trainable(adaptation_trial, context, resources)
     path = folder.tune / ADAPT_DIR
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)

@@ -74,7 +74,7 @@ class TrialContext:
     folder: LaunchFolder = field(kw_only=True)
 
 
-def _start(context: TrialContext) -> None:
+def start_worker(context: TrialContext) -> None:
     """Set up this worker process for a trial: threads, and the launch's MLflow credentials."""
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
     tracking.configure_client(context.tracking_uri, context.credentials, context.events_path,
@@ -92,7 +92,7 @@ def _source_only(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def pretrain_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Train (or finish training) one source model and store it under the cache."""
-    _start(context)
+    start_worker(context)
     plan = context.plan
     task = plan.task(TrainingConfig.of(config).task)
     path = source_model_path(plan.cache_dir, task.key)
@@ -171,15 +171,10 @@ def adapt_run_tags(plan: LaunchPlan, group: TrialGroup, **extra: Any) -> dict[st
 
 def adapt_trial(config: dict[str, Any], context: TrialContext) -> None:
     """One trial (``config``: an :class:`~timematch.runner.trial_config.AdaptConfig`): adapt the
-    group's source model with its sampled params, evaluate, log, report. An array's config
-    (``members`` > 0) trains that many trials of its group as one (:mod:`.trial_arrays`)."""
+    group's source model with its sampled params, evaluate, log, report. (Stage 2's Tune trials
+    start in :func:`timematch.runner.trial_arrays.adaptation_trial`, which hands a single trial here.)"""
     trial = AdaptConfig.of(config)
-    _start(context)
-    if trial.members:
-        from timematch.runner.trial_arrays import array_trial
-
-        array_trial(trial, context)
-        return
+    start_worker(context)
     plan = context.plan
     group = plan.group(trial.group)
     params = dict(trial.params)

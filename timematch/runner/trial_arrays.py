@@ -16,7 +16,9 @@ A member is:
   ASHA-stopped trial's does (``stopped_early=asha``).
 
 A member that is stopped, goes NaN or fails leaves the array; the others go on
-(:func:`timematch.arrays.fit_array`). A retried or resumed array finds each member's run, study
+(:func:`timematch.arrays.fit_array`). Members whose sampled values must be equal inside one
+array (:func:`timematch.arrays.invariant_keys`: RAINCOAT's ``fourier_modes`` sets a shape) train
+as arrays in turn, in the same Tune trial. A retried or resumed array finds each member's run, study
 trial and state again (the member's file beside its state) and continues every member from its
 last epoch; a member that had ended is not trained again.
 """
@@ -34,13 +36,15 @@ from typing import Any
 
 from ray import tune
 
-from timematch.arrays import fit_array
+from timematch.arrays import array_signature, fit_array
 from timematch.experiment import Trial, build_trial
 from timematch.runner import runs
 from timematch.runner.plan import LaunchPlan, TrialGroup
 from timematch.runner.search import member_study_name, optuna_storage
 from timematch.runner.search_space import to_optuna
-from timematch.runner.trainables import TrialContext, finish_adapt_run, load_source_model, open_adapt_run
+from timematch.runner.trainables import (
+    TrialContext, adapt_trial, finish_adapt_run, load_source_model, open_adapt_run, start_worker,
+)
 from timematch.runner.trial_config import AdaptConfig
 from timematch.runner.trial_run import TrialRun, trial_run
 from timematch.training import injected_nan
@@ -120,6 +124,17 @@ def _tell(study: Any, member: Member, value: float | None = None, state: Any = N
         logger.info("study trial %d of member %s: %s", member.number, member.trial_id, error)
 
 
+def adaptation_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Stage 2's Tune trainable: an array of trials (``members`` > 0) or one trial
+    (:func:`timematch.runner.trainables.adapt_trial`)."""
+    trial = AdaptConfig.of(config)
+    if not trial.members:
+        adapt_trial(config, context)
+        return
+    start_worker(context)
+    array_trial(trial, context)
+
+
 def array_trial(config: AdaptConfig, context: TrialContext) -> None:
     """Train ``config.members`` trials of ``config.group`` as one array (see the module docstring)."""
     plan = context.plan
@@ -149,10 +164,15 @@ def array_trial(config: AdaptConfig, context: TrialContext) -> None:
             run.report = _reporter(study_trial, plan.objective)
             members.append(Member(k, trial_id, study_trial, number, run, opened.last_epoch, opened.spec))
         pretrained = load_source_model(plan, group)
-        # members resumed from different epochs (an interruption between their saves) train in turn
-        for epoch in sorted({_resumed_epoch(m) for m in members}):
-            batch = [m for m in members if _resumed_epoch(m) == epoch]
-            trials = [build_trial(m.spec, pretrained) for m in batch]
+        built = {m.index: build_trial(m.spec, pretrained) for m in members}
+        # members that cannot share one array train as arrays in turn: sampled values that set a
+        # shape or a branch (timematch.arrays.invariant_keys), or resumed from different epochs
+        # (an interruption between their saves)
+        parts: dict[tuple, list[Member]] = {}
+        for member in members:
+            parts.setdefault((_resumed_epoch(member), array_signature(built[member.index].config)), []).append(member)
+        for (epoch, _), batch in sorted(parts.items(), key=lambda item: item[0][0]):
+            trials = [built[m.index] for m in batch]
             steps = trials[0].method.steps_per_epoch()
             poisoned = [injected_nan(group.method, m.number) for m in batch]  # fault injection (RELIABILITY.md)
             with batch[0].run.measured():
