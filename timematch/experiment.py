@@ -16,6 +16,7 @@ Ray Tune trials; tests and notebooks call them directly::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -388,22 +389,37 @@ def build_trial(spec: ExperimentSpec, pretrained: PretrainedSource | None = None
     """The :class:`Trial` of ``spec`` (a method that trains), from ``pretrained`` when it starts
     from the source model (trained here when None). The random stream is seeded from the spec
     before the method builds its own modules, so a trial builds the same wherever it runs."""
-    method_cls = get_method(spec.method)
-    config = build_config(spec.method, spec.method_config)
-    device = pick_device(spec.device)
-    source, target = _open(spec)
-    probe = None
+    return build_trials([spec], pretrained)[0]
+
+
+def build_trials(specs: list[ExperimentSpec], pretrained: PretrainedSource | None = None) -> list[Trial]:
+    """:func:`build_trial` of each of ``specs``, which differ only in the method's config (the
+    members of an array of trials, :mod:`timematch.arrays`): the tiles are opened, and the source
+    model's test predictions (the movement probe's baseline) made, once for all of them."""
+    first = specs[0]
+    if any(s.replace(method_config=first.method_config) != first for s in specs):
+        raise ValueError("build_trials: the specs differ in more than the method's config")
+    method_cls = get_method(first.method)
+    device = pick_device(first.device)
+    source, target = _open(first)
+    probe, start = None, None
     if method_cls.starts_from_source:
         if pretrained is None:
-            pretrained = pretrain_source(spec)
-        model = _from_pretrained(spec, pretrained, source, target, device)
-        probe = MovementProbe(model, target, device)  # copies the source model before the method changes it
-    else:
+            pretrained = pretrain_source(first)
+        start = _from_pretrained(first, pretrained, source, target, device)
+        probe = MovementProbe(start, target, device)  # a copy of the source model: the methods change theirs
+    trials = []
+    for spec in specs:
+        config = build_config(spec.method, spec.method_config)
+        if start is not None:
+            model = copy.deepcopy(start)
+        else:
+            torch.manual_seed(_seed(spec))
+            model = build_model(spec.model, num_classes=len(source.classes)).to(device)
         torch.manual_seed(_seed(spec))
-        model = build_model(spec.model, num_classes=len(source.classes)).to(device)
-    torch.manual_seed(_seed(spec))
-    method = method_cls(config, model, source, target, device)
-    return Trial(spec, config, method, source, target, device, probe)
+        method = method_cls(config, model, source, target, device)
+        trials.append(Trial(spec, config, method, source, target, device, probe))
+    return trials
 
 
 def _evaluated(spec: ExperimentSpec, config: Any, model: torch.nn.Module, source: Domain, target: Domain,

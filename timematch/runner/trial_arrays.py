@@ -37,7 +37,7 @@ from typing import Any
 from ray import tune
 
 from timematch.arrays import array_signature, fit_array
-from timematch.experiment import Trial, build_trial
+from timematch.experiment import Trial, build_trials
 from timematch.runner import runs
 from timematch.runner.plan import LaunchPlan, TrialGroup
 from timematch.runner.search import member_study_name, optuna_storage
@@ -164,7 +164,8 @@ def array_trial(config: AdaptConfig, context: TrialContext) -> None:
             run.report = _reporter(study_trial, plan.objective)
             members.append(Member(k, trial_id, study_trial, number, run, opened.last_epoch, opened.spec))
         pretrained = load_source_model(plan, group)
-        built = {m.index: build_trial(m.spec, pretrained) for m in members}
+        trials = build_trials([m.spec for m in members], pretrained) if members else []
+        built = {m.index: trial for m, trial in zip(members, trials)}
         # members that cannot share one array train as arrays in turn: sampled values that set a
         # shape or a branch (timematch.arrays.invariant_keys), or resumed from different epochs
         # (an interruption between their saves)
