@@ -115,19 +115,23 @@ def test_a_member_that_goes_nan_leaves_and_the_others_go_on(base):
     alone = [_alone(base, "dann", v) for v in values]
     built = [_method(base, "dann", v) for v in values]
     members = [m for m, _ in built]
-    outcomes = fit_array(members, built[0][1], poison=[-1, 1, -1])  # member 1's second step
-    assert isinstance(outcomes[1].error, NonFiniteLoss) and outcomes[1].left_at == 1
-    assert "epoch 1, step 2" in str(outcomes[1].error)
-    for k in (0, 2):
+    # member 0's second step: the member whose modules the fused step runs leaves, the others go on
+    outcomes = fit_array(members, built[0][1], poison=[1, -1, -1])
+    assert isinstance(outcomes[0].error, NonFiniteLoss) and outcomes[0].left_at == 1
+    assert "epoch 1, step 2" in str(outcomes[0].error)
+    for k in (1, 2):
         assert outcomes[k].error is None
         _assert_same_trial((members[k], outcomes[k].result), alone[k])
 
 
 @pytest.mark.slow
-def test_a_stopped_member_leaves_with_its_state_and_the_others_go_on(base):
+@pytest.mark.parametrize("name", ["timematch", "dann"])
+def test_a_stopped_member_leaves_with_its_state_and_the_others_go_on(base, name):
+    """Member 0 stopped after its first epoch's report: the fused step runs member 0's modules,
+    which its evaluation left in eval mode; the other member still trains as alone."""
     values = [{}, {"lr": 3e-4}]
-    alone = [_alone(base, "timematch", v) for v in values]
-    built = [_method(base, "timematch", v) for v in values]
+    alone = [_alone(base, name, v) for v in values]
+    built = [_method(base, name, v) for v in values]
     members = [m for m, _ in built]
     seen = {0: [], 1: []}
 

@@ -543,6 +543,7 @@ def fit_array(methods: Sequence[Any], seed: int, on_epoch: Sequence[EpochCallbac
     array.set_step(trainings[0].start_step)
     for epoch in trainings[0].epochs():
         begun = _each_member(array, outcomes, epoch, lambda i: trainings[i].begin_epoch(epoch))
+        array.method.set_train_mode()  # the fused step runs the first member's modules, whether or not it left
         started = time.perf_counter()
         per_member = array.run_epoch(trainings[0].steps)
         elapsed = time.perf_counter() - started

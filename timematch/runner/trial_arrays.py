@@ -87,12 +87,18 @@ def member_study(plan: LaunchPlan, group: TrialGroup, context: TrialContext, see
     )
 
 
+def _record(state: Path) -> Path:
+    """The file beside a member's state naming its study trial and params; kept until its array
+    ends, so that a retried array asks nothing again for a member that had ended."""
+    return state.with_name(state.name + ".member.json")
+
+
 def _asked(study: Any, group: TrialGroup, state: Path) -> tuple[Any, int, dict[str, Any]]:
     """The member's study trial and params: asked now, or (a retried array) found again from
     the file beside its state."""
     import optuna
 
-    record = state.with_name(state.name + ".member.json")
+    record = _record(state)
     if record.is_file():
         saved = json.loads(record.read_text())
         return optuna.trial.Trial(study, int(saved["trial_id"])), int(saved["number"]), dict(saved["params"])
@@ -115,6 +121,21 @@ def _reporter(study_trial: Any, objective: str):
             raise Pruned(epoch)
 
     return report
+
+
+def _tell_ended(study: Any, member: Member, objective: str) -> None:
+    """Tell the study how a member whose run had ended went (an interruption between the two)."""
+    import optuna
+
+    if study.trials[member.number].state != optuna.trial.TrialState.RUNNING:
+        return
+    run = member.run.client.get_run(member.run.run_id)
+    if run.data.tags.get("stopped_early"):
+        _tell(study, member, state=optuna.trial.TrialState.PRUNED)
+    elif run.info.status == "FINISHED" and f"final_{objective}" in run.data.metrics:
+        _tell(study, member, run.data.metrics[f"final_{objective}"])
+    else:
+        _tell(study, member, state=optuna.trial.TrialState.FAIL)
 
 
 def _tell(study: Any, member: Member, value: float | None = None, state: Any = None) -> None:
@@ -158,7 +179,9 @@ def array_trial(config: AdaptConfig, context: TrialContext) -> None:
                 logger.warning("member %s not trained: %s", trial_id, error)
                 counts["members_failed"] += 1
                 continue
-            if run.finished:  # ended before an interruption: nothing to train
+            if run.finished:  # ended before an interruption: nothing to train; its study told, if it was not
+                _tell_ended(study, Member(k, trial_id, study_trial, number, run, opened.last_epoch, opened.spec),
+                            plan.objective)
                 counts["members_done"] += 1
                 continue
             run.report = _reporter(study_trial, plan.objective)
@@ -185,6 +208,8 @@ def array_trial(config: AdaptConfig, context: TrialContext) -> None:
                                      [-1 if p is None else (p[0] - 1) * steps + p[1] - 1 for p in poisoned])
             for member, trial, outcome in zip(batch, trials, outcomes):
                 _end(member, trial, outcome, study, context, group, counts, best)
+    for k in range(config.members):  # the array has ended: nothing left to find again
+        _record(context.folder.trial_state(f"{tune_id}-m{k}")).unlink(missing_ok=True)
     tune.report({**counts, **best, "members": config.members, "final": 1.0})
 
 
@@ -198,7 +223,6 @@ def _end(member: Member, trial: Trial, outcome: Any, study: Any, context: TrialC
     import optuna
 
     run, objective = member.run, context.plan.objective
-    record = run.state_path.with_name(run.state_path.name + ".member.json")
     if isinstance(outcome.error, Pruned):
         runs.stopped_early(run.client, run.run_id, outcome.error.epoch)
         run.finished = True
@@ -211,7 +235,7 @@ def _end(member: Member, trial: Trial, outcome: Any, study: Any, context: TrialC
         run.finished = True
         _tell(study, member, state=optuna.trial.TrialState.FAIL)
         counts["members_failed"] += 1
-        return  # its state and record stay: a retry refuses a diverged run (runs.refuse_if_diverged)
+        return  # its state stays: a retry refuses a diverged run (runs.refuse_if_diverged)
     else:
         final = finish_adapt_run(run, trial.evaluate(outcome.result), member.trial_id, context, group,
                                  member.last_epoch)
@@ -220,4 +244,3 @@ def _end(member: Member, trial: Trial, outcome: Any, study: Any, context: TrialC
         counts["members_done"] += 1
         if value is not None and value > best.get(objective, -math.inf):
             best.update({objective: value, "test_macro_f1": final["test_macro_f1"], "best_member": member.index})
-    record.unlink(missing_ok=True)
