@@ -15,11 +15,10 @@ import math
 import pytest
 import torch
 
-from tests.support.methods import TINY, tiny_config
+from tests.support.methods import tiny_config, tiny_source
 from timematch.arrays import array_reason, fit_array, varying_keys
-from timematch.data.dataset import DataConfig
 from timematch.errors import ConfigError, NonFiniteLoss
-from timematch.experiment import ExperimentSpec, build_trial, pretrain_source
+from timematch.experiment import build_trial
 from timematch.methods import build_config, get_method, method_names
 from timematch.training import fit
 
@@ -45,10 +44,7 @@ OWN_VALUES = {
 
 @pytest.fixture(scope="module")
 def base(synthetic_root, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("array-cache")
-    spec = ExperimentSpec(data_root=synthetic_root, source="DK", target="FR1", method="source_only",
-                          pretrain_config={**TINY, "epochs": 1}, data=DataConfig(min_parcels=10), cache_dir=cache)
-    return spec, pretrain_source(spec)
+    return tiny_source(synthetic_root, tmp_path_factory.mktemp("array-cache"))
 
 
 def _method(base, name, values):

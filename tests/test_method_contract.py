@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.methods import TINY, tiny_config
+from tests.support.methods import TINY, tiny_config, tiny_source
 from timematch.checkpoint import TrainingState
-from timematch.data.dataset import DataConfig, open_domains
+from timematch.data.dataset import open_domains
 from timematch.data.views import model_outputs
 from timematch.evaluation import predict
-from timematch.experiment import ExperimentSpec, pretrain_source, run_experiment
+from timematch.experiment import pretrain_source, run_experiment
 from timematch.methods import build_config, get_method, method_names, source_model_method
 from timematch.methods.base import Method, TrainConfig
 from timematch.models import build_model
@@ -32,10 +32,7 @@ METHODS = method_names()
 
 @pytest.fixture(scope="module")
 def base(synthetic_root, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("contract-cache")
-    spec = ExperimentSpec(data_root=synthetic_root, source="DK", target="FR1", method="source_only",
-                          pretrain_config={**TINY, "epochs": 1}, data=DataConfig(min_parcels=10), cache_dir=cache)
-    return spec, pretrain_source(spec)
+    return tiny_source(synthetic_root, tmp_path_factory.mktemp("contract-cache"))
 
 
 def test_every_method_is_tested_and_one_is_the_source_model():

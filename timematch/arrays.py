@@ -57,7 +57,7 @@ from torch.func import functional_call, grad, vmap
 
 from timematch.errors import ConfigError
 from timematch.execution import Execution
-from timematch.step_engine import LearningRate, StepEngine
+from timematch.step_engine import EpochSums, LearningRate, StepEngine
 from timematch.training import EpochCallback, FitResult, Training, build_optimizers, prepare
 
 #: Config keys that set the lockstep of an array: equal in every member.
@@ -298,36 +298,17 @@ class ArrayOptimizer:
 # -- the fused step -------------------------------------------------------------------------
 
 
-class ArraySums:
+class ArraySums(EpochSums):
     """Each member's loss and logs over an epoch's steps, summed in ``(K,)`` float64 device
     tensors, and each member's first non-finite loss (global step, -1: none)."""
 
     def __init__(self, k: int, device: torch.device) -> None:
-        self.k = k
-        self.device = device
-        self.values: dict[str, torch.Tensor] = {}
-        self.first_bad = torch.full((k,), -1, dtype=torch.int64, device=device)
-        self.first_bad_loss = torch.zeros(k, dtype=torch.float64, device=device)
-
-    def add(self, loss: torch.Tensor, logs: dict[str, torch.Tensor], step: torch.Tensor) -> list[str]:
-        first = ~torch.isfinite(loss) & (self.first_bad < 0)
-        self.first_bad.copy_(torch.where(first, step, self.first_bad))
-        self.first_bad_loss.copy_(torch.where(first, loss.to(torch.float64), self.first_bad_loss))
-        for key, value in {"train_loss": loss, **logs}.items():
-            if key not in self.values:
-                self.values[key] = torch.zeros(self.k, dtype=torch.float64, device=self.device)
-            self.values[key].add_(value.detach().to(torch.float64).expand(self.k))
-        return []
+        super().__init__(device, (k,))
 
     def read(self) -> list[tuple[dict[str, float], int, float]]:
         """Per member: (sums, first non-finite loss's global step or -1, that loss); then zeroed."""
-        keys = list(self.values)
-        packed = torch.stack([self.values[k] for k in keys] + [self.first_bad.to(torch.float64),
-                                                              self.first_bad_loss]).cpu().T.tolist()
-        for value in self.values.values():
-            value.zero_()
-        self.first_bad.fill_(-1)
-        return [(dict(zip(keys, row[:-2])), int(row[-2]), row[-1]) for row in packed]
+        keys, packed = self._read()
+        return [(dict(zip(keys, row[:-2])), int(row[-2]), row[-1]) for row in zip(*packed)]
 
 
 class TrialArray(StepEngine):
@@ -353,7 +334,6 @@ class TrialArray(StepEngine):
             if method is not template:
                 build_optimizers(method)
                 method.views = template.views  # one copy of the data per array
-        torch.manual_seed(seed)
         super().__init__(template, template.optimizers, engine.rate, template.views, engine.steps_per_epoch,
                          engine.context.total_steps, precision=execution.precision, cuda_graph=execution.cuda_graph,
                          log=log)
@@ -386,19 +366,19 @@ class TrialArray(StepEngine):
                 raise ConfigError(f"{name} has different shapes in an array's members ({sorted(shapes)}): a key "
                                   f"that sets a size must be equal in one array (they differ in {', '.join(self.varying)})")
             self.stacked[name] = torch.stack([t[name] for t in per_member])
-        for k in range(self.k):
-            self.take(k)
+        for k, member in enumerate(self.members):
+            for name in self.stacked:
+                member.bind(name, self.stacked[name][k])
 
     def take(self, k: int) -> None:
-        """Copy member ``k``'s tensors into its slot and make them views of it (at the start, and
-        after the member restored a checkpoint)."""
+        """Copy member ``k``'s tensors and optimiser state (restored from a checkpoint) into its
+        slot and make them views of it again."""
         member = self.members[k]
         for name, value in member.tensors().items():
             if value.data_ptr() != self.stacked[name][k].data_ptr():
                 self.stacked[name][k].copy_(value)
             member.bind(name, self.stacked[name][k])
-        if hasattr(self, "optimizer"):
-            self.optimizer.take_state(k)
+        self.optimizer.take_state(k)
 
     def leave(self, k: int) -> None:
         """Member ``k`` leaves the array: its tensors become its own copies; its slot is masked."""
@@ -535,11 +515,11 @@ def fit_array(methods: Sequence[Any], seed: int, on_epoch: Sequence[EpochCallbac
             raise ConfigError(f"an array resumes all its members from one epoch; their checkpoints hold {sorted(epochs)}")
         for i, state in enumerate(resume_states):
             if state is not None:
-                rng_state = torch.get_rng_state()
+                shared = _rng_state(array.device)
                 trainings[i].resume(state)
                 array.take(i)
                 if i > 0:
-                    torch.set_rng_state(rng_state)  # the members share one stream: the first's
+                    _set_rng_state(array.device, shared)  # the members share one stream: the first's
     array.set_step(trainings[0].start_step)
     for epoch in trainings[0].epochs():
         begun = _each_member(array, outcomes, epoch, lambda i: trainings[i].begin_epoch(epoch))

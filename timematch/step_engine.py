@@ -123,13 +123,15 @@ def suit_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
 class EpochSums:
     """The loss and the logs of an epoch's steps, summed in float64 device tensors, and the
     global step of the first non-finite loss (-1: none). :meth:`read` is the epoch's one
-    read back to the host."""
+    read back to the host. ``shape``: ``()`` for one trial, ``(K,)`` for the K members of an
+    array of trials (:class:`timematch.arrays.ArraySums`)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, shape: tuple[int, ...] = ()) -> None:
         self.device = device
+        self.shape = shape
         self.values: dict[str, torch.Tensor] = {}
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full(shape, -1, dtype=torch.int64, device=device)
+        self.first_bad_loss = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def add(self, loss: torch.Tensor, logs: dict[str, Any], step: torch.Tensor) -> list[str]:
         """Add a step's loss and logs; return the keys of logs that are Python numbers (a
@@ -143,20 +145,26 @@ class EpochSums:
                 numbers.append(key)
                 value = torch.tensor(float(value), dtype=torch.float64, device=self.device)
             if key not in self.values:
-                self.values[key] = torch.zeros((), dtype=torch.float64, device=self.device)
-            self.values[key].add_(value.detach().to(torch.float64))
+                self.values[key] = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+            self.values[key].add_(value.detach().to(torch.float64).expand(self.shape))
         return numbers
 
     def read(self) -> tuple[dict[str, float], int, float]:
         """(sums, the first non-finite loss's global step or -1, that loss), then zero them in
         place (a captured step keeps adding to these very tensors)."""
+        keys, packed = self._read()
+        return dict(zip(keys, packed[:-2])), int(packed[-2]), packed[-1]
+
+    def _read(self) -> tuple[list[str], list]:
+        """The keys, and the sums then the first non-finite step and loss as one host list
+        (rows of the leading dimension), all zeroed on the device."""
         keys = list(self.values)
         packed = torch.stack([self.values[k] for k in keys] + [self.first_bad.to(torch.float64),
                                                               self.first_bad_loss]).cpu().tolist()
         for value in self.values.values():
             value.zero_()
         self.first_bad.fill_(-1)
-        return dict(zip(keys, packed[:-2])), int(packed[-2]), packed[-1]
+        return keys, packed
 
 
 class GraphUnsafe(RuntimeError):

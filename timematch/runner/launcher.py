@@ -95,8 +95,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, requested: tuple[Any, A
     cluster = connect(launch.address, verbose=args.verbose)
     try:
         resources = trial_resources(cluster, *requested)
-        if plan.array_reason.startswith("auto") and not launch.resumed:
-            plan.array, plan.array_reason = resolve_array("auto", resources.gpus)
+        if not launch.resumed:  # auto decides on the cluster's devices (--dry-run's plan knew none)
+            plan.array, plan.array_reason = resolve_array(getattr(args, "array", "auto"), resources.gpus)
         if cluster.nodes > 1 and tracking.sqlite_path(launch.tracking_uri) is not None:
             _say(f"warning: {cluster.nodes} nodes log to SQLite {launch.tracking_uri}: that works only when every "
                  "node sees the file (nodes on one machine); otherwise use an MLflow server (--tracking-uri http://...)"
