@@ -177,3 +177,17 @@ def test_two_domains_of_one_tile_share_its_tensors(dataset, cache_dir):
     source, target = open_domains(dataset, "DK", "DK", fold=0, config=DataConfig(min_parcels=5))
     placed = place_views(source, target, torch.device("cpu"))
     assert placed.source.tile is placed.target.tile
+
+
+def test_the_tiles_of_several_trials_on_one_gpu_keep_to_their_shares():
+    from timematch.data.views import TILE_MEMORY_SHARE, tile_budget
+
+    total = 80 * 10**9  # an H100's memory
+    tile = 12 * 10**9  # the source and target tiles of one trial, as TileTensors.nbytes counts them
+    assert tile_budget(1.0, total) == int(TILE_MEMORY_SHARE * total) >= tile  # alone: on the GPU
+    for trials in (2, 4, 8):  # Ray places trials of 1/K GPU each on it
+        budget = tile_budget(1.0 / trials, total)
+        resident = [tile <= budget] * trials
+        assert sum(tile for r in resident if r) <= TILE_MEMORY_SHARE * total
+    assert tile <= tile_budget(0.5, total) and tile > tile_budget(0.25, total)  # 4 trials: host memory
+    assert tile_budget(2.0, total) == tile_budget(1.0, total)  # a trial's tiles live on one of its GPUs

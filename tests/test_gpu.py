@@ -259,3 +259,18 @@ def test_an_array_on_the_fast_path_equals_its_members_alone(cuda_base, name):
         assert_same_weights(single.model.state_dict(), trial.method.eval_model().state_dict(), 1e-3, name)
         assert outcome.result.history[-1].metrics["train_loss"] == pytest.approx(
             single.history[-1].metrics["train_loss"], rel=1e-3)
+
+
+def test_tiles_go_to_host_memory_when_their_trials_share_of_the_gpu_is_too_small(synthetic_root):
+    from timematch.data.views import TILE_MEMORY_SHARE, TileTensors, place_views
+
+    source, target = open_domains(synthetic_root, "DK", "FR1", 0, DataConfig(min_parcels=10))
+    device = torch.device("cuda")
+    need = TileTensors.nbytes(source.packed) + TileTensors.nbytes(target.packed)
+    total = torch.cuda.get_device_properties(0).total_memory
+    alone = place_views(source, target, device, 1.0)
+    assert alone.inline and alone.source.tile.pixels.device.type == "cuda"
+    crowded = need / (TILE_MEMORY_SHARE * total) * 0.5  # trials so many that each share holds half the tiles
+    shared = place_views(source, target, device, crowded)
+    assert not shared.inline and shared.source.tile.pixels.device.type == "cpu"
+    assert "more than the trial's" in shared.placement

@@ -414,3 +414,22 @@ def test_a_profile_budget_reaches_every_method_and_is_checked(tmp_path):
         load_profile(PROFILES, "smoke", ["budget.lr=0.1"])
     with pytest.raises(ConfigError, match=r"budget \(for alda\): .*batch_size"):
         load_profile(PROFILES, "smoke", ["budget.batch_size=0"])
+
+
+def test_a_launch_says_what_its_budgets_mean_on_its_tiles(tmp_path, named):
+    from timematch.runner.describe import budget_at_scale
+
+    plan = build_plan(_request(tmp_path, named, scenarios="DK-FR1", methods="timematch", profile="quick"))
+    small = budget_at_scale(plan, {"denmark/32VNH/2017": 1400, "france/30TXT/2017": 1400})
+    large = budget_at_scale(plan, {"denmark/32VNH/2017": 30000, "france/30TXT/2017": 30000})
+    assert small[0] == "budgets on these tiles (parcels: DK 1,400, FR1 1,400):"
+    # the quick profile's fixed steps: 1,000 x 128 source samples, 100 x 64 target samples
+    assert "  source model on DK: 1,000 steps x 128 = 131 passes over DK's ~980 training parcels" in small
+    assert "  source model on DK: 1,000 steps x 128 = 6.1 passes over DK's ~21,000 training parcels" in large
+    assert "  timematch (target FR1): 100 steps x 64 = 0.30 passes over FR1's ~21,000 training parcels" in large
+    assert large[-1] == ("  each epoch evaluates a fixed sample of at most 1,000 parcels per split part (validation "
+                         "parts: DK ~3,000, FR1 ~3,000); a result, the whole test split")
+    # the paper profile's source epochs are passes: their steps grow with the tile
+    paper = build_plan(_request(tmp_path, named, scenarios="DK-FR1", methods="timematch", profile="paper", trials=0))
+    assert "  source model on DK: 16,400 steps x 128 = 100 passes over DK's ~21,000 training parcels" in \
+        budget_at_scale(paper, {"denmark/32VNH/2017": 30000, "france/30TXT/2017": 30000})

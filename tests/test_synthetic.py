@@ -1,5 +1,6 @@
 """The synthetic benchmark generator: published layout and schema, determinism, planted shifts."""
 
+import hashlib
 import json
 import pickle
 import pickletools
@@ -11,6 +12,7 @@ import pytest
 import zarr
 
 from timematch.data import synthetic
+from timematch.data.synthetic import simulation, writing
 from timematch.data.synthetic.codes import CLASS_SHARES
 from timematch.data.synthetic.phenology import PHENOLOGY
 from timematch.data.synthetic.writing import COMPRESSOR, write_parcel_array
@@ -329,3 +331,89 @@ def test_the_synth_command_takes_class_shifts_and_stretches(tmp_path, capsys):
     assert truth["class_shifts"] == {"FR1": {"corn": -15}} and truth["stretch"] == {"AT1": 1.1}
     assert main(["synth", "--root", str(tmp_path / "e"), "--class-shift", "FR1corn=5"]) == 2
     assert "expected TILE:CLASS=DAYS" in capsys.readouterr().err
+
+
+# -- parcel sizes and tile sizes: the published long tail, tiles asked for in bytes -------------
+
+
+def test_the_embedded_draws_do_not_change():
+    """The default data's plan and pixels as the generator made them before pixel_sizes existed (its
+    bytes are the embedded cache's): the metadata exactly, the pixels' sum to a millionth (float32
+    sums may differ in the last bit between BLAS kernels; any change of the draws moves it by ~1 %)."""
+    plan, rng = simulation.plan_tile("FR2", 600, 0)
+    metadata = pickle.dumps(plan.metadata, protocol=4)
+    assert hashlib.sha256(metadata).hexdigest() == "dca5e0cd4568f8d8efcef05909eb083e68a1f33e2304fa369bbc6a79426985ad"
+    total = sum(int(px.sum(dtype=np.int64)) for _, px in simulation.iter_parcel_pixels(plan, 15.0, rng))
+    assert total == pytest.approx(28_729_419_090, rel=1e-6)
+    assert simulation.parcel_chunks(np.full(600, 500), "embedded") == [(0, 250), (250, 500), (500, 600)]
+
+
+def test_published_pixel_sizes_have_a_long_tail_and_change_nothing_else():
+    embedded, _ = simulation.plan_tile("DK", 5000, 0)
+    published, _ = simulation.plan_tile("DK", 5000, 0, pixel_sizes="published")
+    sizes = np.array([p["n_pixels"] for p in published.metadata["parcels"]])
+    assert sizes.min() >= 1 and (sizes < 10).sum() > 50 and sizes.max() > 1000
+    assert 35 <= np.median(sizes) <= 45  # the same class medians
+    assert sizes.mean() == pytest.approx(simulation.expected_pixels_per_parcel("DK", "published"), rel=0.05)
+    # the same position of the parcel generator: labels, ids, blocks and cover do not move
+    for a, b in zip(embedded.metadata["parcels"], published.metadata["parcels"]):
+        assert (a["id"], a["label"], a["block"], a["geometric_features"][3]) == \
+            (b["id"], b["label"], b["block"], b["geometric_features"][3])
+    assert embedded.metadata["dates"] == published.metadata["dates"]
+    # chunks bounded in pixels as well as parcels, covering every parcel once, in order
+    chunks = simulation.parcel_chunks(sizes, "published")
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(sizes)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(stop - start <= simulation.CHUNK_PARCELS for start, stop in chunks)
+    assert max(sizes[start:stop].sum() for start, stop in chunks) <= simulation.CHUNK_PIXELS
+
+
+def test_published_sizes_same_seed_same_bytes(dataset, tmp_path):
+    root, _ = dataset
+    assert "pixel_sizes" not in synthetic.read_ground_truth(root)
+    for name in ("a", "b"):
+        summary = synthetic.generate_dataset(tmp_path / name, parcels_per_tile=80, seed=0, tiles=["FR2"],
+                                             pixel_sizes="published")
+    assert summary["pixel_sizes"] == "published"
+    assert synthetic.read_ground_truth(tmp_path / "a")["pixel_sizes"] == "published"
+    files = all_files(tmp_path / "a" / TILES["FR2"])
+    assert files == all_files(tmp_path / "b" / TILES["FR2"])
+    sizes = [p["n_pixels"] for p in TileReader(tmp_path / "a", "FR2").parcels]
+    assert min(sizes) >= 1 and sizes != [p["n_pixels"] for p in TileReader(root, "FR2").parcels]
+
+
+def test_tile_bytes_gives_a_tile_of_about_that_size(tmp_path):
+    summary = synthetic.generate_dataset(tmp_path, tile_bytes=20e6, tiles=["DK"], pixel_sizes="published")
+    data = tmp_path / TILES["DK"] / "data"
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    assert 0.75 * 20e6 <= size <= 1.25 * 20e6, size
+    truth = synthetic.read_ground_truth(tmp_path)
+    assert truth["tile_bytes"] == 20e6 and truth["parcels_per_tile"] == summary["parcels_per_tile"]
+    assert summary["parcels_per_tile"]["DK"] == len(TileReader(tmp_path, "DK").parcels)
+    # tiles of fewer dates get more parcels for the same bytes
+    assert writing.parcels_for_bytes("FR2", 20e6) > writing.parcels_for_bytes("FR1", 20e6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"parcels_per_tile": 20, "tile_bytes": 1e6}, "not both"),
+    ({"tile_bytes": 0}, "tile_bytes must be"),
+    ({"pixel_sizes": "huge"}, "pixel_sizes 'huge'"),
+])
+def test_bad_sizes_are_one_line_before_anything_is_written(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError) as raised:
+        synthetic.generate_dataset(tmp_path / "data", tiles=["FR1"], **kwargs)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_synth_command_takes_a_tile_size_or_a_parcel_count_not_both(tmp_path, capsys):
+    from timematch.data.__main__ import main
+
+    assert main(["synth", "--root", str(tmp_path / "d"), "--parcels-per-tile", "20", "--tile-gb", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--parcels-per-tile" in err and "--tile-gb" in err
+    assert not (tmp_path / "d").exists()
+    assert main(["synth", "--root", str(tmp_path / "e"), "--tile-gb", "0.002", "--pixel-sizes", "published"]) == 0
+    truth = synthetic.read_ground_truth(tmp_path / "e")
+    assert truth["pixel_sizes"] == "published" and truth["tile_bytes"] == pytest.approx(2e6)
+    assert set(truth["parcels_per_tile"]) == set(TILES)

@@ -265,10 +265,12 @@ def _seed(spec: ExperimentSpec) -> int:
     return int(spec.seed) * 1000 + int(spec.fold)
 
 
-def _open(spec: ExperimentSpec, target: str | None = None) -> tuple[Domain, Domain]:
+def _open(spec: ExperimentSpec, target: str | None = None, pretrained: PretrainedSource | None = None
+          ) -> tuple[Domain, Domain]:
+    """The domains of ``spec``; normalised as ``pretrained`` (a source model) was, when given."""
     return open_domains(
         Path(spec.data_root), spec.source, target or spec.target, spec.fold, spec.data, spec.cache_dir,
-        progress=logger.info,
+        progress=logger.info, normalizer=None if pretrained is None else Normalizer.from_dict(pretrained.normalizer),
     )
 
 
@@ -401,11 +403,11 @@ def build_trials(specs: list[ExperimentSpec], pretrained: PretrainedSource | Non
         raise ValueError("build_trials: the specs differ in more than the method's config")
     method_cls = get_method(first.method)
     device = pick_device(first.device)
-    source, target = _open(first)
+    if method_cls.starts_from_source and pretrained is None:
+        pretrained = pretrain_source(first)
+    source, target = _open(first, pretrained=pretrained if method_cls.starts_from_source else None)
     probe, start = None, None
     if method_cls.starts_from_source:
-        if pretrained is None:
-            pretrained = pretrain_source(first)
         start = _from_pretrained(first, pretrained, source, target, device)
         probe = MovementProbe(start, target, device)  # a copy of the source model: the methods change theirs
     trials = []

@@ -5,7 +5,8 @@ re-estimates the batch-norm statistics, on source and target batches alike, what
 method's loss. :class:`MovementProbe` tells the two apart. Built once from the source model a
 trial starts from and the target domain, it predicts the target test split once with that
 model; then, for the trial's model at any point, :meth:`MovementProbe.measure` gives
-(:data:`MOVEMENT_METRICS`):
+(:data:`MOVEMENT_METRICS`; each epoch on the domain's fixed evaluation sample of the test split,
+for a trial's returned model on the whole split):
 
 - ``moved_encoder``, ``moved_classifier``: ``||theta - theta_0|| / ||theta_0||`` over the
   encoder's (everything but the decoder) and the classifier's (the decoder's) parameters that
@@ -41,10 +42,11 @@ MOVEMENT_METRICS = ("moved_encoder", "moved_classifier", "changed_predictions", 
 SPLIT = "test"
 
 
-def predicted_classes(model: torch.nn.Module, domain: Domain, device: torch.device) -> np.ndarray:
-    """The class index ``model`` predicts for every labelled parcel of ``domain``'s test split,
-    in the split's order (int16)."""
-    probs, _ = predict(model, domain, domain.labelled(SPLIT), device)
+def predicted_classes(model: torch.nn.Module, domain: Domain, device: torch.device,
+                      parcels: np.ndarray | None = None) -> np.ndarray:
+    """The class index ``model`` predicts for ``parcels`` (every labelled parcel of ``domain``'s
+    test split when None), in their order (int16)."""
+    probs, _ = predict(model, domain, domain.labelled(SPLIT) if parcels is None else parcels, device)
     return probs.argmax(1).astype(np.int16)
 
 
@@ -70,28 +72,35 @@ class MovementProbe:
         self.buffers = [name for name, _ in start.named_buffers()]
         self._model = copy.deepcopy(start)  # loaded with the start weights and a trial's buffers in measure()
         self.start_predictions = predicted_classes(start, domain, device)
+        # each epoch measures the domain's fixed evaluation sample of the split (uniform: the
+        # labels are not read); a trial's returned model, the whole split
+        parcels = domain.labelled(SPLIT)
+        self.sample = domain.evaluation_sample(parcels, SPLIT, by_class=False)
+        self.sample_rows = np.searchsorted(parcels, self.sample)
 
     def measure(self, model: torch.nn.Module, predictions: np.ndarray | None = None) -> dict[str, float]:
-        """:data:`MOVEMENT_METRICS` of ``model`` (the trial's model now; left as it was);
-        ``predictions``: its test predictions when the caller has them already."""
+        """:data:`MOVEMENT_METRICS` of ``model`` (the trial's model now; left as it was): on the
+        evaluation sample of the test split, or, given ``predictions`` (the model's predictions
+        of the whole labelled test split, which the caller has), on the whole split."""
         state = model.state_dict()
+        parcels, start = (None, self.start_predictions) if predictions is not None else (
+            self.sample, self.start_predictions[self.sample_rows])
         if predictions is None:
             training = model.training
-            predictions = predicted_classes(model, self.domain, self.device)
+            predictions = predicted_classes(model, self.domain, self.device, parcels)
             model.train(training)
         statistics_only = dict(self.start_state)
         statistics_only.update({name: state[name] for name in self.buffers if name in state})
         self._model.load_state_dict(statistics_only)
-        by_statistics = predicted_classes(self._model, self.domain, self.device)
+        by_statistics = predicted_classes(self._model, self.domain, self.device, parcels)
         return {
             "moved_encoder": relative_change(state, self.start_state, self.encoder),
             "moved_classifier": relative_change(state, self.start_state, self.classifier),
-            "changed_predictions": self.changed(predictions),
-            "changed_by_batch_norm": self.changed(by_statistics),
+            "changed_predictions": _changed(predictions, start),
+            "changed_by_batch_norm": _changed(by_statistics, start),
         }
 
-    def changed(self, predictions: np.ndarray) -> float:
-        """The share of the test parcels on which ``predictions`` differ from the source model's."""
-        if len(predictions) == 0:
-            return 0.0
-        return float(np.mean(predictions != self.start_predictions))
+
+def _changed(predictions: np.ndarray, start: np.ndarray) -> float:
+    """The share of parcels on which ``predictions`` differ from the source model's ``start``."""
+    return float(np.mean(predictions != start)) if len(predictions) else 0.0

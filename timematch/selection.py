@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from timematch.data.dataset import Domain
 from timematch.errors import ConfigError
-from timematch.evaluation import evaluate, model_inputs, score_labelled
+from timematch.evaluation import model_inputs, predict, score_labelled
 from timematch.metrics import classification_metrics, entropy, information_maximization
 
 #: The criterion that uses the target validation labels: logged every epoch, the optimistic
@@ -419,7 +419,9 @@ def selection_criteria(
 
     One forward pass over each parcel set: the target validation parcels (probabilities
     and features), the labelled source validation parcels (probabilities, features,
-    per-parcel cross-entropy) and a seeded subsample of at most ``max_fit_points``
+    per-parcel cross-entropy), each its domain's fixed evaluation sample
+    (:meth:`~timematch.data.dataset.Domain.evaluation_sample`: the whole part, or a
+    class-stratified sample of the profile's ``data.eval_parcels``) and a seeded subsample of at most ``max_fit_points``
     labelled source training parcels (features for DEV's domain classifier, fit against
     at most ``max_fit_points`` target validation features). ``few_shot_target_f1`` uses
     ``few_shot`` labelled target validation parcels per class (NaN when ``few_shot`` is 0).
@@ -428,8 +430,8 @@ def selection_criteria(
     was_training = model.training
     model.eval()
     try:
-        target_parcels = np.asarray(target.split.val)
-        source_parcels = source.labelled("val")
+        target_parcels = target.evaluation_sample(target.split.val, "val")
+        source_parcels = source.evaluation_sample(source.labelled("val"), "val")
         train_parcels = source.labelled("train")
         rng = np.random.default_rng(seed)
         if len(train_parcels) > max_fit_points:
@@ -470,5 +472,6 @@ def epoch_selection(model: torch.nn.Module, source: Domain, target: Domain, devi
     (:func:`selection_criteria`); when the target is the source itself (source-model
     training), ``source_val_f1`` alone (target criteria would be source values)."""
     if target is source:
-        return {"source_val_f1": evaluate(model, source, "val", device)["macro_f1"]}
+        probs, labels = predict(model, source, source.evaluation_sample(source.labelled("val"), "val"), device)
+        return {"source_val_f1": score_labelled(probs, labels, source.classes)["macro_f1"]}
     return selection_criteria(model, source, target, device, seed=seed)

@@ -56,11 +56,15 @@ class StepPath:
 
 @dataclass
 class Timings:
-    """Where a training's time went: seconds in its steps, seconds waiting for batches, steps."""
+    """Where a training's time went: seconds in its steps, seconds waiting for batches, steps;
+    seconds in the epochs' starts (a method's own work before the steps: TimeMatch's shift
+    estimation) and in their evaluations (the selection criteria and the measurements)."""
 
     step_seconds: float = 0.0
     data_wait_seconds: float = 0.0
     steps: int = 0
+    epoch_start_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -209,7 +213,9 @@ class Training:
     def begin_epoch(self, epoch: int) -> tuple[dict[str, float], list[str]]:
         """The method's start of the epoch (a shift estimate, say) and train mode: its metrics and log lines."""
         logs: list[str] = []
+        started = time.perf_counter()
         metrics = dict(self.method.start_epoch(epoch, self.rng, logs))
+        self.timings.epoch_start_seconds += time.perf_counter() - started
         self.method.set_train_mode()
         return metrics, logs
 
@@ -232,6 +238,7 @@ class Training:
         metrics.update({key: value / steps for key, value in sums.items() if not key.endswith("_count")})
         metrics.update({key: value for key, value in sums.items() if key.endswith("_count")})
         metrics.update(method.end_epoch(epoch, logs))
+        started = time.perf_counter()
         metrics.update(epoch_selection(method.eval_model(), method.source, method.target, method.device, self.seed))
         metrics["lr"] = learning_rate
         metrics["samples_per_second"] = steps * method.config.batch_size / max(elapsed, 1e-9)
@@ -239,6 +246,7 @@ class Training:
         report = EpochReport(epoch=epoch, metrics=metrics, logs=logs)
         if self.measure is not None:
             report.metrics.update(self.measure())
+        self.timings.eval_seconds += time.perf_counter() - started
         self.timings.step_seconds += elapsed
         self.timings.data_wait_seconds += waited
         self.timings.steps += steps

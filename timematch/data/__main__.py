@@ -13,7 +13,7 @@ import numpy as np
 from timematch.data.classes import CropCodes, normalize_code
 from timematch.data.format import TileReader, find_tiles
 from timematch.data.synthetic import (
-    DEFAULT_PARCELS_PER_TILE, DEFAULT_SHIFTS, STRETCH_RANGE, generate_dataset, plot_class_ndvi,
+    DEFAULT_PARCELS_PER_TILE, DEFAULT_SHIFTS, PIXEL_SIZES, STRETCH_RANGE, generate_dataset, plot_class_ndvi,
 )
 from timematch.data.tiles import TILES
 from timematch.errors import DatasetError, TimeMatchError
@@ -128,6 +128,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise TimeMatchError(f"--stretch {item!r}: expected TILE=FACTOR, e.g. FR1=1.15") from None
         if tile not in TILES:
             raise TimeMatchError(f"--stretch {item!r}: expected TILE=FACTOR with TILE in {list(TILES)}, e.g. FR1=1.15")
+    if args.parcels_per_tile is not None and args.tile_gb is not None:
+        raise TimeMatchError("--parcels-per-tile and --tile-gb both set the size of a tile: give one of them")
+    if args.tile_gb is not None and not args.tile_gb > 0:  # not > 0: NaN too
+        raise TimeMatchError(f"--tile-gb {args.tile_gb:g}: expected a size in GB (10^9 bytes) > 0, e.g. 1.5")
     root = Path(args.root).expanduser()
     summary = generate_dataset(
         root,
@@ -137,6 +141,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         progress=lambda msg: print(msg, flush=True),
         class_shifts=class_shifts or None,
         stretch=stretch or None,
+        pixel_sizes=args.pixel_sizes,
+        tile_bytes=None if args.tile_gb is None else args.tile_gb * 1e9,
     )
     if args.plot:
         png = plot_class_ndvi(root, Path(args.plot))
@@ -159,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     synth = sub.add_parser("synth", help="write the synthetic benchmark dataset in the published format")
     synth.add_argument("--root", required=True, help="folder to write the four tiles into")
-    synth.add_argument("--parcels-per-tile", type=int, default=DEFAULT_PARCELS_PER_TILE)
+    synth.add_argument("--parcels-per-tile", type=int, default=None,
+                       help=f"parcels in each tile (default {DEFAULT_PARCELS_PER_TILE}; not with --tile-gb)")
+    synth.add_argument("--tile-gb", type=float, metavar="GB",
+                       help="size each tile's data/ folder to about GB x 10^9 bytes instead (tiles with "
+                            "fewer dates get more parcels; not with --parcels-per-tile), e.g. 1.5")
+    synth.add_argument("--pixel-sizes", choices=list(PIXEL_SIZES), default="embedded",
+                       help="parcel sizes: embedded (10-500 pixels, the default data) or published "
+                            "(1-5000, a long tail like the published dataset's)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shift", action="append", metavar="TILE=DAYS",
                        help="planted phenology shift of a tile in days (default: "

@@ -12,7 +12,8 @@ class index in the experiment's class list, and the fold's split.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from timematch.checks import check_choice, check_flag, check_range, unknown_fields
 from timematch.data.classes import PUBLISHED_MIN_PARCELS, UNKNOWN, CropCodes, label_indices, select_classes
 from timematch.data.packed import PackedTile
-from timematch.data.splits import Split, make_split
+from timematch.data.splits import Split, make_split, sample_parcels
 from timematch.errors import ConfigError, DatasetError
 
 BATCH_KEYS = ("pixels", "mask", "positions", "geom", "label", "index")
@@ -45,6 +46,11 @@ class DataConfig:
     timesteps: int = 30
     normalization: str = "source_stats"
     eval_pixel_budget: int = 128 * 512  # pixel slots per evaluation batch
+    #: Parcels of a split part evaluated during training (each epoch's validation and selection
+    #: criteria, the movement probe, TimeMatch's class prior): a fixed sample of this size per
+    #: part (Domain.evaluation_sample); 0 = the whole part, as published. The test evaluation of
+    #: a trial's result always uses the whole test split.
+    eval_parcels: int = 0
 
     def __post_init__(self) -> None:
         check_range(self, "min_parcels", 1, 10_000_000)
@@ -55,6 +61,7 @@ class DataConfig:
         check_range(self, "timesteps", 1, 10_000)
         check_choice(self, "normalization", NORMALIZATIONS)
         check_range(self, "eval_pixel_budget", 1, 2**31 - 1)
+        check_range(self, "eval_parcels", 0, 2**31 - 1)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
@@ -140,6 +147,21 @@ class Domain:
         parcels = self.split.part(part)
         return parcels[self.labels[parcels] >= 0]
 
+    def evaluation_sample(self, parcels: np.ndarray, purpose: str, by_class: bool = True) -> np.ndarray:
+        """What training evaluates of ``parcels`` (a split part or its labelled parcels): all of
+        them when they are at most ``config.eval_parcels`` (or it is 0), else a fixed sample of
+        that size (:func:`~timematch.data.splits.sample_parcels`), so that evaluating an epoch
+        costs the same on a tile of any size. Seeded from the split seed, the tile, ``purpose``
+        (which set it is, e.g. ``"val"``) and the parcels themselves: every trial of a fold
+        evaluates the same sample. ``by_class``: stratified by class, every class present;
+        otherwise uniform, for parcels whose labels the caller may not read (a target's
+        training parcels)."""
+        parcels = np.asarray(parcels)
+        seed = [self.config.split_seed, zlib.crc32(self.tile.encode()), zlib.crc32(purpose.encode()),
+                zlib.crc32(parcels.tobytes())]
+        strata = self.class_names[parcels] if by_class else None
+        return sample_parcels(parcels, self.config.eval_parcels, seed, strata)
+
     # -- batch views -------------------------------------------------------------------
 
     def eval_batches(self, parcels: np.ndarray, max_parcels: int = 256) -> Iterator[dict]:
@@ -153,7 +175,10 @@ class Domain:
         built = (self.packed.path / "manifest.json").stat().st_mtime_ns  # a tile rebuilt in place is another
         key = (str(self.packed.path), built, self.normalizer.mean.tobytes(), self.normalizer.std.tobytes(),
                self.labels.tobytes(), parcels.tobytes(), max_parcels, self.config.eval_pixel_budget)
-        return iter(EVAL_BATCHES.get(key, lambda: self._eval_batches(parcels, max_parcels)))
+        # at least the set's pixels as float32 (each batch pads to its widest parcel): a set larger
+        # than the cache's budget is streamed batch by batch, never held whole
+        least = int(self.packed.n_pixels[parcels].sum()) * self.packed.n_dates * self.packed.pixels.shape[2] * 4
+        return iter(EVAL_BATCHES.get(key, lambda: self._eval_batches(parcels, max_parcels), least))
 
     def _eval_batches(self, parcels: np.ndarray, max_parcels: int) -> Iterator[dict]:
         order = parcels[np.argsort(self.packed.n_pixels[parcels], kind="stable")]
@@ -202,18 +227,23 @@ class Domain:
 
 class EvalBatchCache:
     """The evaluation batches of recent parcel sets, least recently used dropped first, within
-    ``budget`` bytes (a set larger than the budget is built each time, never kept)."""
+    ``budget`` bytes (a set larger than the budget is built each time, never kept, and handed
+    out as it is built: a whole test split of a large tile never sits in memory at once)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._entries: dict[tuple, tuple[list[dict], int]] = {}
         self._bytes = 0
 
-    def get(self, key: tuple, build: Any) -> list[dict]:
+    def get(self, key: tuple, build: Any, least_bytes: int = 0) -> Iterable[dict]:
+        """The batches of ``key``, kept from an earlier call or made by ``build()``; a set of
+        at least ``least_bytes`` (a lower bound of its size) above the budget is streamed."""
         found = self._entries.pop(key, None)
         if found is not None:
             self._entries[key] = found  # most recently used last
             return found[0]
+        if least_bytes > self.budget:
+            return build()
         batches = list(build())
         size = sum(a.nbytes for b in batches for a in b.values() if isinstance(a, np.ndarray))
         if size <= self.budget:
@@ -248,8 +278,13 @@ def open_domains(
     config: DataConfig = DataConfig(),
     cache_dir: Path | None = None,
     progress=None,
+    normalizer: Normalizer | None = None,
 ) -> tuple[Domain, Domain]:
     """The source and target domains of an experiment, with the class list of the source.
+
+    ``normalizer``: the one the domains use (a trial that starts from a source model uses the
+    model's); without one it is fitted on the source training parcels (``config.normalization``),
+    which reads pixels from across the tile.
 
     Raises :class:`DatasetError` when fewer than 2 source classes pass the class rule or
     when the target has no parcel of any source class.
@@ -276,7 +311,9 @@ def open_domains(
         raise DatasetError(
             f"{target_domain.tile}: no parcel belongs to any class of the source {source_tile.tile} ({known})"
         )
-    if config.normalization == "source_stats":
+    if normalizer is not None:
+        pass
+    elif config.normalization == "source_stats":
         normalizer = Normalizer.fit(source_domain.packed, source_domain.split.train, seed=config.split_seed)
     else:
         normalizer = Normalizer.published(source_domain.packed.pixels.shape[-1])

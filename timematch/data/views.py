@@ -322,6 +322,15 @@ class DomainViews:
         return torch.randint(0, high, (size,), generator=self.generator, device=self.device)
 
 
+def tile_budget(gpu_share: float, total_memory: int) -> int:
+    """Bytes of a GPU that one trial's tiles may take: :data:`TILE_MEMORY_SHARE` of the trial's
+    share of the GPU. Each trial (an array of trials is one) holds its own copy of its tiles, so
+    the trials that Ray places on one GPU, whose shares add up to at most 1, together keep at
+    most that fraction of it for tiles, whatever their number; the rest is for their models,
+    activations and captured graphs."""
+    return int(TILE_MEMORY_SHARE * min(gpu_share, 1.0) * total_memory)
+
+
 @dataclass
 class Views:
     """Where a trial's batches are built: the source and target :class:`DomainViews`.
@@ -354,7 +363,7 @@ def place_views(source: Domain, target: Domain, device: torch.device, gpu_share:
     resident = False
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        budget = int(TILE_MEMORY_SHARE * gpu_share * torch.cuda.get_device_properties(index).total_memory)
+        budget = tile_budget(gpu_share, torch.cuda.get_device_properties(index).total_memory)
         resident = need <= budget
         placement = (f"tiles on {device} ({need / 1e6:.0f} MB of the trial's {budget / 1e6:.0f} MB for tiles)"
                      if resident else

@@ -6,7 +6,8 @@ and source regions estimated and corrected:
 1. Initialisation: the source model scores shifts d in [-max, max] with the inception
    score; the search range becomes [0, max] or [-max, 0] by the sign of the estimate d0,
    and the target class distribution c_hat is the histogram of predictions of all target
-   training parcels at d0.
+   training parcels at d0 (of a fixed uniform sample of ``data.eval_parcels`` of them when
+   the profile sets one: the paper predicts all of them, which grows with the tile).
 2. Each epoch: d is re-estimated with the AM score (given c_hat) on ``sample_size``
    target batches; the teacher labels target data at positions + d, and the source is
    shifted by -d so the student learns target-aligned timing. After the first epoch's
@@ -97,7 +98,10 @@ class TimeMatch(FixMatch):
         if self.search_range is None:  # initialisation
             d0 = self._estimate(batches, -cfg.max_temporal_shift, cfg.max_temporal_shift, cfg.init_estimator, epoch, logs)
             self.search_range = (0, cfg.max_temporal_shift) if d0 >= 0 else (-cfg.max_temporal_shift, 0)
-            probs, _ = predict(self.teacher, self.target, self.target.split.train, self.device, shift=d0)
+            # the class prior from the pseudo-labels of the target's training parcels (their
+            # fixed evaluation sample: uniform, their labels are not read)
+            prior_parcels = self.target.evaluation_sample(self.target.split.train, "train", by_class=False)
+            probs, _ = predict(self.teacher, self.target, prior_parcels, self.device, shift=d0)
             self.class_prior = histogram(probs.argmax(1), len(self.source.classes))
         d = self._estimate(batches, *self.search_range, cfg.estimator, epoch, logs)
         if not self.narrowed:

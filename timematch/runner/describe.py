@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from timematch.data.splits import TRAIN_FRACTION, VAL_FRACTION
+from timematch.data.tiles import short_name
+from timematch.methods import build_config, source_model_method
 from timematch.runner.plan import LaunchPlan, get_objective
 
 
@@ -57,3 +60,38 @@ def describe(plan: LaunchPlan, resources: dict[str, Any] | None = None, cached: 
     if resources:
         lines += ["", "resources: " + ", ".join(f"{k} {v}" for k, v in resources.items())]
     return "\n".join(lines)
+
+
+def budget_at_scale(plan: LaunchPlan, parcels: dict[str, int]) -> list[str]:
+    """What the profile's budgets mean on these tiles (``parcels``: tile -> its parcels): the
+    source models' and each adaptation method's steps as passes over the training parcels they
+    draw from, and what each epoch evaluates. A budget of fixed steps covers less of a larger
+    tile; an epoch of ``steps_per_epoch: null`` is one pass, so its steps grow with the tile."""
+    def train(tile: str) -> int:
+        return round(TRAIN_FRACTION * parcels[tile])
+
+    def covered(config, tile: str) -> str:
+        per_epoch = config.steps_per_epoch or max(1, train(tile) // config.batch_size)
+        steps = config.epochs * per_epoch
+        passes = steps * config.batch_size / max(1, train(tile))
+        shown = f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}" if passes >= 1 else f"{passes:.2f}"
+        return f"{steps:,} steps x {config.batch_size} = {shown} passes over {short_name(tile)}'s ~{train(tile):,} training parcels"
+
+    named = ", ".join(f"{short_name(t)} {n:,}" for t, n in sorted(parcels.items()))
+    lines = [f"budgets on these tiles (parcels: {named}):"]
+    source_config = build_config(source_model_method().name, plan.pretrain)
+    for source in sorted({t.source for t in plan.pretrain_tasks if t.is_source_model}):
+        lines.append(f"  source model on {short_name(source)}: {covered(source_config, source)}")
+    seen = set()
+    for group in plan.groups:
+        if group.baseline or (group.method, group.scenario.target) in seen:
+            continue
+        seen.add((group.method, group.scenario.target))
+        lines.append(f"  {group.method} (target {short_name(group.scenario.target)}): "
+                     f"{covered(build_config(group.method, group.overrides), group.scenario.target)}")
+    size = plan.data_config().eval_parcels
+    parts = ", ".join(f"{short_name(t)} ~{round(VAL_FRACTION * n):,}" for t, n in sorted(parcels.items()))
+    lines.append("  each epoch evaluates " + (f"a fixed sample of at most {size:,} parcels per split part"
+                                               if size else "the whole split parts")
+                 + f" (validation parts: {parts}); a result, the whole test split")
+    return lines

@@ -12,7 +12,7 @@ from timematch.data.embedded import ensure_embedded_dataset
 from timematch.data.packed import PackedTile
 from timematch.runner import runs, tracking, waiting
 from timematch.runner.launch_state import EXIT_OK, EXIT_TRIALS_FAILED, Launch, LaunchFolder
-from timematch.runner.describe import describe
+from timematch.runner.describe import budget_at_scale, describe
 from timematch.runner.plan import LaunchPlan, check_embedded_root, get_objective, resolve_array, source_model_path
 from timematch.runner.resources import Cluster, connect, disconnect, trial_resources
 
@@ -25,8 +25,12 @@ def pack_tiles(plan: LaunchPlan) -> None:
     """Pack (and so read and check) every tile the launch needs, here, before any trial starts:
     a bad parcel or metadata file is one error naming the file (exit 2), not a failure inside
     every trial; the trials then memory-map the packed caches."""
+    parcels = {}
     for tile in plan.tiles:
-        PackedTile.open(plan.data_root, tile, Path(plan.cache_dir), progress=_say)
+        packed = PackedTile.open(plan.data_root, tile, Path(plan.cache_dir), progress=_say)
+        parcels[tile] = len(packed)
+        plan.tile_fingerprints.update(packed.checked())
+    _say("\n".join(budget_at_scale(plan, parcels)))
 
 
 def _parent_params(plan: LaunchPlan) -> dict[str, Any]:

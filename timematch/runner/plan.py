@@ -162,6 +162,9 @@ class LaunchPlan:
     profile_description: str = ""  # what the profile is for and what its budgets can show
     array: int = 1  # trials of one group trained as one fused model (--array; timematch.arrays)
     array_reason: str = ""  # how --array auto chose
+    #: {tile folder: fingerprint} of the tiles the driver packed and checked before the trials
+    #: started (timematch.data.packed.trust_fingerprints): trials load those caches unchecked
+    tile_fingerprints: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_trials(self) -> int:

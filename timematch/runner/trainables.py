@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from ray import tune
 
+from timematch.data import packed
 from timematch.data.dataset import Normalizer
 from timematch.data.synthetic import planted_shift
 from timematch.data.tiles import short_name
@@ -75,8 +76,10 @@ class TrialContext:
 
 
 def start_worker(context: TrialContext) -> None:
-    """Set up this worker process for a trial: threads, and the launch's MLflow credentials."""
+    """Set up this worker process for a trial: threads, the launch's MLflow credentials, and the
+    fingerprints of the tiles the driver checked before the trials started."""
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    packed.trust_fingerprints(context.plan.tile_fingerprints)
     tracking.configure_client(context.tracking_uri, context.credentials, context.events_path,
                               context.tracking_patience_s)
 

@@ -28,14 +28,16 @@ ones listed before it:
 from timematch.data.synthetic.acquisitions import TILE_CALENDAR_SIZES
 from timematch.data.synthetic.codes import DEFAULT_PARCELS_PER_TILE, tile_class_counts
 from timematch.data.synthetic.plots import class_ndvi_curves, plot_class_ndvi
+from timematch.data.synthetic.simulation import PIXEL_SIZES
 from timematch.data.synthetic.truth import (
     DEFAULT_SHIFTS, GENERATOR_VERSION, GROUND_TRUTH_FILE, MAX_SHIFT, SIGN_CONVENTION, STRETCH_PIVOT, STRETCH_RANGE,
     expected_shifts, planted_shift, read_ground_truth,
 )
-from timematch.data.synthetic.writing import EMBEDDED_BYTES, generate_dataset
+from timematch.data.synthetic.writing import BYTES_PER_PIXEL_DATE, EMBEDDED_BYTES, generate_dataset
 
 __all__ = [
     "TILE_CALENDAR_SIZES", "DEFAULT_PARCELS_PER_TILE", "tile_class_counts", "class_ndvi_curves", "plot_class_ndvi",
     "DEFAULT_SHIFTS", "GENERATOR_VERSION", "GROUND_TRUTH_FILE", "MAX_SHIFT", "SIGN_CONVENTION", "STRETCH_PIVOT",
     "STRETCH_RANGE", "expected_shifts", "planted_shift", "read_ground_truth", "EMBEDDED_BYTES", "generate_dataset",
+    "PIXEL_SIZES", "BYTES_PER_PIXEL_DATE",
 ]

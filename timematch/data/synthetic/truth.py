@@ -130,16 +130,21 @@ def expected_shifts(planted: Mapping[str, int]) -> dict[str, int]:
     return {f"{src}->{tgt}": int(planted[tgt] - planted[src]) for src in planted for tgt in planted if src != tgt}
 
 
-def write_ground_truth(root: Path, seed: int, parcels_per_tile: int, planted: Mapping[str, int],
+def write_ground_truth(root: Path, seed: int, parcels_per_tile: int | Mapping[str, int], planted: Mapping[str, int],
                        class_shifts: Mapping[str, Mapping[str, int]] | None = None,
-                       stretch: Mapping[str, float] | None = None) -> None:
+                       stretch: Mapping[str, float] | None = None,
+                       pixel_sizes: str = "embedded", tile_bytes: float | None = None) -> None:
     """Write ``root/synthetic_ground_truth.json`` for the tiles of one generator call (the keys of
-    ``planted``): what was planted, the sign convention, the expected shifts, and what made the bytes."""
+    ``planted``): what was planted, the sign convention, the expected shifts, and what made the bytes.
+
+    ``parcels_per_tile`` is one number, or one per tile when they were sized by ``tile_bytes``;
+    ``pixel_sizes`` and ``tile_bytes`` are recorded when not the default (the default data's
+    file does not change)."""
     truth = {
         "generator": "timematch.data.synthetic",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
-        "parcels_per_tile": parcels_per_tile,
+        "parcels_per_tile": parcels_per_tile if isinstance(parcels_per_tile, int) else dict(parcels_per_tile),
         "sign_convention": SIGN_CONVENTION,
         "planted_shifts": dict(planted),
         "parcel_shift_jitter_days": PARCEL_SHIFT_JITTER,
@@ -152,6 +157,10 @@ def write_ground_truth(root: Path, seed: int, parcels_per_tile: int, planted: Ma
     if stretch:
         truth["stretch"] = dict(stretch)
         truth["stretch_pivot_day"] = STRETCH_PIVOT
+    if pixel_sizes != "embedded":
+        truth["pixel_sizes"] = pixel_sizes
+    if tile_bytes is not None:
+        truth["tile_bytes"] = tile_bytes
     (root / GROUND_TRUTH_FILE).write_text(json.dumps(truth, indent=1) + "\n")
 
 

@@ -10,6 +10,7 @@ generator's entry point (``python -m timematch.data synth``).
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
 import time
@@ -22,8 +23,12 @@ from typing import Any
 import numcodecs
 import numpy as np
 
+from timematch.data.synthetic.acquisitions import TILE_CALENDAR_SIZES
 from timematch.data.synthetic.codes import DEFAULT_PARCELS_PER_TILE
-from timematch.data.synthetic.simulation import CHUNK_PARCELS, iter_parcel_pixels, plan_tile
+from timematch.data.synthetic.simulation import (
+    CHUNK_PARCELS, CHUNK_PIXELS, DEFAULT_PIXEL_SIZES, check_pixel_sizes, expected_pixels_per_parcel,
+    iter_parcel_pixels, plan_tile,
+)
 from timematch.data.synthetic.truth import (
     GENERATOR_VERSION, GROUND_TRUTH_FILE, expected_shifts, resolve_shifts, resolve_warps, write_ground_truth,
 )
@@ -35,6 +40,13 @@ from timematch.errors import ConfigError, DatasetError
 EMBEDDED_BYTES = 211_053_785
 #: Blosc as zarr 2.x wrote it, with zstd (about 20 % smaller than zarr 2's default lz4 on this data).
 COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+#: Compressed bytes of one pixel at one date (10 bands of uint16: 20 bytes raw) in a parcel's
+#: chunk file ``0.0.0``. Measured on the embedded generator (seed 0, 1,400 parcels per tile, the
+#: four tiles): the ``0.0.0`` files of each tile's data/ folder add up to 185,716,292 bytes over
+#: 14,427,273 pixel-dates (sum over parcels of n_pixels x the tile's dates) = 12.87; per tile
+#: 12.60 (FR1) to 13.07 (FR2). Each parcel adds its ``.zarray`` (about 320 bytes) and, on disk, a
+#: folder (4 KiB on ext4, which ``du`` counts and this estimate does not).
+BYTES_PER_PIXEL_DATE = 12.87
 
 
 def zarray_metadata(shape: Sequence[int]) -> bytes:
@@ -58,6 +70,16 @@ def write_parcel_array(path: Path, pixels: np.ndarray) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / ".zarray").write_bytes(zarray_metadata(pixels.shape))
     (path / "0.0.0").write_bytes(COMPRESSOR.encode(pixels))
+
+
+def parcels_for_bytes(short: str, tile_bytes: float, pixel_sizes: str = DEFAULT_PIXEL_SIZES) -> int:
+    """Parcels that make a tile's data/ folder about ``tile_bytes`` (its files' bytes): from
+    :data:`BYTES_PER_PIXEL_DATE`, the tile's dates and the expected pixels per parcel of
+    ``pixel_sizes``; at least 1."""
+    dates = TILE_CALENDAR_SIZES[short]
+    pixels = expected_pixels_per_parcel(short, pixel_sizes)
+    per_parcel = len(zarray_metadata((dates, 10, round(pixels)))) + BYTES_PER_PIXEL_DATE * dates * pixels
+    return max(1, round(tile_bytes / per_parcel))
 
 
 def resolve_tiles(tiles: Sequence[str] | None) -> list[str]:
@@ -87,13 +109,15 @@ def _check_writable(root: Path, shorts: Sequence[str]) -> None:
 
 def generate_dataset(
     root: Path,
-    parcels_per_tile: int = DEFAULT_PARCELS_PER_TILE,
+    parcels_per_tile: int | None = None,
     seed: int = 0,
     shifts: Mapping[str, int] | None = None,
     tiles: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     class_shifts: Mapping[str, Mapping[str, int]] | None = None,
     stretch: Mapping[str, float] | None = None,
+    pixel_sizes: str = DEFAULT_PIXEL_SIZES,
+    tile_bytes: float | None = None,
 ) -> dict:
     """Write the synthetic dataset under ``root`` in the published format; return a summary.
 
@@ -106,40 +130,65 @@ def generate_dataset(
     describes the tiles of this call. Tile folders of an earlier synthetic run are
     replaced; a folder holding anything else is refused (:class:`DatasetError`).
 
+    ``pixel_sizes`` (:data:`~.simulation.PIXEL_SIZES`): ``"embedded"`` (the default data's
+    10-500 pixels per parcel) or ``"published"`` (1-5000, a long tail like the published dataset's).
+    ``tile_bytes`` asks for tiles of about that many bytes in data/ instead of a number of parcels
+    (exclusive with ``parcels_per_tile``; default 1,400 parcels): each tile gets the parcels that
+    :data:`BYTES_PER_PIXEL_DATE`, its dates and the expected size of its parcels give, so tiles of
+    fewer dates get more parcels. Memory stays bounded whatever the size: pixels are made and
+    written in chunks (:func:`~.simulation.parcel_chunks`); only the tile's metadata, about 500
+    bytes a parcel, is held whole.
+
     Returns a JSON-serialisable summary: root, tiles (path, parcels, dates, planted
-    shift), parcels, planted_shifts, expected_shifts, seed, parcels_per_tile,
-    generator_version, seconds.
+    shift), parcels, planted_shifts, expected_shifts, seed, parcels_per_tile (per tile with
+    ``tile_bytes``), generator_version, seconds, and pixel_sizes and tile_bytes when given.
     """
     started = time.perf_counter()
-    if parcels_per_tile < 1:
+    check_pixel_sizes(pixel_sizes)
+    if tile_bytes is not None and parcels_per_tile is not None:
+        raise ConfigError("give parcels_per_tile or tile_bytes, not both")
+    if tile_bytes is not None and not (isinstance(tile_bytes, (int, float)) and 0 < tile_bytes < math.inf):
+        raise ConfigError(f"tile_bytes must be a number of bytes > 0, got {tile_bytes!r}")
+    if parcels_per_tile is None and tile_bytes is None:
+        parcels_per_tile = DEFAULT_PARCELS_PER_TILE
+    if parcels_per_tile is not None and parcels_per_tile < 1:
         raise ConfigError(f"parcels_per_tile must be >= 1, got {parcels_per_tile}")
     root = Path(root).expanduser()
     shorts = resolve_tiles(tiles)
     all_shifts = resolve_shifts(shifts)
     planted = {s: all_shifts[s] for s in shorts}
     per_class, stretches = resolve_warps(shorts, class_shifts, stretch)
+    counts: int | dict[str, int] = (parcels_per_tile if tile_bytes is None else
+                                    {s: parcels_for_bytes(s, tile_bytes, pixel_sizes) for s in shorts})
     _check_writable(root, shorts)
     root.mkdir(parents=True, exist_ok=True)
     # written first: a run interrupted half-way can be re-run over its own leftovers
-    write_ground_truth(root, seed, parcels_per_tile, planted, per_class, stretches)
+    write_ground_truth(root, seed, counts, planted, per_class, stretches, pixel_sizes, tile_bytes)
     summary_tiles: dict[str, Any] = {}
     for short in shorts:
         tile_started = time.perf_counter()
-        plan, pixel_rng = plan_tile(short, parcels_per_tile, seed)
+        plan, pixel_rng = plan_tile(short, counts if isinstance(counts, int) else counts[short], seed, pixel_sizes)
         tile_path = root / plan.path
         if tile_path.exists():
             shutil.rmtree(tile_path)
         (tile_path / "data").mkdir(parents=True)
         (tile_path / "meta").mkdir(parents=True)
         # compression and file writes release the GIL: overlap them with the next chunk's maths
+        # queued arrays: at most two chunks' worth, in parcels and in pixels (the bytes do not depend on it)
+        max_queued = 2 * CHUNK_PIXELS * len(plan.days) * 10 * 2
         with ThreadPoolExecutor(max_workers=2) as pool:
-            pending: deque[Future] = deque()
+            pending: deque[tuple[Future, int]] = deque()
+            queued = 0
             for index, pixels in iter_parcel_pixels(plan, planted[short], pixel_rng, per_class.get(short),
                                                     stretches.get(short, 1.0)):
-                pending.append(pool.submit(write_parcel_array, tile_path / "data" / f"{index}.zarr", pixels))
-                while len(pending) > 2 * CHUNK_PARCELS:  # bound the memory held by queued arrays
-                    pending.popleft().result()
-            for future in pending:
+                pending.append((pool.submit(write_parcel_array, tile_path / "data" / f"{index}.zarr", pixels),
+                                pixels.nbytes))
+                queued += pixels.nbytes
+                while len(pending) > 2 * CHUNK_PARCELS or queued > max_queued:
+                    future, size = pending.popleft()
+                    future.result()
+                    queued -= size
+            for future, _ in pending:
                 future.result()
         (tile_path / "meta" / "metadata.pkl").write_bytes(pickle.dumps(plan.metadata, protocol=4))
         summary_tiles[short] = {
@@ -158,7 +207,9 @@ def generate_dataset(
         **({"class_shifts": per_class} if per_class else {}),
         **({"stretch": stretches} if stretches else {}),
         "seed": seed,
-        "parcels_per_tile": parcels_per_tile,
+        "parcels_per_tile": counts,
+        **({"pixel_sizes": pixel_sizes} if pixel_sizes != DEFAULT_PIXEL_SIZES else {}),
+        **({"tile_bytes": tile_bytes} if tile_bytes is not None else {}),
         "generator_version": GENERATOR_VERSION,
         "seconds": round(time.perf_counter() - started, 2),
     }
