@@ -426,7 +426,7 @@ def test_a_launch_says_what_its_budgets_mean_on_its_tiles(tmp_path, named):
     # the quick profile's fixed steps: 1,000 x 128 source samples, 100 x 64 target samples
     assert "  source model on DK: 1,000 steps x 128 = 131 passes over DK's ~980 training parcels" in small
     assert "  source model on DK: 1,000 steps x 128 = 6.1 passes over DK's ~21,000 training parcels" in large
-    assert "  timematch (target FR1): 100 steps x 64 = 0.30 passes over FR1's ~21,000 training parcels" in large
+    assert "  timematch (DK-FR1): 100 steps x 64 = 0.30 passes over FR1's ~21,000 training parcels" in large
     assert large[-1] == ("  each epoch evaluates a fixed sample of at most 1,000 parcels per split part (validation "
                          "parts: DK ~3,000, FR1 ~3,000); a result, the whole test split")
     # the paper profile's source epochs are passes: their steps grow with the tile

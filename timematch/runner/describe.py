@@ -7,7 +7,7 @@ from typing import Any
 
 from timematch.data.splits import TRAIN_FRACTION, VAL_FRACTION
 from timematch.data.tiles import short_name
-from timematch.methods import build_config, source_model_method
+from timematch.methods import build_config, get_method, source_model_method
 from timematch.runner.plan import LaunchPlan, get_objective
 
 
@@ -84,11 +84,13 @@ def budget_at_scale(plan: LaunchPlan, parcels: dict[str, int]) -> list[str]:
         lines.append(f"  source model on {short_name(source)}: {covered(source_config, source)}")
     seen = set()
     for group in plan.groups:
-        if group.baseline or (group.method, group.scenario.target) in seen:
+        # the tile whose training parcels its steps draw: the source for a training on the source alone
+        tile = group.scenario.source if get_method(group.method).trains_on == "source" else group.scenario.target
+        if group.baseline or (group.method, tile) in seen:
             continue
-        seen.add((group.method, group.scenario.target))
-        lines.append(f"  {group.method} (target {short_name(group.scenario.target)}): "
-                     f"{covered(build_config(group.method, group.overrides), group.scenario.target)}")
+        seen.add((group.method, tile))
+        lines.append(f"  {group.method} ({group.scenario.name}): "
+                     f"{covered(build_config(group.method, group.overrides), tile)}")
     size = plan.data_config().eval_parcels
     parts = ", ".join(f"{short_name(t)} ~{round(VAL_FRACTION * n):,}" for t, n in sorted(parcels.items()))
     lines.append("  each epoch evaluates " + (f"a fixed sample of at most {size:,} parcels per split part"
