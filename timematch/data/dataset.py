@@ -311,11 +311,9 @@ def open_domains(
         raise DatasetError(
             f"{target_domain.tile}: no parcel belongs to any class of the source {source_tile.tile} ({known})"
         )
-    if normalizer is not None:
-        pass
-    elif config.normalization == "source_stats":
+    if normalizer is None and config.normalization == "source_stats":
         normalizer = Normalizer.fit(source_domain.packed, source_domain.split.train, seed=config.split_seed)
-    else:
+    elif normalizer is None:
         normalizer = Normalizer.published(source_domain.packed.pixels.shape[-1])
     source_domain.normalizer = target_domain.normalizer = normalizer
     return source_domain, target_domain
