@@ -83,12 +83,13 @@ class MovementProbe:
         evaluation sample of the test split, or, given ``predictions`` (the model's predictions
         of the whole labelled test split, which the caller has), on the whole split."""
         state = model.state_dict()
-        parcels, start = (None, self.start_predictions) if predictions is not None else (
-            self.sample, self.start_predictions[self.sample_rows])
         if predictions is None:
+            parcels, start = self.sample, self.start_predictions[self.sample_rows]
             training = model.training
             predictions = predicted_classes(model, self.domain, self.device, parcels)
             model.train(training)
+        else:
+            parcels, start = None, self.start_predictions
         statistics_only = dict(self.start_state)
         statistics_only.update({name: state[name] for name in self.buffers if name in state})
         self._model.load_state_dict(statistics_only)

@@ -402,6 +402,11 @@ def _logits_and_features(
     return torch.cat(logits).cpu().numpy()[rows], torch.cat(features).cpu().numpy()[rows]
 
 
+def _validation(source: Domain) -> np.ndarray:
+    """The labelled source validation parcels an epoch evaluates (the domain's evaluation sample)."""
+    return source.evaluation_sample(source.labelled("val"), "val")
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.from_numpy(logits).softmax(-1).numpy()
 
@@ -431,7 +436,7 @@ def selection_criteria(
     model.eval()
     try:
         target_parcels = target.evaluation_sample(target.split.val, "val")
-        source_parcels = source.evaluation_sample(source.labelled("val"), "val")
+        source_parcels = _validation(source)
         train_parcels = source.labelled("train")
         rng = np.random.default_rng(seed)
         if len(train_parcels) > max_fit_points:
@@ -472,6 +477,6 @@ def epoch_selection(model: torch.nn.Module, source: Domain, target: Domain, devi
     (:func:`selection_criteria`); when the target is the source itself (source-model
     training), ``source_val_f1`` alone (target criteria would be source values)."""
     if target is source:
-        probs, labels = predict(model, source, source.evaluation_sample(source.labelled("val"), "val"), device)
+        probs, labels = predict(model, source, _validation(source), device)
         return {"source_val_f1": score_labelled(probs, labels, source.classes)["macro_f1"]}
     return selection_criteria(model, source, target, device, seed=seed)

@@ -156,8 +156,8 @@ class PackedTile:
         except Exception:  # a name the reader below rejects, with its message
             name, tile_path = None, None
         trusted = DRIVER_FINGERPRINTS.get(str(tile_path)) if tile_path else None
-        if trusted and _is_current(_cache_folder(base, tile_path, name), trusted):
-            return cls._load(_cache_folder(base, tile_path, name), name, name.split("/")[0])
+        if trusted and _is_current(cached := _cache_folder(base, tile_path, name), trusted):
+            return cls._load(cached, name, name.split("/")[0])
         reader = TileReader(root, tile)
         target = _cache_folder(base, reader.path, reader.tile)
         stamp = fingerprint(reader)
@@ -168,10 +168,14 @@ class PackedTile:
                     build(reader, target, stamp, progress)
         return cls._load(target, reader.tile, reader.country)
 
+    def manifest(self) -> dict:
+        """What the build recorded: the tile, its source folder and fingerprint, sizes, dates."""
+        return json.loads((self.path / "manifest.json").read_text())
+
     def checked(self) -> dict[str, str]:
         """``{tile folder: fingerprint}`` of the source files this cache was built from, for
         :func:`trust_fingerprints`."""
-        manifest = json.loads((self.path / "manifest.json").read_text())
+        manifest = self.manifest()
         return {manifest["source"]: manifest["fingerprint"]}
 
     @classmethod

@@ -19,7 +19,6 @@ new attempt continues from it, logging the epochs its run is missing once.
 
 from __future__ import annotations
 
-import json
 import socket
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -165,7 +164,7 @@ def log_data(client: MlflowClient, run_id: str, plan: LaunchPlan, tiles: list[tu
     data = plan.data_config()
     for tile, role in tiles:
         packed = PackedTile.open(plan.data_root, tile, plan.cache_dir)
-        manifest = json.loads((packed.path / "manifest.json").read_text())
+        manifest = packed.manifest()
         split = make_split(len(packed), fold, data.split_seed, packed.tile, data.n_folds)
         sizes = {part: int(len(split.part(part))) for part in ("train", "val", "test")}
         runs.log_dataset(
