@@ -23,6 +23,9 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Must equal `rayVersion` in k8s/rayjob/rayjob.yaml and the ray[tune] pin of pyproject.toml.
 ARG RAY_VERSION=2.60.0
+# More options for every pip install of the build, e.g. a build without an index: "--no-index
+# --find-links /wheels" with a wheelhouse mounted there (k8s/build-local.sh does so with podman).
+ARG PIP_INSTALL_OPTIONS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -30,9 +33,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_USAGE_STATS_ENABLED=0 \
     MLFLOW_DISABLE_TELEMETRY=true \
-    TIMEMATCH_DATA=/data \
     TIMEMATCH_CACHE=/cache \
     TIMEMATCH_RESULTS=/cache/results
+
+# No TIMEMATCH_DATA: without it a launch uses the embedded synthetic data, generated into
+# $TIMEMATCH_CACHE (k8s/overlays/cpu-small); the gpu overlay sets it to its dataset volume.
+# (Set here to /data, an empty folder of the image, it sent cpu-small's job to a dataset with
+# no tiles; tests/test_image.py found it.)
 
 # wget: KubeRay's liveness and readiness probes of Ray pods run `wget` against the raylet
 # and the dashboard; python:3.11-slim does not ship it.
@@ -40,7 +47,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends wget \
     && rm -rf /var/lib/apt/lists/*
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install ${PIP_INSTALL_OPTIONS} --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # The project's dependencies in their own layer, so that editing the code does not reinstall
 # them. ray[default] brings the dashboard and job server (KubeRay's probes and RayJob
@@ -50,7 +57,7 @@ WORKDIR /app
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install ${PIP_INSTALL_OPTIONS} -r /tmp/requirements.txt \
         "ray[default,tune,client]==${RAY_VERSION}" \
     && python -c "import torch, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__; print('torch', torch.__version__, 'ray', ray.__version__)"
 
@@ -58,7 +65,7 @@ COPY README.md launch.py ./
 COPY timematch/ timematch/
 COPY experiments/ experiments/
 COPY search_spaces/ search_spaces/
-RUN pip install ".[server]" \
+RUN pip install ${PIP_INSTALL_OPTIONS} ".[server]" \
     && python -c "import torch, ray; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__; assert ray.__version__ == '${RAY_VERSION}'"
 
 # Run as an unprivileged user with uid 1000, like the rayproject/ray images; numeric, so that

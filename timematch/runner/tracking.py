@@ -111,7 +111,8 @@ def _check_server(uri: str) -> None:
                 ) from None
             raise ConfigError(
                 f"--tracking-uri {uri}: the MLflow server requires a login (HTTP 401); set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on Kubernetes: the Secret "
+                "timematch-mlflow-runner, made by k8s/create-secrets.sh)"
             ) from None
         if err.code == 403:
             raise ConfigError(
