@@ -41,8 +41,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # (Set here to /data, an empty folder of the image, it sent cpu-small's job to a dataset with
 # no tiles; tests/test_image.py found it.)
 
-# wget: KubeRay's liveness and readiness probes of Ray pods run `wget` against the raylet
-# and the dashboard; python:3.11-slim does not ship it.
+# wget: the dataset Job downloads with `wget -c` (k8s/dataset); python:3.11-slim does not ship
+# it. (KubeRay's probes of Ray pods ran wget before Ray 2.53; now they are HTTP probes.)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends wget \
     && rm -rf /var/lib/apt/lists/*

@@ -76,11 +76,17 @@ ray = re.search(r'^ARG RAY_VERSION=(\S+)', open("Dockerfile").read(), re.M).grou
 print(f"ray[default,tune,client]=={ray}")
 PY
 )
-say "wheelhouse $wheels: torch==$torch_version and ${#requirements[@]} requirements ..."
-"$python" -m pip download --quiet --disable-pip-version-check --dest "$wheels" --only-binary=:all: \
-    --python-version 3.11 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform linux_x86_64 \
-    "torch==$torch_version" "${requirements[@]}" 2> >(grep -v "is ignored" >&2) \
-    || die "could not fetch the wheels into $wheels (pip's index settings: pip config list)"
+# Fetched again only when the requirements change (the stamp holds what was fetched).
+wanted=$(printf '%s\n' "torch==$torch_version" "${requirements[@]}")
+if [[ "$(cat "$wheels/.requirements" 2>/dev/null)" != "$wanted" ]]; then
+    say "wheelhouse $wheels: torch==$torch_version and ${#requirements[@]} requirements ..."
+    rm -f "$wheels/.requirements"
+    "$python" -m pip download --quiet --disable-pip-version-check --dest "$wheels" --only-binary=:all: \
+        --python-version 3.11 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        --platform linux_x86_64 "torch==$torch_version" "${requirements[@]}" 2> >(grep -v "is ignored" >&2) \
+        || die "could not fetch the wheels into $wheels (pip's index settings: pip config list)"
+    echo "$wanted" > "$wheels/.requirements"
+fi
 
 # 3. The image, from the Dockerfile unchanged but for its base and pip's source.
 say "building $tag ..."

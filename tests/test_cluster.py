@@ -146,6 +146,18 @@ def test_a_changed_password_is_refused_at_once_although_logins_are_cached(deploy
     assert answer("second-password-1234") == 200
 
 
+def test_the_heads_wait_for_the_runners_login_ends_either_way(deployment):
+    """k8s/'s head waits (init container) until the runner's login is accepted, at most so long,
+    then lets the launch say what is wrong."""
+    from timematch.runner.accounts import ensure_user, wait_for_login
+
+    uri = deployment.tracking_uri
+    assert "no login is given" in wait_for_login(uri, None, 0, 30)
+    assert "still refuses user 'latecomer'" in wait_for_login(uri, ("latecomer", "its-password-1234"), 0, 1)
+    ensure_user(uri, "latecomer", "its-password-1234", ADMIN)
+    assert "accepts user 'latecomer'" in wait_for_login(uri, ("latecomer", "its-password-1234"), 0, 30)
+
+
 def test_gpu_trials_on_a_cluster_without_gpus_are_an_error_not_pending_trials(deployment, data_root, tmp_path):
     done = launch(deployment, smoke(data_root, "gpu-ask") + ["--gpus-per-trial", "1"], tmp_path)
     line = one_error_line(done)

@@ -491,12 +491,24 @@ def test_the_dataset_is_read_only_wherever_it_is_read(overlay):
     assert writers == (["Job timematch-dataset"] if overlay == "gpu" else [])
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_head_waits_for_mlflow_and_the_runners_login_first(overlay):
+    """The driver checks the server and its login before anything runs: with one `kubectl apply
+    -k` the head must not start it before the mlflow-runner-user Job has made the user."""
+    head = cluster_spec(rayjob(overlay))["headGroupSpec"]["template"]["spec"]
+    first = head["initContainers"][0]
+    assert first["command"][:3] == ["python", "-m", "timematch.runner.accounts"] and "--wait-for-login" in first["command"]
+    login = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    assert [env_of(first)[k] for k in login] == [env_of(head["containers"][0])[k] for k in login], \
+        "the login it waits for is the one the driver uses"
+
+
 def test_the_head_waits_for_the_dataset_job():
     loader = the("gpu", "Job", "timematch-dataset")
     script = "\n".join(loader["spec"]["template"]["spec"]["containers"][0]["command"])
     marker = re.search(r"marker=(\S+)", script).group(1)
     head = cluster_spec(rayjob("gpu"))["headGroupSpec"]["template"]["spec"]
-    (wait,) = head["initContainers"]
+    wait = {c["name"]: c for c in head["initContainers"]}["wait-for-dataset"]
     assert marker in " ".join(wait["command"])
     assert "wget -c" in script, "a retried pod continues the download"
     assert loader["spec"]["backoffLimit"] > 0 and loader["spec"]["activeDeadlineSeconds"] > 0
@@ -649,8 +661,8 @@ def test_the_image_has_what_the_pods_run():
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile
     assert re.search(r'"torch==\$\{TORCH_VERSION\}"', dockerfile), "torch must be installed pinned"
     assert "ray[default," in dockerfile, "KubeRay probes and RayJob submission need ray[default]"
-    assert re.search(r"install .*\bwget\b", dockerfile), "KubeRay's probes and the dataset Job run wget"
-    assert 'pip install ".[server]"' in dockerfile, "MLflow's basic-auth app and psycopg2"
+    assert re.search(r"install .*\bwget\b", dockerfile), "the dataset Job runs wget -c"
+    assert re.search(r'pip install .*"\.\[server\]"', dockerfile), "MLflow's basic-auth app and psycopg2"
     assert re.search(r"^USER 1000:1000$", dockerfile, re.MULTILINE), "a numeric user, for runAsNonRoot"
     assert "TIMEMATCH_RESULTS=/cache/results" in dockerfile
 
