@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 STORE ?=
 UI_ARGS ?=
 
-.PHONY: install run test test-fast ui bench clean
+.PHONY: install run test test-fast ui bench image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: install
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/selection.py
 	$(BIN)/python benchmarks/cli_startup.py
+
+# the image of Dockerfile with podman, without a registry (root; docs/kubernetes.md#building-the-image-here)
+image:
+	bash k8s/build-local.sh
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

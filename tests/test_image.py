@@ -28,22 +28,19 @@ import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support import kuberay
 from tests.support.cluster_harness import free_port
+from tests.support.manifests import REPO, kubectl_problem, rendered, script_secrets
 from tests.support.pods import Cluster, ContainerConfigError, podman
-from tests.test_k8s_manifests import kubectl_problem, rendered, script_secrets
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 OVERLAY = "cpu-small"
 POSTGRES_STANDIN = "localhost/timematch-postgres:15-standin"
-RUNNER_SECRET = "timematch-mlflow-runner"
 Document = dict[str, Any]
 
 
@@ -72,10 +69,17 @@ def service_names(template: Document) -> tuple[str, ...]:
     return tuple(names)
 
 
+def runner_secret() -> str:
+    """The Secret the Ray head's MLflow login comes from."""
+    head = next(iter(objects("RayJob").values()))["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    env = {e["name"]: e for e in head["spec"]["containers"][0]["env"]}
+    return env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"]
+
+
 def fresh_secrets() -> dict[str, dict[str, str]]:
     """What k8s/create-secrets.sh makes: every Secret and key it names, random hex values."""
     made = {name: {key: secrets.token_hex(16) for key in keys} for name, keys in script_secrets().items()}
-    made[RUNNER_SECRET]["username"] = "runner"
+    made[runner_secret()]["username"] = "runner"  # create-secrets.sh's default --runner-user
     return made
 
 
@@ -294,12 +298,12 @@ def one_error_line(log: str) -> str:
 
 
 def without_runner_secret(deployment: Deployment, rayjob: Document):
-    deployment.cluster.secrets.pop(RUNNER_SECRET)
+    deployment.cluster.secrets.pop(runner_secret())
     return rayjob, None, "requires a login"
 
 
 def wrong_runner_password(deployment: Deployment, rayjob: Document):
-    deployment.cluster.secrets[RUNNER_SECRET]["password"] = "wrong-" + secrets.token_hex(8)
+    deployment.cluster.secrets[runner_secret()]["password"] = "wrong-" + secrets.token_hex(8)
     return rayjob, None, "rejected user 'runner'"
 
 

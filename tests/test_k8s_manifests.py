@@ -22,7 +22,6 @@ import fnmatch
 import functools
 import re
 import shlex
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,49 +32,16 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-K8S = REPO / "k8s"
+from tests.support.manifests import K8S, NAMESPACE, REPO, SECRETS_SCRIPT, rendered, script_secrets
+
 OVERLAYS = ("gpu", "cpu-small")
 CRD_FILES = {"RayCluster": K8S / "crds" / "ray.io_rayclusters.yaml", "RayJob": K8S / "crds" / "ray.io_rayjobs.yaml"}
-NAMESPACE = "timematch"
 KUBERNETES_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37 ships
 GPU = "nvidia.com/gpu"
 #: Images of the project (built from the Dockerfile), as the overlays name them.
 PROJECT_IMAGE = re.compile(r"(^|/)timematch:")
-#: The Secrets k8s/create-secrets.sh makes, with their keys.
-SECRETS_SCRIPT = K8S / "create-secrets.sh"
 
 Document = dict[str, Any]
-
-kubectl = shutil.which("kubectl")
-
-
-@functools.cache
-def kubectl_problem() -> str | None:
-    """Why the overlays cannot be rendered here, or None."""
-    if kubectl is None:
-        return "kubectl not found: the overlays cannot be rendered (install kubectl 1.27+; .ci/run does)"
-    done = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
-    version = yaml.safe_load(done.stdout or "{}").get("kustomizeVersion", "")
-    if not re.match(r"v?[5-9]\.", version):
-        return f"kubectl's kustomize is {version or 'unknown'}; the overlays need kustomize v5 (kubectl 1.27+)"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering
-
-
-@functools.cache
-def rendered(overlay: str) -> tuple[Document, ...]:
-    """What ``kubectl apply -k k8s/overlays/<overlay>`` would create."""
-    if kubectl_problem():
-        pytest.skip(kubectl_problem())
-    done = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{done.stderr}"
-    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
-
 
 def of_kind(overlay: str, kind: str) -> list[Document]:
     return [d for d in rendered(overlay) if d["kind"] == kind]
@@ -571,16 +537,6 @@ def test_postgres_runs_as_its_own_user(overlay):
 
 # --------------------------------------------------------------------------------------------
 # Credentials and authentication
-
-
-def script_secrets() -> dict[str, set[str]]:
-    """Secret name -> keys, from the ``secret NAME KEY=... KEY=...`` lines of create-secrets.sh."""
-    found: dict[str, set[str]] = {}
-    for line in SECRETS_SCRIPT.read_text().splitlines():
-        match = re.match(r"^secret (\S+) (.+)$", line)
-        if match:
-            found[match.group(1)] = set(re.findall(r'"?(\S+?)=', match.group(2)))
-    return found
 
 
 def secret_refs(overlay: str) -> Iterator[tuple[str, str, str]]:

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.manifests import K8S, NAMESPACE
+
 Document = dict[str, Any]
 
-NAMESPACE = "timematch"
-CONTAINERS_CONF = Path(__file__).resolve().parents[2] / "k8s" / "local" / "containers.conf"
+CONTAINERS_CONF = K8S / "local" / "containers.conf"
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
