@@ -3,21 +3,22 @@
 ``k8s/build-local.sh --postgres`` builds the image (and the PostgreSQL stand-in: no registry is
 reachable). The overlay is rendered with ``kubectl kustomize``; each pod's containers run with
 podman as the kubelet would run them (tests/support/pods.py: user, no privilege escalation,
-dropped capabilities, read-only root filesystem, emptyDir as tmpfs, claims as host folders with
-the fsGroup, limits, Secrets as environment), and the RayJob's pods as the KubeRay operator would
+dropped capabilities, read-only root filesystem, emptyDir as fresh folders or tmpfs, claims as
+host folders with the fsGroup, limits, Secrets as environment), checked again from inside), and the RayJob's pods as the KubeRay operator would
 make them (tests/support/kuberay.py): PostgreSQL, the MLflow server with logins, the runner-user
 Job, a Ray head and one worker, and the K8sJobMode submitter that runs the RayJob's entrypoint.
 Every probe of the manifests runs inside its container. Then the smoke launch's runs, models and
 report are read back, and four kinds of bad input end a job with the project's one-line error.
 
-Slow (an image build, about 4 min the first time on this machine, seconds with its layers
-cached; then the containers). Skips where podman, root or kubectl is missing; .ci/run installs
+Slow (an image build, about 3.5 min the first time on this machine, seconds with its layers
+cached; then the containers, about 6.5 min). Skips where podman, root or kubectl is missing; .ci/run installs
 podman, runc and debootstrap.
 """
 
 from __future__ import annotations
 
 import base64
+import configparser
 import copy
 import functools
 import json
@@ -35,7 +36,7 @@ import pytest
 from tests.support import kuberay
 from tests.support.cluster_harness import free_port
 from tests.support.manifests import REPO, kubectl_problem, rendered, script_secrets
-from tests.support.pods import Cluster, ContainerConfigError, podman
+from tests.support.pods import Cluster, ContainerConfigError, WorkingSetWatch, podman
 
 pytestmark = pytest.mark.slow
 
@@ -92,11 +93,19 @@ class Deployment:
     mlflow_url: str
     #: container name -> its podman options (what the closing note lists)
     options: dict[str, list[str]]
-    #: Ray container -> its peak memory in bytes (against its limit)
+    #: running container -> what :func:`secured` checked inside it
+    security: dict[str, str] = field(default_factory=dict)
+    #: Ray container -> its peak working set in bytes (against its limit)
     peaks: dict[str, int | None] = field(default_factory=dict)
+    memory: WorkingSetWatch | None = None
 
     def admin(self) -> tuple[str, str]:
-        return "admin", self.cluster.secrets["timematch-mlflow-admin"]["password"]
+        """The admin's login, where the MLflow server's pod reads it from."""
+        server = objects("Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"][0]
+        ref = {e["name"]: e for e in server["env"]}["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        ini = configparser.ConfigParser()
+        ini.read_string(next(c for c in self.cluster.configmaps.values() if "basic_auth.ini" in c)["basic_auth.ini"])
+        return ini.get("mlflow", "admin_username"), self.cluster.secrets[ref["name"]][ref["key"]]
 
     def api(self, path: str, payload: Document | None = None) -> Document:
         """MLflow's REST API as the admin, through the published port (kubectl port-forward)."""
@@ -128,6 +137,33 @@ def start_pod(cluster: Cluster, name: str, template: Document, aliases: tuple[st
     return cluster.start(name, template, container, aliases, pod, extra)
 
 
+def secured(cluster: Cluster, name: str, template: Document, container: Document, volumes_writable: bool = True) -> str:
+    """Checks, inside the running container, what its pod's security settings ask: the user, no
+    capabilities, no privilege escalation, a read-only root with its writable mounts (unless a
+    case makes one unwritable on purpose); a summary."""
+    security = {**template["spec"].get("securityContext", {}), **container.get("securityContext", {})}
+    seen = cluster.inspect(name)
+    assert seen["Config"]["User"] == f"{security['runAsUser']}:{security['runAsGroup']}", name
+    assert seen["HostConfig"]["ReadonlyRootfs"] is security.get("readOnlyRootFilesystem", False), name
+    assert ("no-new-privileges" in seen["HostConfig"]["SecurityOpt"]) is \
+        (security.get("allowPrivilegeEscalation") is False), name
+    status = podman("exec", name, "cat", "/proc/self/status").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["Uid"].split()[0] == str(security["runAsUser"]), (name, fields["Uid"])
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, (name, fields["CapEff"])
+    assert fields["NoNewPrivs"].strip() == "1", name
+    if security.get("readOnlyRootFilesystem"):
+        written = podman("exec", name, "touch", "/probe-root", check=False)
+        assert written.returncode != 0 and "Read-only file system" in written.stderr, (name, written.stderr)
+    writable = [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
+    for path in writable if volumes_writable else ():
+        probe = f"{path.rstrip('/')}/.probe-{secrets.token_hex(4)}"
+        done = podman("exec", name, "sh", "-c", f"touch {probe} && rm {probe}", check=False)
+        assert done.returncode == 0, f"{name}: cannot write its volume {path}: {done.stderr}"
+    return (f"uid {security['runAsUser']}, gid {security['runAsGroup']}, no capabilities, no new privileges, "
+            f"{'read-only root, ' if security.get('readOnlyRootFilesystem') else ''}writable: {', '.join(writable)}")
+
+
 def probes_pass(cluster: Cluster, name: str, container: Document, timeout: float = 300) -> None:
     """The startup probe, then readiness and liveness, each run inside the container."""
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -156,14 +192,17 @@ def deployment(tmp_path_factory) -> Deployment:
                       images={postgres["spec"]["containers"][0]["image"]: POSTGRES_STANDIN})
     options: dict[str, list[str]] = {}
     try:
+        security = {}
         options["postgres"] = start_pod(cluster, "mlflow-postgres", postgres, service_names(postgres))
         probes_pass(cluster, "mlflow-postgres", postgres["spec"]["containers"][0])
+        security["mlflow-postgres"] = secured(cluster, "mlflow-postgres", postgres, postgres["spec"]["containers"][0])
 
         mlflow = deployments["mlflow"]["spec"]["template"]
         port = free_port()
         options["mlflow"] = start_pod(cluster, "mlflow", mlflow, service_names(mlflow),
                                       extra=("--publish", f"127.0.0.1:{port}:5000"))
         probes_pass(cluster, "mlflow", mlflow["spec"]["containers"][0])
+        security["mlflow"] = secured(cluster, "mlflow", mlflow, mlflow["spec"]["containers"][0])
 
         job = jobs["mlflow-runner-user"]["spec"]["template"]
         code, log = cluster.run("mlflow-runner-user", job, job["spec"]["containers"][0], timeout=300)
@@ -171,8 +210,10 @@ def deployment(tmp_path_factory) -> Deployment:
         options["mlflow-runner-user"] = cluster.options("mlflow-runner-user", job, job["spec"]["containers"][0])[0]
         cluster.remove("mlflow-runner-user")
 
+        memory = WorkingSetWatch(cluster)
         yield Deployment(cluster, next(iter(objects("RayJob").values())), build_seconds, build_line,
-                         f"http://127.0.0.1:{port}", options)
+                         f"http://127.0.0.1:{port}", options, security, memory=memory)
+        memory.close()
     finally:
         cluster.close()
 
@@ -198,6 +239,9 @@ def run_rayjob(deployment: Deployment, rayjob: Document, workers: int = 1, head_
                                               {**pod, "metadata.name": head_name})
     try:
         probes_pass(cluster, head_name, head)
+        deployment.security[head_name] = secured(cluster, head_name, head_template, head,
+                                                 volumes_writable=not cluster.ignores_fs_group)
+        deployment.memory.watch(head_name)
         group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
         for index in range(workers):
             template, worker, pod = kuberay.ray_node(rayjob, name, group)
@@ -205,6 +249,8 @@ def run_rayjob(deployment: Deployment, rayjob: Document, workers: int = 1, head_
             deployment.options[worker_name] = start_pod(cluster, worker_name, template,
                                                         pod={**pod, "metadata.name": worker_name})
             probes_pass(cluster, worker_name, worker)
+            deployment.security[worker_name] = secured(cluster, worker_name, template, worker)
+            deployment.memory.watch(worker_name)
         submission = f"{rayjob['metadata']['name']}-{secrets.token_hex(3)[:5]}"
         template, container = kuberay.submitter(rayjob, name, submission)
         code, log = cluster.run(f"{name}-submitter", template, container, timeout=1800)
@@ -216,33 +262,18 @@ def run_rayjob(deployment: Deployment, rayjob: Document, workers: int = 1, head_
         return JobRun(submission, code, log, status.stdout.strip() or status.stderr[-2000:])
     finally:
         for container in [c for c in cluster.started if c.startswith(name)]:
-            deployment.peaks[container] = cluster.peak_memory(container)
+            deployment.peaks[container] = deployment.memory.forget(container)
             cluster.remove(container)
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def test_every_container_runs_with_its_pods_security_settings(deployment):
-    """What the kubelet would set is what podman set: user, privileges, capabilities, root fs."""
-    checked = 0
-    for name, template, container in [
-        ("mlflow-postgres", objects("Deployment")["mlflow-postgres"]["spec"]["template"], None),
-        ("mlflow", objects("Deployment")["mlflow"]["spec"]["template"], None),
-    ]:
-        container = template["spec"]["containers"][0]
-        security = {**template["spec"]["securityContext"], **container["securityContext"]}
-        seen = deployment.cluster.inspect(name)
-        assert seen["Config"]["User"] == f"{security['runAsUser']}:{security['runAsGroup']}"
-        assert seen["HostConfig"]["ReadonlyRootfs"] is security["readOnlyRootFilesystem"]
-        assert "no-new-privileges" in seen["HostConfig"]["SecurityOpt"]
-        assert seen["EffectiveCaps"] in (None, []), seen["EffectiveCaps"]
-        identity = podman("exec", name, "id", "-u").stdout.strip()
-        assert identity == str(security["runAsUser"])
-        written = podman("exec", name, "touch", "/etc/probe", check=False)
-        assert written.returncode != 0 and "Read-only file system" in written.stderr
-        checked += 1
-    assert checked == 2
+def test_the_servers_run_with_their_pods_security_settings(deployment):
+    """PostgreSQL and MLflow were checked inside (secured) once their probes passed; the Ray
+    nodes are checked the same way in every RayJob below."""
+    assert set(deployment.security) == {"mlflow-postgres", "mlflow"}
+    assert "uid 999" in deployment.security["mlflow-postgres"] and "uid 1000" in deployment.security["mlflow"]
 
 
 def test_a_missing_secret_that_is_not_optional_keeps_the_pod_from_starting(deployment):
@@ -273,6 +304,7 @@ def test_the_rayjob_runs_its_smoke_launch_and_leaves_runs_models_and_report(depl
     assert report.is_file(), sorted(p.name for p in report.parent.parent.iterdir())
     for method in ("timematch", "fixmatch"):
         assert method in report.read_text().lower()
+    assert {n for n in deployment.security if n.endswith(("-head", "-worker-0"))}, deployment.security
     show(deployment)
 
 
@@ -284,9 +316,12 @@ def show(deployment: Deployment) -> None:
                                       "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"))
     for name, options in deployment.options.items():
         print(f"{name}: {' '.join('<secret>' if o.startswith(hidden) else o for o in options)}")
+    for name, checked in deployment.security.items():
+        print(f"checked inside {name}: {checked}")
     for name, peak in deployment.peaks.items():
-        if peak:  # a container that has ended has no cgroup left to read
-            print(f"peak memory {name}: {peak / 2**30:.2f} GiB")
+        if peak:  # none for a container that ended before it was watched
+            usage = deployment.memory.usage_peaks.get(name, 0)
+            print(f"peak working set {name}: {peak / 2**30:.2f} GiB (with page cache {usage / 2**30:.2f} GiB)")
 
 
 def one_error_line(log: str) -> str:

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,15 +257,11 @@ class Cluster:
     def inspect(self, name: str) -> Document:
         return json.loads(podman("inspect", name).stdout)[0]
 
-    def peak_memory(self, name: str) -> int | None:
-        """The container's peak memory in bytes, as its memory limit counts it (cgroup v1's
-        max_usage_in_bytes, v2's memory.peak), or None where the host does not say."""
+    def memory_folder(self, name: str) -> Path | None:
+        """The container's cgroup v1 memory folder, or None (cgroup v2, or the container ended)."""
         path = podman("inspect", "--format", "{{.State.CgroupPath}}", name, check=False).stdout.strip()
-        for candidate in (Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.max_usage_in_bytes",
-                          Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.peak"):
-            if path and candidate.is_file():
-                return int(candidate.read_text())
-        return None
+        folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+        return folder if path and (folder / "memory.stat").is_file() else None
 
     def probe(self, name: str, container: Document, probe: Document) -> subprocess.CompletedProcess:
         """Runs a probe inside the container, as the kubelet runs it (httpGet from inside, since
@@ -305,3 +302,50 @@ class Cluster:
         podman("network", "rm", "-f", self.network, check=False)
         for folder in ("configmaps", "emptydirs"):
             shutil.rmtree(self.root / folder, ignore_errors=True)
+
+
+class WorkingSetWatch:
+    """The peak working set of containers while they run: usage less inactive page cache, what
+    the kubelet counts against a limit and Ray's memory monitor reads; sampled every 0.5 s."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster, self.peaks, self.folders = cluster, {}, {}
+        #: the cgroup's own peak, page cache included (max_usage_in_bytes)
+        self.usage_peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def watch(self, name: str) -> None:
+        folder = self.cluster.memory_folder(name)
+        if folder is not None:
+            self.folders[name] = folder
+
+    def _sample(self, name: str, folder: Path) -> None:
+        try:
+            usage = int((folder / "memory.usage_in_bytes").read_text())
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            return  # the container has ended
+        working = usage - int(stat.get("total_inactive_file", 0))
+        self.peaks[name] = max(self.peaks.get(name, 0), working)
+        try:
+            self.usage_peaks[name] = int((folder / "memory.max_usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for name, folder in list(self.folders.items()):
+                self._sample(name, folder)
+
+    def forget(self, name: str) -> int | None:
+        """The container's peak so far, no longer sampled."""
+        folder = self.folders.pop(name, None)
+        if folder is not None:
+            self._sample(name, folder)
+        return self.peaks.get(name)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
