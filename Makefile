@@ -45,7 +45,7 @@ bench: install
 	$(BIN)/python benchmarks/selection.py
 	$(BIN)/python benchmarks/cli_startup.py
 
-# the image of Dockerfile with podman, without a registry (root; docs/kubernetes.md#building-the-image-here)
+# the image of Dockerfile with podman, without a registry (root; docs/kubernetes.md, "The image, built and run here")
 image:
 	bash k8s/build-local.sh
 
