@@ -68,14 +68,13 @@ fi
 wheels="$cache/wheels"
 mkdir -p "$wheels"
 mapfile -t requirements < <("$python" - <<'PY'
-import re, tomllib
+import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))
 project = p["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["server"] + p["build-system"]["requires"]))
-ray = re.search(r'^ARG RAY_VERSION=(\S+)', open("Dockerfile").read(), re.M).group(1)
-print(f"ray[default,tune,client]=={ray}")
 PY
 )
+requirements+=("ray[default,tune,client]==$ray_version")
 # Fetched again only when the requirements change (the stamp holds what was fetched).
 wanted=$(printf '%s\n' "torch==$torch_version" "${requirements[@]}")
 if [[ "$(cat "$wheels/.requirements" 2>/dev/null)" != "$wanted" ]]; then

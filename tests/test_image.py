@@ -35,8 +35,8 @@ import pytest
 
 from tests.support import kuberay
 from tests.support.cluster_harness import free_port
-from tests.support.manifests import REPO, kubectl_problem, rendered, script_secrets
-from tests.support.pods import Cluster, ContainerConfigError, WorkingSetWatch, podman
+from tests.support.manifests import REPO, kubectl_problem, named, script_secrets, the
+from tests.support.pods import Cluster, ContainerConfigError, WorkingSetWatch, dns_names, podman
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,8 @@ def problem() -> str | None:
     return kubectl_problem()
 
 
-def objects(kind: str, overlay: str = OVERLAY) -> dict[str, Document]:
-    return {d["metadata"]["name"]: d for d in rendered(overlay) if d["kind"] == kind}
+def objects(kind: str) -> dict[str, Document]:
+    return named(OVERLAY, kind)
 
 
 def service_names(template: Document) -> tuple[str, ...]:
@@ -65,14 +65,13 @@ def service_names(template: Document) -> tuple[str, ...]:
     for name, service in objects("Service").items():
         selector = service["spec"].get("selector", {})
         if selector and selector.items() <= labels.items():
-            names += [name, f"{name}.{service['metadata']['namespace']}",
-                      f"{name}.{service['metadata']['namespace']}.svc.cluster.local"]
+            names += dns_names(name)
     return tuple(names)
 
 
 def runner_secret() -> str:
     """The Secret the Ray head's MLflow login comes from."""
-    head = next(iter(objects("RayJob").values()))["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    head = the(OVERLAY, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
     env = {e["name"]: e for e in head["spec"]["containers"][0]["env"]}
     return env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"]
 
@@ -130,7 +129,7 @@ def start_pod(cluster: Cluster, name: str, template: Document, aliases: tuple[st
               pod: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """Runs the pod's init containers to their end, then starts its (first) container."""
     for init in template["spec"].get("initContainers", []):
-        code, log = cluster.run(f"{name}-{init['name']}", template, init, timeout=300, pod=pod)
+        code, log, _ = cluster.run(f"{name}-{init['name']}", template, init, timeout=300, pod=pod)
         assert code == 0, f"{name}: init container {init['name']} ended with {code}:\n{log[-3000:]}"
         cluster.remove(f"{name}-{init['name']}")
     container = template["spec"]["containers"][0]
@@ -205,13 +204,13 @@ def deployment(tmp_path_factory) -> Deployment:
         security["mlflow"] = secured(cluster, "mlflow", mlflow, mlflow["spec"]["containers"][0])
 
         job = jobs["mlflow-runner-user"]["spec"]["template"]
-        code, log = cluster.run("mlflow-runner-user", job, job["spec"]["containers"][0], timeout=300)
+        code, log, options["mlflow-runner-user"] = cluster.run("mlflow-runner-user", job,
+                                                               job["spec"]["containers"][0], timeout=300)
         assert code == 0, f"the runner-user Job ended with {code}:\n{log[-3000:]}"
-        options["mlflow-runner-user"] = cluster.options("mlflow-runner-user", job, job["spec"]["containers"][0])[0]
         cluster.remove("mlflow-runner-user")
 
         memory = WorkingSetWatch(cluster)
-        yield Deployment(cluster, next(iter(objects("RayJob").values())), build_seconds, build_line,
+        yield Deployment(cluster, the(OVERLAY, "RayJob"), build_seconds, build_line,
                          f"http://127.0.0.1:{port}", options, security, memory=memory)
         memory.close()
     finally:
@@ -253,8 +252,8 @@ def run_rayjob(deployment: Deployment, rayjob: Document, workers: int = 1, head_
             deployment.memory.watch(worker_name)
         submission = f"{rayjob['metadata']['name']}-{secrets.token_hex(3)[:5]}"
         template, container = kuberay.submitter(rayjob, name, submission)
-        code, log = cluster.run(f"{name}-submitter", template, container, timeout=1800)
-        deployment.options[f"{name}-submitter"] = cluster.options(f"{name}-submitter", template, container)[0]
+        code, log, deployment.options[f"{name}-submitter"] = cluster.run(f"{name}-submitter", template, container,
+                                                                          timeout=1800)
         status = podman("exec", head_name, "python", "-c",
                         "import sys; from ray.job_submission import JobSubmissionClient as C; "
                         "print(C('http://127.0.0.1:8265').get_job_status(sys.argv[1]).value)", submission,
@@ -355,7 +354,7 @@ def unwritable_cache(deployment: Deployment, rayjob: Document):
 
 def data_volume_without_dataset(deployment: Deployment, rayjob: Document):
     """The gpu overlay's data volume, as it mounts it on the head, empty; --data-root at it."""
-    gpu_head = next(iter(objects("RayJob", "gpu").values()))["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    gpu_head = the("gpu", "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
     mount = next(m for m in gpu_head["spec"]["containers"][0]["volumeMounts"] if m["name"] == "data")
     volume = next(v for v in gpu_head["spec"]["volumes"] if v["name"] == "data")
     rayjob = copy.deepcopy(rayjob)

@@ -32,7 +32,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support.manifests import K8S, NAMESPACE, REPO, SECRETS_SCRIPT, rendered, script_secrets
+from tests.support.manifests import K8S, NAMESPACE, REPO, SECRETS_SCRIPT, of_kind, rendered, script_secrets, the
 
 OVERLAYS = ("gpu", "cpu-small")
 CRD_FILES = {"RayCluster": K8S / "crds" / "ray.io_rayclusters.yaml", "RayJob": K8S / "crds" / "ray.io_rayjobs.yaml"}
@@ -42,16 +42,6 @@ GPU = "nvidia.com/gpu"
 PROJECT_IMAGE = re.compile(r"(^|/)timematch:")
 
 Document = dict[str, Any]
-
-def of_kind(overlay: str, kind: str) -> list[Document]:
-    return [d for d in rendered(overlay) if d["kind"] == kind]
-
-
-def the(overlay: str, kind: str, name: str | None = None) -> Document:
-    found = [d for d in of_kind(overlay, kind) if name is None or d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{overlay}: expected one {kind}{f' named {name!r}' if name else ''}, found {len(found)}"
-    return found[0]
-
 
 def rayjob(overlay: str) -> Document:
     return the(overlay, "RayJob")

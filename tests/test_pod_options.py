@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 
 from tests.support import kuberay
-from tests.support.manifests import rendered, script_secrets
+from tests.support.manifests import named, script_secrets, the
 from tests.support.pods import Cluster, ContainerConfigError, expand, quantity_bytes, quantity_cpus
 
 OVERLAY = "cpu-small"
 
 
 def objects(kind: str) -> dict:
-    return {d["metadata"]["name"]: d for d in rendered(OVERLAY) if d["kind"] == kind}
+    return named(OVERLAY, kind)
 
 
 def the_rayjob() -> dict:
-    return next(iter(objects("RayJob").values()))
+    return the(OVERLAY, "RayJob")
 
 
 @pytest.fixture

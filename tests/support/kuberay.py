@@ -28,7 +28,7 @@ import math
 import secrets
 from typing import Any
 
-from tests.support.pods import NAMESPACE, quantity_bytes, quantity_cpus
+from tests.support.pods import dns_names, quantity_bytes, quantity_cpus
 
 Document = dict[str, Any]
 
@@ -43,8 +43,7 @@ def cluster_name(rayjob: Document) -> str:
 
 def head_service(cluster: str) -> tuple[str, ...]:
     """The head Service's names: short, namespaced and fully qualified (the one workers use)."""
-    short = f"{cluster}-head-svc"
-    return short, f"{short}.{NAMESPACE}", f"{short}.{NAMESPACE}.svc.cluster.local"
+    return dns_names(f"{cluster}-head-svc")
 
 
 def ray_start(params: dict[str, str], limits: dict[str, str], head_fqdn: str | None) -> str:

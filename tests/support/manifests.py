@@ -51,6 +51,21 @@ def rendered(overlay: str) -> tuple[Document, ...]:
     return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
 
 
+def of_kind(overlay: str, kind: str) -> list[Document]:
+    return [d for d in rendered(overlay) if d["kind"] == kind]
+
+
+def named(overlay: str, kind: str) -> dict[str, Document]:
+    """The overlay's objects of a kind, by name."""
+    return {d["metadata"]["name"]: d for d in of_kind(overlay, kind)}
+
+
+def the(overlay: str, kind: str, name: str | None = None) -> Document:
+    found = [d for d in of_kind(overlay, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind}{f' named {name!r}' if name else ''}, found {len(found)}"
+    return found[0]
+
+
 def script_secrets() -> dict[str, set[str]]:
     """Secret name -> keys, from the ``secret NAME KEY=... KEY=...`` lines of create-secrets.sh."""
     found: dict[str, set[str]] = {}

@@ -77,6 +77,11 @@ def expand(text: str, env: dict[str, str]) -> str:
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
+def dns_names(service: str) -> tuple[str, ...]:
+    """The names a Service answers to inside the cluster: short, namespaced, fully qualified."""
+    return service, f"{service}.{NAMESPACE}", f"{service}.{NAMESPACE}.svc.cluster.local"
+
+
 class ContainerConfigError(RuntimeError):
     """What the kubelet reports as CreateContainerConfigError: the container is not started."""
 
@@ -239,12 +244,13 @@ class Cluster:
         return options
 
     def run(self, name: str, template: Document, container: Document, timeout: float = 900,
-            pod: dict[str, str] | None = None) -> tuple[int, str]:
-        """Runs the container to its end (an init container, a Job's pod): (exit code, log)."""
-        self.start(name, template, container, pod=pod)
+            pod: dict[str, str] | None = None) -> tuple[int, str, list[str]]:
+        """Runs the container to its end (an init container, a Job's pod): (exit code, log, its
+        podman options)."""
+        options = self.start(name, template, container, pod=pod)
         done = podman("wait", name, check=False, timeout=timeout)
         code = int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else -1
-        return code, self.log(name)
+        return code, self.log(name), options
 
     def log(self, name: str) -> str:
         done = podman("logs", name, check=False)

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 
 from timematch.errors import ConfigError
+from timematch.runner.tracking import LOGIN_CHECK_PATH
 
 
 def _call(base: str, method: str, path: str, admin: tuple[str, str], body: dict | None) -> tuple[int, str]:
@@ -80,7 +81,7 @@ def wait_for_login(uri: str, login: tuple[str, str] | None, wait_s: float, login
         return "the server answers; no login is given (the launch will say so)"
     deadline = time.monotonic() + login_s
     while True:
-        status, _ = _call(base, "GET", "/api/2.0/mlflow/experiments/search?max_results=1", login, None)
+        status, _ = _call(base, "GET", LOGIN_CHECK_PATH, login, None)
         if status != 401:  # the launcher's own check (tracking.check_tracking) then passes the login
             return f"the server accepts user {login[0]!r}"
         if time.monotonic() > deadline:

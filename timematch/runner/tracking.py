@@ -54,6 +54,11 @@ def _authorization(found: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
+#: The API call that shows whether a login may use a server (/health answers everyone); also
+#: what the Ray head's init container waits on (accounts.wait_for_login).
+LOGIN_CHECK_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
 def check_tracking(uri: str) -> None:
     """Fail fast on a tracking server that does not answer or refuses this user, or a SQLite
     path that cannot exist (before anything is trained)."""
@@ -95,8 +100,7 @@ def _check_server(uri: str) -> None:
         ) from None
     # /health answers everyone; an API call shows whether this user may use the server.
     found = credentials()
-    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers=_authorization(found))
+    request = urllib.request.Request(base + LOGIN_CHECK_PATH, headers=_authorization(found))
     user = found.get("MLFLOW_TRACKING_USERNAME")
     try:
         with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S):
